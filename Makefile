@@ -1,0 +1,42 @@
+# Everything runs from the tree with a cached virtualenv (hack/ensure-env.sh) and cached
+# Go-built cluster binaries (hack/build-tools.sh); both are built only when missing.
+SHELL := /bin/bash
+VENV := $(shell hack/ensure-env.sh --path)
+PY := $(VENV)/bin/python
+export PYTHONPATH := $(CURDIR)/operator:$(CURDIR)/trainer_image
+export PATH := $(VENV)/bin:$(PATH)
+PYTEST_ARGS ?=
+
+.PHONY: deps tools lint test demo dev-up dev-down clean
+
+deps:
+	@hack/ensure-env.sh >/dev/null
+
+tools:
+	@hack/build-tools.sh
+
+lint: deps
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+
+# The README's test command: lint, then unit, integration and e2e tests against a real
+# dev cluster that the test session starts and stops itself.
+# pytest exits 5 when it collected nothing: a broken suite, reported as such.
+test: deps tools lint
+	@$(PY) -m pytest $(PYTEST_ARGS); rc=$$?; \
+	  if [ $$rc -eq 5 ]; then echo "pytest collected no tests: the suite is missing or broken" >&2; fi; \
+	  exit $$rc
+
+# The README's main-job command.
+demo: deps tools
+	$(PY) -m kubetune demo
+
+dev-up: deps tools
+	$(PY) -m kubetune dev up
+
+dev-down: deps
+	$(PY) -m kubetune dev down
+
+clean:
+	-$(PY) -m kubetune dev down
+	rm -rf .dev .pytest_cache .ruff_cache

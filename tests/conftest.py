@@ -1,0 +1,73 @@
+"""Shared fixtures: one real dev cluster per test session (started only when a test
+asks for it), a namespace per test, and clients for the API server and S3."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import wait_for
+
+STARTUP_TIMES: dict[str, float] = {}
+
+
+@pytest.fixture(scope="session")
+def dev_cluster(tmp_path_factory):
+    from kubetune.devcluster.cluster import DevCluster
+
+    workdir = Path(os.environ.get("KUBETUNE_TEST_WORKDIR") or tmp_path_factory.mktemp("dev-cluster"))
+    cluster = DevCluster(workdir)
+    cluster.start()
+    STARTUP_TIMES["dev cluster (warm cache) start to ready"] = cluster.startup_s
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture(scope="session")
+def api_client(dev_cluster):
+    from kubernetes import config
+
+    api = config.new_client_from_config(str(dev_cluster.endpoints.kubeconfig))
+    yield api
+    api.close()
+
+
+@pytest.fixture(scope="session")
+def core(api_client):
+    from kubernetes import client
+
+    return client.CoreV1Api(api_client)
+
+
+@pytest.fixture
+def namespace(core):
+    name = f"t-{uuid.uuid4().hex[:8]}"
+    core.create_namespace({"metadata": {"name": name}})
+    # the ServiceAccount controller must have made "default" before pods can be created
+    wait_for(lambda: core.read_namespaced_service_account("default", name), 30, "default ServiceAccount")
+    yield name
+    core.delete_namespace(name)
+
+
+@pytest.fixture(scope="session")
+def s3(dev_cluster):
+    import boto3
+
+    ep = dev_cluster.endpoints
+    return boto3.client(
+        "s3",
+        endpoint_url=ep.s3,
+        aws_access_key_id=ep.s3_access_key,
+        aws_secret_access_key=ep.s3_secret_key,
+        region_name="us-east-1",
+    )
+
+
+def pytest_terminal_summary(terminalreporter):
+    for what, seconds in STARTUP_TIMES.items():
+        terminalreporter.write_line(f"{what}: {seconds:.1f} s (target < 20 s)")

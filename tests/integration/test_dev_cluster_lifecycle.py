@@ -1,0 +1,106 @@
+"""`kubetune dev up/down` and interruption: no process of the cluster, nor of a pod the
+runner started, outlives it."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from kubernetes import client, config
+
+from tests.helpers import wait_for
+
+pytestmark = pytest.mark.cluster
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def descendants(pid: int) -> set[int]:
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    out, todo = set(), [pid]
+    while todo:
+        for c in children.get(todo.pop(), []):
+            out.add(c)
+            todo.append(c)
+    return out
+
+
+def alive(pids: set[int]) -> set[int]:
+    out = set()
+    for p in pids:
+        try:
+            state = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if state != "Z":
+            out.add(p)
+    return out
+
+
+def kubetune(*args, workdir: Path, check=True):
+    env = {**os.environ, "PYTHONPATH": f"{ROOT / 'operator'}:{ROOT / 'trainer_image'}"}
+    return subprocess.run(
+        [sys.executable, "-m", "kubetune", "dev", *args, "--workdir", str(workdir)],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=check,
+        timeout=240,
+    )
+
+
+def start_sleeper_pod(kubeconfig: Path) -> None:
+    core = client.CoreV1Api(config.new_client_from_config(str(kubeconfig)))
+    wait_for(lambda: core.read_namespaced_service_account("default", "default"), 30, "default SA")
+    core.create_namespaced_pod(
+        "default",
+        {
+            "metadata": {"name": "sleeper"},
+            "spec": {
+                "nodeSelector": {"kubetune.dev/pod-runner": "true"},
+                "tolerations": [{"operator": "Exists"}],
+                "containers": [{"name": "c", "image": "x", "command": ["sleep", "3600"]}],
+            },
+        },
+    )
+    wait_for(lambda: core.read_namespaced_pod("sleeper", "default").status.phase == "Running", 30, "Running")
+
+
+def test_dev_up_then_interrupted_supervisor_leaves_no_orphans(tmp_path):
+    out = kubetune("up", workdir=tmp_path)
+    assert "ready in" in out.stdout
+    env_file = (tmp_path / "env").read_text()
+    for key in ("KUBECONFIG", "AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        assert f"export {key}=" in env_file
+    kubeconfig = yaml.safe_load((tmp_path / "kubeconfig").read_text())
+    assert kubeconfig["clusters"][0]["cluster"]["server"].startswith("https://127.0.0.1:")
+    start_sleeper_pod(tmp_path / "kubeconfig")
+
+    supervisor = int((tmp_path / "supervisor.pid").read_text())
+    procs = descendants(supervisor)
+    names = {Path(f"/proc/{p}/comm").read_text().strip() for p in alive(procs)}
+    assert {"etcd", "kube-apiserver", "kube-scheduler", "kwok", "minio", "sleep"} <= names, names
+
+    os.kill(supervisor, signal.SIGKILL)  # the worst interruption: no chance to clean up
+    wait_for(lambda: not alive(procs | {supervisor}), 30, "every cluster and pod process to exit")
+    assert "not running" in kubetune("down", workdir=tmp_path).stdout
+
+
+def test_dev_down_stops_everything(tmp_path):
+    kubetune("up", workdir=tmp_path)
+    supervisor = int((tmp_path / "supervisor.pid").read_text())
+    procs = descendants(supervisor)
+    assert len(alive(procs)) >= 6
+    assert "stopped" in kubetune("down", workdir=tmp_path).stdout
+    assert not alive(procs | {supervisor})
+    assert not (tmp_path / "etcd").exists()
