@@ -7,7 +7,7 @@ export PYTHONPATH := $(CURDIR)/operator:$(CURDIR)/trainer_image
 export PATH := $(VENV)/bin:$(PATH)
 PYTEST_ARGS ?=
 
-.PHONY: deps tools lint test demo dev-up dev-down clean
+.PHONY: deps tools lint test demo dev-up dev-down clean bench-startup
 
 deps:
 	@hack/ensure-env.sh >/dev/null
@@ -40,3 +40,6 @@ dev-down: deps
 clean:
 	-$(PY) -m kubetune dev down
 	rm -rf .dev .pytest_cache .ruff_cache
+
+bench-startup: deps tools
+	$(PY) benchmarks/dev_cluster_startup.py

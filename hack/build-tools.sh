@@ -61,9 +61,10 @@ build() {
   local start=$SECONDS tmp
   mkdir -p "$CACHE/bin"
   tmp=$(mktemp -d "$CACHE/bin/.$name.XXXXXX")
-  (cd "$HACK/$moddir" && go build -trimpath -ldflags "$ldflags" -o "$tmp/" "$@")
-  # a module path ending in /v3 names its binary "v3"
-  [[ -f "$tmp/v3" ]] && mv "$tmp/v3" "$tmp/$name"
+  # one package: the binary is named after the piece (go would name etcd's "server")
+  local out="$tmp/"
+  [[ $# -eq 1 ]] && out="$tmp/$name"
+  (cd "$HACK/$moddir" && go build -trimpath -ldflags "$ldflags" -o "$out" "$@")
   touch "$tmp/.complete"
   rm -rf "$dest" && mv "$tmp" "$dest"
   echo "[build-tools] $name: built in $((SECONDS - start)) s"

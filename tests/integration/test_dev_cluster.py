@@ -23,10 +23,25 @@ SPOT_TOLERATION = {"key": GKE_SPOT_LABEL, "operator": "Equal", "value": "true", 
 RUNNER_TOLERATION = {"key": RUNNER_LABEL, "operator": "Exists", "effect": "NoSchedule"}
 
 
-def gpu_pod(name: str, resources: dict, tolerations=()) -> dict:
+PREFER_SPOT = {
+    "nodeAffinity": {
+        "preferredDuringSchedulingIgnoredDuringExecution": [
+            {
+                "weight": 100,
+                "preference": {
+                    "matchExpressions": [{"key": GKE_SPOT_LABEL, "operator": "In", "values": ["true"]}]
+                },
+            }
+        ]
+    }
+}
+
+
+def gpu_pod(name: str, resources: dict, tolerations=(), affinity=None) -> dict:
     return {
         "metadata": {"name": name},
         "spec": {
+            "affinity": affinity,
             "containers": [
                 {
                     "name": "main",
@@ -50,12 +65,20 @@ def bound_node(core, namespace: str, name: str, timeout_s: float = 30) -> dict:
 
 
 def test_eight_gpu_spot_pod_lands_on_a_spot_a100(core, namespace):
-    core.create_namespaced_pod(namespace, gpu_pod("a100", {NVIDIA_GPU: "8"}, [SPOT_TOLERATION]))
+    # the toleration allows spot nodes; the preference (as the operator sets it) picks them
+    core.create_namespaced_pod(namespace, gpu_pod("a100", {NVIDIA_GPU: "8"}, [SPOT_TOLERATION], PREFER_SPOT))
     labels = bound_node(core, namespace, "a100")
     assert labels[GKE_SPOT_LABEL] == "true"
     assert labels["nvidia.com/gpu.product"] == "NVIDIA-A100-SXM4-80GB"
     # kwok plays the kubelet of GPU nodes: the pod turns Running
     wait_for(lambda: core.read_namespaced_pod("a100", namespace).status.phase == "Running", 30, "Running")
+
+
+def test_gpu_pod_without_the_spot_toleration_stays_off_spot_nodes(core, namespace):
+    core.create_namespaced_pod(namespace, gpu_pod("on-demand", {NVIDIA_GPU: "8"}))
+    labels = bound_node(core, namespace, "on-demand")
+    assert GKE_SPOT_LABEL not in labels
+    assert labels["nvidia.com/gpu.product"] == "NVIDIA-A100-SXM4-80GB"
 
 
 def test_intel_gpu_pod_lands_on_the_intel_node(core, namespace):
@@ -258,7 +281,7 @@ def test_runner_pod_runs_for_real_and_reports_exit_and_termination_message(core,
         assert msg["POD_NAME"] == name
         assert msg["POD_IP"] == pod.status.pod_ip
         assert msg["NODE_NAME"] == pod.spec.node_name
-        assert term.container_id == f"runner://{msg['pid']}"
+        assert pod.status.container_statuses[0].container_id == f"runner://{msg['pid']}"
 
 
 def test_deleting_a_runner_pod_sends_sigterm_then_sigkill_after_grace(core, namespace, tmp_path):

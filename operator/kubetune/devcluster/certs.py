@@ -33,7 +33,7 @@ def _write_key(key: ec.EllipticCurvePrivateKey, path: Path) -> None:
     path.write_bytes(
         key.private_bytes(
             serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
+            serialization.PrivateFormat.TraditionalOpenSSL,  # "EC PRIVATE KEY": what kube reads
             serialization.NoEncryption(),
         )
     )

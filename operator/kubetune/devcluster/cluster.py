@@ -81,11 +81,15 @@ class DevCluster:
     _procs: list[tuple[str, subprocess.Popen, Path]] = field(default_factory=list)
     endpoints: Endpoints | None = None
     startup_s: float | None = None
+    # seconds from start() until each readiness check passed, in order
+    timings: dict[str, float] = field(default_factory=dict)
+    _t0: float = 0.0
 
     # -- public ---------------------------------------------------------------------------
 
     def start(self) -> Endpoints:
-        t0 = time.monotonic()
+        self._t0 = t0 = time.monotonic()
+        self.timings.clear()
         try:
             self._start()
         except BaseException:
@@ -134,7 +138,9 @@ class DevCluster:
         return proc
 
     def _wait(self, predicate, what: str, timeout_s: float = 60):
-        return procs.wait_for(predicate, timeout_s, what, procs=self._procs)
+        result = procs.wait_for(predicate, timeout_s, what, procs=self._procs)
+        self.timings[what] = time.monotonic() - self._t0
+        return result
 
     def _start(self) -> None:
         bins = tool_dirs()

@@ -19,12 +19,13 @@ from .cluster import DevCluster
 
 
 def _pid(workdir: Path) -> int | None:
+    """The supervisor's pid if it is alive (a zombie, never reaped in some containers, is not)."""
     try:
         pid = int((workdir / "supervisor.pid").read_text())
-        os.kill(pid, 0)
-        return pid
-    except (OSError, ValueError):
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, ValueError, IndexError):
         return None
+    return None if state in ("Z", "X") else pid
 
 
 def serve(workdir: Path) -> int:

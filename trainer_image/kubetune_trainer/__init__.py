@@ -1,0 +1,1 @@
+"""kubetune's trainer: QLoRA/LoRA from data streamed out of S3, with exact resume."""

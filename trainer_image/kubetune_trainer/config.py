@@ -1,0 +1,234 @@
+"""The training part of a FineTuneJob: what to fine-tune, on which data, how, and where
+checkpoints and the adapter go. One pydantic model read by the operator (it is part of
+the CRD schema) and by the trainer (it reads the JSON the operator renders). No torch."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+from pydantic.alias_generators import to_camel
+
+URI_PATTERN = r"^(s3://[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9](/.*)?|file:///.*)$"
+CONFIG_ENV = "KUBETUNE_CONFIG"
+
+
+def _check_uri(value: str) -> str:
+    if not re.match(URI_PATTERN, value):
+        raise ValueError(f"{value!r} is not an s3://bucket/prefix or file:///path URI")
+    return value
+
+
+Uri = Annotated[
+    str,
+    AfterValidator(_check_uri),
+    Field(
+        pattern=URI_PATTERN,
+        max_length=1024,
+        description="s3://bucket/prefix/ (with spec.storage credentials) or file:///absolute/path",
+    ),
+]
+
+
+class ApiModel(BaseModel):
+    """camelCase on the wire (Kubernetes convention), snake_case in Python; unknown
+    fields are errors so a typo never passes silently."""
+
+    model_config = ConfigDict(
+        alias_generator=to_camel, populate_by_name=True, extra="forbid", use_enum_values=True
+    )
+
+
+class ModelSource(ApiModel):
+    name: str | None = Field(
+        None,
+        min_length=1,
+        max_length=256,
+        description="Hugging Face Hub id, e.g. codellama/CodeLlama-7b-hf; needs hub access from the cluster.",
+    )
+    uri: Uri | None = Field(None, description="An HF-format model folder on S3 or a local path.")
+    revision: str | None = Field(None, max_length=128, description="Hub revision (branch, tag or commit).")
+    trust_remote_code: bool = Field(
+        False, description="Run the model repository's own Python code. Opt in only for models you trust."
+    )
+
+    @model_validator(mode="after")
+    def _one_source(self) -> ModelSource:
+        if (self.name is None) == (self.uri is None):
+            raise ValueError("set exactly one of model.name and model.uri")
+        return self
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                {"rule": "has(self.name) != has(self.uri)", "message": "set exactly one of name and uri"}
+            ]
+        }
+    )
+
+
+class Template(str, Enum):
+    text_to_sql = "text-to-sql"
+    alpaca = "alpaca"
+    chat = "chat"
+    completion = "completion"
+    classification = "classification"
+    custom = "custom"
+
+
+class Validation(ApiModel):
+    fraction: float | None = Field(
+        None, gt=0, lt=1, description="Hold out this fraction of records, chosen by a hash of the record."
+    )
+    uri: Uri | None = Field(None, description="Separate validation shards.")
+
+    @model_validator(mode="after")
+    def _at_most_one(self) -> Validation:
+        if self.fraction is not None and self.uri is not None:
+            raise ValueError("set at most one of validation.fraction and validation.uri")
+        return self
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                {
+                    "rule": "!(has(self.fraction) && has(self.uri))",
+                    "message": "set at most one of fraction and uri",
+                }
+            ]
+        }
+    )
+
+
+class Dataset(ApiModel):
+    uri: Uri = Field(
+        description="Prefix of *.jsonl, *.jsonl.gz, *.jsonl.zst or *.parquet shards, streamed in order."
+    )
+    template: Template = Field(
+        Template.completion, description="How a record becomes a prompt and a response."
+    )
+    fields: dict[str, str] = Field(
+        default_factory=dict,
+        description="Template role -> record field, e.g. {input: question, context: context, output: answer}.",
+    )
+    format: str | None = Field(
+        None,
+        max_length=4096,
+        description="For template custom: a Python format string over record fields; "
+        "the response follows the last '{output}'-free prefix.",
+    )
+    validation: Validation | None = None
+    max_seq_length: int = Field(512, ge=16, le=131072, description="Tokens per training sequence.")
+    packing: bool = Field(True, description="Pack several examples into each sequence (no padding waste).")
+    train_on_inputs: bool = Field(False, description="Also compute the loss on prompt tokens.")
+    max_bad_records: float = Field(
+        0.01, ge=0, le=1, description="Fraction of malformed records tolerated before the job fails."
+    )
+
+    @model_validator(mode="after")
+    def _custom_needs_format(self) -> Dataset:
+        if (self.template == Template.custom.value) != (self.format is not None):
+            raise ValueError("dataset.format is required with template custom and only allowed with it")
+        return self
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                {
+                    "rule": "(self.template == 'custom') == has(self.format)",
+                    "message": "format is required with template custom and only allowed with it",
+                }
+            ]
+        }
+    )
+
+
+class Method(str, Enum):
+    qlora = "qlora"
+    lora = "lora"
+
+
+class Lora(ApiModel):
+    r: int = Field(16, ge=1, le=1024, description="LoRA rank.")
+    alpha: float = Field(32, gt=0, description="LoRA scaling numerator (scale = alpha / r).")
+    dropout: float = Field(0.05, ge=0, lt=1)
+    target_modules: list[str] | Literal["all-linear"] = Field(
+        "all-linear", description="Module names to adapt, or all-linear for every linear layer but the head."
+    )
+
+
+class Quantization(ApiModel):
+    type: Literal["nf4", "fp4"] = "nf4"
+    double_quant: bool = Field(True, description="Quantize the quantization constants too.")
+    compute_dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="auto: bfloat16 on Ampere+ and Intel GPUs, float16 on older GPUs, float32 on CPU."
+    )
+
+
+class Training(ApiModel):
+    learning_rate: float = Field(2e-4, gt=0, le=1)
+    batch_size: int = Field(4, ge=1, le=4096, description="Sequences per device per micro-step.")
+    gradient_accumulation: int = Field(4, ge=1, le=4096)
+    max_steps: int = Field(300, ge=1, le=10_000_000, description="Optimizer steps.")
+    scheduler: Literal["cosine", "linear", "constant"] = "cosine"
+    warmup_ratio: float = Field(0.03, ge=0, lt=1)
+    weight_decay: float = Field(0.0, ge=0)
+    max_grad_norm: float = Field(1.0, gt=0)
+    optimizer: Literal["adamw", "paged_adamw_8bit", "paged_adamw_32bit", "adamw_8bit"] = "adamw"
+    gradient_checkpointing: bool = Field(False, description="Trade compute for activation memory.")
+    seed: int = Field(42, ge=0, le=2**32 - 1)
+    logging_steps: int = Field(10, ge=1)
+    eval_steps: int | None = Field(None, ge=1, description="Evaluate every N steps (default: at the end).")
+
+
+class Checkpoint(ApiModel):
+    uri: Uri = Field(description="Checkpoints go to <uri>/step-NNNNNNNN/.")
+    every_steps: int = Field(50, ge=1)
+    every_minutes: float | None = Field(10, gt=0, description="Also checkpoint after this much wall time.")
+    keep: int = Field(3, ge=1, le=1000, description="Newest verified checkpoints kept.")
+
+
+class Output(ApiModel):
+    uri: Uri = Field(description="Where the adapter, tokenizer, metrics and model card are uploaded.")
+    merged_model: bool = Field(False, description="Also upload the base model with the adapter merged in.")
+
+
+class TrainingConfig(ApiModel):
+    """Everything the trainer needs, nothing about pods."""
+
+    model: ModelSource
+    dataset: Dataset
+    method: Method = Method.qlora
+    lora: Lora = Field(default_factory=Lora)
+    quantization: Quantization = Field(default_factory=Quantization)
+    training: Training = Field(default_factory=Training)
+    checkpoint: Checkpoint
+    output: Output
+
+
+def load_config(path: str | Path | None = None, environ: dict[str, str] | None = None) -> TrainingConfig:
+    """From a JSON/YAML file (a whole FineTuneJob or just its training part), or from
+    the KUBETUNE_CONFIG environment variable holding JSON."""
+    environ = os.environ if environ is None else environ
+    if path is not None:
+        text = Path(path).read_text()
+        import yaml  # a JSON document is YAML too
+
+        data: Any = yaml.safe_load(text)
+    elif CONFIG_ENV in environ:
+        data = json.loads(environ[CONFIG_ENV])
+    else:
+        raise ValueError(f"no config: pass a file or set {CONFIG_ENV}")
+    if isinstance(data, dict) and data.get("kind") == "FineTuneJob":
+        # a whole job: its pod-level fields (resources, spot, ...) are the operator's
+        spec = data.get("spec") or {}
+        data = {k: v for k, v in spec.items() if k in _WIRE_NAMES}
+    return TrainingConfig.model_validate(data)
+
+
+_WIRE_NAMES = {f.alias or name for name, f in TrainingConfig.model_fields.items()}
