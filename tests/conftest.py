@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import wait_for
+from tests.helpers import OperatorProcess, install_crd, wait_for
 
 STARTUP_TIMES: dict[str, float] = {}
 
@@ -71,3 +71,30 @@ def s3(dev_cluster):
 def pytest_terminal_summary(terminalreporter):
     for what, seconds in STARTUP_TIMES.items():
         terminalreporter.write_line(f"{what}: {seconds:.1f} s (target < 20 s)")
+
+
+@pytest.fixture(scope="session")
+def crd_installed(api_client):
+    from kubetune.crd import CRD_FILE
+
+    install_crd(api_client, CRD_FILE)
+    return True
+
+
+@pytest.fixture(scope="session")
+def operator(dev_cluster, crd_installed):
+    """The operator, running for real against the session's dev cluster."""
+    from kubetune.devcluster.procs import free_port
+
+    proc = OperatorProcess(dev_cluster.endpoints.kubeconfig, dev_cluster.workdir / "logs" / "operator.log",
+                           free_port())
+    proc.start()
+    yield proc
+    proc.stop()
+
+
+@pytest.fixture(scope="session")
+def custom(api_client):
+    from kubernetes import client
+
+    return client.CustomObjectsApi(api_client)

@@ -18,3 +18,69 @@ def wait_for(predicate, timeout_s: float, what: str, interval_s: float = 0.1):
             last = e
         time.sleep(interval_s)
     raise AssertionError(f"timed out after {timeout_s} s waiting for {what}" + (f": {last}" if last else ""))
+
+
+class OperatorProcess:
+    """The real operator (`python -m kubetune run`) as a subprocess of the test session."""
+
+    def __init__(self, kubeconfig, log_path, metrics_port: int) -> None:
+        self.kubeconfig = kubeconfig
+        self.log_path = log_path
+        self.metrics_port = metrics_port
+        self.proc = None
+
+    def start(self) -> None:
+        import os
+        import subprocess
+        import sys
+        from pathlib import Path
+
+        root = Path(__file__).resolve().parents[1]
+        env = {**os.environ, "KUBECONFIG": str(self.kubeconfig),
+               "PYTHONPATH": f"{root / 'operator'}:{root / 'trainer_image'}"}
+        log = open(self.log_path, "ab")  # noqa: SIM115 - owned by the process
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "kubetune", "run", "--standalone", f"--metrics-port={self.metrics_port}",
+             "--metrics-address=127.0.0.1"],
+            env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+        )
+        log.close()
+
+    def stop(self, sig=None) -> None:
+        import signal
+
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(sig or signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=15)
+            except Exception:
+                self.proc.kill()
+                self.proc.wait()
+
+    def kill(self) -> None:
+        import signal
+
+        self.stop(signal.SIGKILL)
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+
+def install_crd(api_client, path) -> None:
+    import yaml
+    from kubernetes import client
+    from kubernetes.client.rest import ApiException
+
+    ext = client.ApiextensionsV1Api(api_client)
+    crd = yaml.safe_load(open(path))
+    try:
+        ext.create_custom_resource_definition(crd)
+    except ApiException as e:
+        if e.status != 409:
+            raise
+        crd["metadata"]["resourceVersion"] = ext.read_custom_resource_definition(
+            crd["metadata"]["name"]).metadata.resource_version
+        ext.replace_custom_resource_definition(crd["metadata"]["name"], crd)
+    wait_for(lambda: any(c.type == "Established" and c.status == "True" for c in
+                         ext.read_custom_resource_definition(crd["metadata"]["name"]).status.conditions or []),
+             30, "the FineTuneJob CRD to be established")

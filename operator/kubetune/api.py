@@ -18,6 +18,8 @@ VERSION = "v1alpha1"
 KIND = "FineTuneJob"
 PLURAL = "finetunejobs"
 SHORT_NAME = "ftj"
+# Pod names are <job>-a<attempt>-w<rank> and host names w<rank>.<job>: keep them in DNS limits.
+MAX_NAME_LENGTH = 48
 
 QUANTITY_PATTERN = r"^[0-9]+(\.[0-9]+)?(m|k|Ki|M|Mi|G|Gi|T|Ti)?$"
 
@@ -43,7 +45,10 @@ class Resources(ApiModel):
         description="Acceptable GPU products, as the GPU Feature Discovery / Intel product label spells them.",
     )
     min_gpu_memory_mib: int = Field(
-        0, ge=0, description="Only nodes whose GPUs have at least this much memory (nvidia.com/gpu.memory)."
+        0,
+        ge=0,
+        alias="minGpuMemoryMiB",
+        description="Only nodes whose GPUs have at least this much memory (nvidia.com/gpu.memory).",
     )
     cpu: str = Field("4", pattern=QUANTITY_PATTERN, description="CPU request per worker pod.")
     memory: str = Field(
@@ -163,6 +168,7 @@ class Condition(ApiModel):
 
 
 class Progress(ApiModel):
+    summary: str | None = Field(None, description="step/total (percent), for kubectl get.")
     step: int = 0
     total_steps: int = 0
     epoch: float | None = None

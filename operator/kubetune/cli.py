@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from pathlib import Path
+
+EXIT_USAGE = 64
 
 
 def _dev(args: argparse.Namespace) -> int:
@@ -21,15 +24,97 @@ def _demo(args: argparse.Namespace) -> int:
     return demo.run(args.workdir)
 
 
+def _run(args: argparse.Namespace) -> int:
+    import kopf
+
+    from kubetune import handlers, metrics
+
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s %(message)s",
+    )
+    for noisy in ("kopf.objects", "kopf.activities.startup", "kopf._core.engines.peering"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    if args.metrics_port:
+        metrics.serve(args.metrics_port, args.metrics_address)
+    handlers.register(workers=args.workers)
+    kopf.run(
+        clusterwide=not args.namespace,
+        namespaces=args.namespace or (),
+        standalone=args.standalone,
+        peering_name=args.peering,
+        liveness_endpoint=f"http://0.0.0.0:{args.health_port}/healthz" if args.health_port else None,
+    )
+    return 0
+
+
+def _render(args: argparse.Namespace) -> int:
+    import yaml
+    from pydantic import ValidationError
+
+    from kubetune.api import FineTuneJobSpec
+    from kubetune.manifests import build_pods, build_service
+    from kubetune.status import validation_messages
+
+    docs = [
+        d
+        for d in yaml.safe_load_all(Path(args.file).read_text() if args.file != "-" else sys.stdin.read())
+        if d
+    ]
+    out = []
+    for doc in docs:
+        if doc.get("kind") != "FineTuneJob":
+            continue
+        meta = doc.get("metadata") or {}
+        name = meta.get("name", "job")
+        try:
+            spec = FineTuneJobSpec.model_validate(doc.get("spec") or {})
+        except ValidationError as e:
+            print(f"{args.file}: FineTuneJob {name} is invalid:", file=sys.stderr)
+            for msg in validation_messages(e):
+                print(f"  {msg}", file=sys.stderr)
+            return EXIT_USAGE
+        uid = "<uid of the FineTuneJob>"
+        objects = build_pods(name, uid, spec, attempt=1, preemptions=0)
+        if spec.workers > 1:
+            objects.insert(0, build_service(name, uid))
+        for obj in objects:
+            obj["metadata"]["namespace"] = meta.get("namespace", "default")
+        out += objects
+    if not out:
+        print(f"{args.file}: no FineTuneJob found", file=sys.stderr)
+        return EXIT_USAGE
+    sys.stdout.write(yaml.safe_dump_all(out, sort_keys=False))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="kubetune", description="Fine-tune LLMs on Kubernetes.")
     sub = ap.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run the operator")
+    run.add_argument("-n", "--namespace", action="append", help="watch only this namespace (repeatable)")
+    run.add_argument("--workers", type=int, default=8, help="concurrent reconciles")
+    run.add_argument("--metrics-port", type=int, default=8080, help="Prometheus /metrics port (0: off)")
+    run.add_argument("--metrics-address", default="0.0.0.0")
+    run.add_argument("--health-port", type=int, default=0, help="liveness /healthz port (0: off)")
+    run.add_argument("--standalone", action="store_true", help="no peering between operator replicas")
+    run.add_argument("--peering", default=None, help="kopf peering object name (for replicas > 1)")
+    run.add_argument("-v", "--verbose", action="store_true")
+    run.set_defaults(func=_run)
+
+    render = sub.add_parser("render", help="print the objects the operator would create (no cluster needed)")
+    render.add_argument("file", help="a FineTuneJob YAML file, or - for stdin")
+    render.set_defaults(func=_render)
+
     dev = sub.add_parser("dev", help="a local dev cluster: real control plane, fake GPU nodes, MinIO")
     dev.add_argument("action", choices=["up", "down", "serve"])
     dev.add_argument("--workdir", type=Path, default=Path(".dev"))
     dev.set_defaults(func=_dev)
+
     demo = sub.add_parser("demo", help="the quick-start demo on a throwaway dev cluster")
     demo.add_argument("--workdir", type=Path, default=None)
     demo.set_defaults(func=_demo)
+
     args = ap.parse_args(argv)
     sys.exit(args.func(args))

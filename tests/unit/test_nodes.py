@@ -19,15 +19,22 @@ def by_name():
 
 def test_pools():
     nodes = by_name()
-    spot_a100 = [n for n in nodes.values() if n.capacity.get(NVIDIA_GPU) and n.labels.get(GKE_SPOT_LABEL)]
+    a100 = [n for n in nodes.values() if n.labels.get("nvidia.com/gpu.product") == "NVIDIA-A100-SXM4-80GB"]
+    spot_a100 = [n for n in a100 if n.labels.get(GKE_SPOT_LABEL)]
     assert len(spot_a100) == 2
     for n in spot_a100:
         assert n.capacity[NVIDIA_GPU] == "8"
         assert n.labels["nvidia.com/gpu.product"] == "NVIDIA-A100-SXM4-80GB"
         assert n.labels["nvidia.com/gpu.memory"] == "81920"
         assert {"key": GKE_SPOT_LABEL, "value": "true", "effect": "NoSchedule"} in n.taints
-    on_demand = [n for n in nodes.values() if n.capacity.get(NVIDIA_GPU) and not n.labels.get(GKE_SPOT_LABEL)]
+    on_demand = [n for n in a100 if not n.labels.get(GKE_SPOT_LABEL)]
     assert len(on_demand) == 1
+    t4 = [n for n in nodes.values() if n.labels.get("nvidia.com/gpu.product") == "Tesla-T4"]
+    assert (
+        len(t4) == 1
+        and t4[0].labels[GKE_SPOT_LABEL] == "true"
+        and t4[0].labels["nvidia.com/gpu.memory"] == "15360"
+    )
     intel = [n for n in nodes.values() if n.capacity.get(INTEL_I915)]
     assert len(intel) == 1 and intel[0].labels["intel.feature.node.kubernetes.io/gpu"] == "true"
     cpu_only = [

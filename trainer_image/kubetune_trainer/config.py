@@ -6,27 +6,19 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic.alias_generators import to_camel
 
 URI_PATTERN = r"^(s3://[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9](/.*)?|file:///.*)$"
 CONFIG_ENV = "KUBETUNE_CONFIG"
 
 
-def _check_uri(value: str) -> str:
-    if not re.match(URI_PATTERN, value):
-        raise ValueError(f"{value!r} is not an s3://bucket/prefix or file:///path URI")
-    return value
-
-
 Uri = Annotated[
     str,
-    AfterValidator(_check_uri),
     Field(
         pattern=URI_PATTERN,
         max_length=1024,
@@ -157,8 +149,10 @@ class Lora(ApiModel):
     r: int = Field(16, ge=1, le=1024, description="LoRA rank.")
     alpha: float = Field(32, gt=0, description="LoRA scaling numerator (scale = alpha / r).")
     dropout: float = Field(0.05, ge=0, lt=1)
-    target_modules: list[str] | Literal["all-linear"] = Field(
-        "all-linear", description="Module names to adapt, or all-linear for every linear layer but the head."
+    target_modules: list[str] = Field(
+        default_factory=lambda: ["all-linear"],
+        min_length=1,
+        description="Module names to adapt; [all-linear] adapts every linear layer but the output head.",
     )
 
 

@@ -68,6 +68,25 @@ def default_nodes() -> list[NodeSpec]:
     ]
     nodes.append(
         NodeSpec(
+            name="gpu-t4-spot-0",
+            labels=_labels(
+                "gpu-t4-spot-0",
+                "n1-standard-16-t4",
+                {
+                    GKE_SPOT_LABEL: "true",
+                    "nvidia.com/gpu.present": "true",
+                    "nvidia.com/gpu.product": "Tesla-T4",
+                    "nvidia.com/gpu.memory": "15360",
+                    "nvidia.com/gpu.count": "4",
+                    "nvidia.com/gpu.family": "turing",
+                },
+            ),
+            taints=(SPOT_TAINT, NVIDIA_TAINT),
+            capacity={**BASE_CAPACITY, "cpu": "16", "memory": "60Gi", NVIDIA_GPU: "4"},
+        )
+    )
+    nodes.append(
+        NodeSpec(
             name="gpu-a100-ondemand-0",
             labels=_labels("gpu-a100-ondemand-0", "a2-ultragpu-8g", {**A100_80GB_LABELS}),
             taints=(NVIDIA_TAINT,),

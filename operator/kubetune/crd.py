@@ -1,0 +1,184 @@
+"""api.py -> a structural OpenAPI v3 schema -> the FineTuneJob CRD (crds/ and the chart).
+
+pydantic's JSON schema is not structural as is: it has $defs/$ref, anyOf with null for
+Optional, titles, and JSON-Schema-2020 exclusive bounds. This rewrites it: refs
+inlined, Optional fields plain (the API server prunes nulls of non-nullable fields),
+titles dropped, exclusive bounds in OpenAPI v3.0 form, `default: {}` on nested objects
+so server-side defaulting reaches their fields.
+
+    python -m kubetune.crd            write crds/ and the chart copy
+    python -m kubetune.crd --check    fail if they differ from what api.py gives
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+from pathlib import Path
+
+import yaml
+
+from kubetune import api
+
+ROOT = Path(__file__).resolve().parents[2]
+CRD_FILE = ROOT / "crds" / f"{api.GROUP}_{api.PLURAL}.yaml"
+CHART_CRD_FILE = ROOT / "charts" / "kubetune" / "templates" / "crds" / f"{api.PLURAL}.yaml"
+HEADER = "# Generated from operator/kubetune/api.py by `python -m kubetune.crd`. Do not edit.\n"
+
+PRINTER_COLUMNS = [
+    {"name": "Phase", "type": "string", "jsonPath": ".status.phase"},
+    {"name": "Progress", "type": "string", "jsonPath": ".status.progress.summary"},
+    {"name": "Loss", "type": "number", "jsonPath": ".status.progress.loss"},
+    {"name": "Preemptions", "type": "integer", "jsonPath": ".status.preemptions"},
+    {"name": "Failures", "type": "integer", "jsonPath": ".status.failures", "priority": 1},
+    {"name": "ETA", "type": "string", "jsonPath": ".status.progress.eta", "priority": 1},
+    {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
+]
+
+
+def structural(schema: dict, defs: dict) -> dict:
+    """Rewrite one pydantic JSON-schema node into its structural OpenAPI v3 form."""
+    if "$ref" in schema:
+        target = copy.deepcopy(defs[schema["$ref"].rsplit("/", 1)[1]])
+        target.update({k: v for k, v in schema.items() if k != "$ref"})
+        return structural(target, defs)
+    if "anyOf" in schema:
+        options = [o for o in schema["anyOf"] if o.get("type") != "null"]
+        if len(options) != 1:
+            raise ValueError(f"unions other than Optional are not structural: {schema}")
+        merged = {**options[0], **{k: v for k, v in schema.items() if k != "anyOf"}}
+        if merged.get("default", 0) is None:
+            del merged["default"]
+        return structural(merged, defs)
+    out = {}
+    for key, value in schema.items():
+        if key in ("title", "$defs"):
+            continue
+        if key == "properties":
+            out[key] = {name: structural(sub, defs) for name, sub in value.items()}
+        elif key == "items" or (key == "additionalProperties" and isinstance(value, dict)):
+            out[key] = structural(value, defs)
+        elif key == "additionalProperties":
+            continue  # false: unknown fields are pruned by the API server anyway
+        elif key in ("exclusiveMinimum", "exclusiveMaximum"):
+            out[key.replace("exclusiveM", "m")] = value
+            out[key] = True
+        elif key == "const":
+            out["enum"] = [value]
+        else:
+            out[key] = value
+    if out.get("type") == "object" and "properties" in out:
+        for name, sub in out["properties"].items():
+            if sub.get("type") == "object" and "default" not in sub and name not in out.get("required", []):
+                sub["default"] = {}
+    return out
+
+
+def spec_schema() -> dict:
+    raw = api.FineTuneJobSpec.model_json_schema(by_alias=True, mode="validation")
+    return structural(raw, raw.get("$defs", {}))
+
+
+def status_schema() -> dict:
+    raw = api.FineTuneJobStatus.model_json_schema(by_alias=True, mode="serialization")
+    schema = structural(raw, raw.get("$defs", {}))
+    _strip_defaults(schema)  # the operator writes every status field it means
+    conditions = schema["properties"]["conditions"]
+    conditions["x-kubernetes-list-type"] = "map"
+    conditions["x-kubernetes-list-map-keys"] = ["type"]
+    return schema
+
+
+def _strip_defaults(schema: dict) -> None:
+    schema.pop("default", None)
+    for sub in schema.get("properties", {}).values():
+        _strip_defaults(sub)
+    if isinstance(schema.get("items"), dict):
+        _strip_defaults(schema["items"])
+
+
+def crd() -> dict:
+    return {
+        "apiVersion": "apiextensions.k8s.io/v1",
+        "kind": "CustomResourceDefinition",
+        "metadata": {"name": f"{api.PLURAL}.{api.GROUP}"},
+        "spec": {
+            "group": api.GROUP,
+            "scope": "Namespaced",
+            "names": {
+                "kind": api.KIND,
+                "listKind": f"{api.KIND}List",
+                "plural": api.PLURAL,
+                "singular": api.KIND.lower(),
+                "shortNames": [api.SHORT_NAME],
+                "categories": ["all", "kubetune"],
+            },
+            "versions": [
+                {
+                    "name": api.VERSION,
+                    "served": True,
+                    "storage": True,
+                    "subresources": {"status": {}},
+                    "additionalPrinterColumns": PRINTER_COLUMNS,
+                    "schema": {
+                        "openAPIV3Schema": {
+                            "type": "object",
+                            "description": "A fine-tuning job: a base model, data on S3, LoRA/QLoRA settings, "
+                            "and where checkpoints and the adapter go.",
+                            "required": ["spec"],
+                            "properties": {
+                                "apiVersion": {"type": "string"},
+                                "kind": {"type": "string"},
+                                "metadata": {"type": "object"},
+                                "spec": spec_schema(),
+                                "status": status_schema(),
+                            },
+                            "x-kubernetes-validations": [
+                                {
+                                    "rule": f"self.metadata.name.size() <= {api.MAX_NAME_LENGTH}",
+                                    "message": f"metadata.name must be at most {api.MAX_NAME_LENGTH} characters "
+                                    "(pod and host names are derived from it)",
+                                }
+                            ],
+                        }
+                    },
+                }
+            ],
+        },
+    }
+
+
+def render() -> str:
+    return HEADER + yaml.safe_dump(crd(), sort_keys=False, width=120)
+
+
+def chart_render() -> str:
+    body = yaml.safe_dump(crd(), sort_keys=False, width=120)
+    return (
+        HEADER.replace("# ", "{{- /* ", 1).rstrip()
+        + " */}}\n{{- if .Values.crds.enabled }}\n"
+        + body
+        + "{{- end }}\n"
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--check", action="store_true", help="fail on drift instead of writing")
+    args = ap.parse_args(argv)
+    wanted = {CRD_FILE: render(), CHART_CRD_FILE: chart_render()}
+    drift = [p for p, text in wanted.items() if not p.exists() or p.read_text() != text]
+    if args.check:
+        for p in drift:
+            print(f"{p.relative_to(ROOT)} is out of date: run `python -m kubetune.crd`", file=sys.stderr)
+        return 1 if drift else 0
+    for p in drift:
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_text(wanted[p])
+        print(f"wrote {p.relative_to(ROOT)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,220 @@
+"""The operator: kopf watches FineTuneJobs and their pods and feeds a deduplicating work
+queue; a reconcile reads the cached job and pods, asks status.decide() what to do and
+applies the plan: create (idempotent), delete, one status patch, then events."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import datetime as dt
+import logging
+import time
+
+import kopf
+
+from kubetune import metrics
+from kubetune.api import GROUP, PLURAL, VERSION
+from kubetune.kube import Kube
+from kubetune.manifests import JOB_LABEL, build_service
+from kubetune.status import decide, iso
+
+log = logging.getLogger("kubetune")
+RESYNC_S = 30.0  # a running job is looked at again at least this often
+RETRY_S = 2.0
+
+
+def _rv(obj: dict) -> int:
+    try:
+        return int(obj["metadata"].get("resourceVersion") or 0)
+    except ValueError:
+        return 0
+
+
+def _newer(new: dict, old: dict | None) -> bool:
+    return old is None or _rv(new) >= _rv(old)
+
+
+class WorkQueue:
+    """Like client-go's workqueue: a key is queued at most once, never processed by two
+    workers at once, and re-queued if it changed while being processed."""
+
+    def __init__(self) -> None:
+        self.queue: asyncio.Queue = asyncio.Queue()
+        self.queued: set = set()
+        self.active: set = set()
+        self.dirty: set = set()
+        self.timers: dict = {}
+
+    def add(self, key) -> None:
+        if key in self.active:
+            self.dirty.add(key)
+        elif key not in self.queued:
+            self.queued.add(key)
+            self.queue.put_nowait(key)
+
+    def add_after(self, key, delay: float) -> None:
+        loop = asyncio.get_running_loop()
+        old = self.timers.get(key)
+        when = loop.time() + delay
+        if old and old.when() <= when:
+            return  # an earlier wake-up is already set
+        if old:
+            old.cancel()
+        self.timers[key] = loop.call_at(when, self._fire, key)
+
+    def _fire(self, key) -> None:
+        self.timers.pop(key, None)
+        self.add(key)
+
+    async def get(self):
+        key = await self.queue.get()
+        self.queued.discard(key)
+        self.active.add(key)
+        return key
+
+    def done(self, key) -> None:
+        self.active.discard(key)
+        if key in self.dirty:
+            self.dirty.discard(key)
+            self.add(key)
+
+
+class Controller:
+    def __init__(self, kube: Kube, workers: int = 8) -> None:
+        self.kube = kube
+        self.jobs: dict[tuple[str, str], dict] = {}
+        self.pods: dict[tuple[str, str], dict[str, dict]] = {}
+        self.queue = WorkQueue()
+        self.workers = workers
+        self.pool = concurrent.futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="reconcile")
+        self.events = concurrent.futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="events")
+        self.first_seen: dict[tuple[str, str], float] = {}
+
+    # -- watch side (event loop) ----------------------------------------------------------
+
+    def job_event(self, kind: str, body: dict) -> None:
+        key = (body["metadata"]["namespace"], body["metadata"]["name"])
+        if kind == "DELETED":
+            self.jobs.pop(key, None)
+            self.pods.pop(key, None)
+            self.first_seen.pop(key, None)
+            metrics.forget_job(key)
+            return
+        if _newer(body, self.jobs.get(key)):
+            self.jobs[key] = body
+        self.first_seen.setdefault(key, time.monotonic())
+        self.queue.add(key)
+
+    def pod_event(self, kind: str, body: dict) -> None:
+        meta = body["metadata"]
+        job = (meta.get("labels") or {}).get(JOB_LABEL)
+        if not job:
+            return
+        key = (meta["namespace"], job)
+        pods = self.pods.setdefault(key, {})
+        if kind == "DELETED":
+            pods.pop(meta["name"], None)
+        elif _newer(body, pods.get(meta["name"])):
+            pods[meta["name"]] = body
+        self.queue.add(key)
+
+    async def run_workers(self) -> None:
+        await asyncio.gather(*(self._worker() for _ in range(self.workers)))
+
+    async def _worker(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            key = await self.queue.get()
+            try:
+                requeue = await loop.run_in_executor(self.pool, self.reconcile, key)
+            except Exception as e:
+                log.warning("reconcile %s/%s failed, retrying in %.0f s: %s", *key, RETRY_S, e)
+                requeue = RETRY_S
+            finally:
+                self.queue.done(key)
+            if requeue is not None:
+                self.queue.add_after(key, requeue)
+
+    # -- reconcile (worker threads) -------------------------------------------------------
+
+    def reconcile(self, key: tuple[str, str]) -> float | None:
+        job = self.jobs.get(key)
+        if job is None or job["metadata"].get("deletionTimestamp"):
+            return None
+        t0 = time.perf_counter()
+        now = dt.datetime.now(dt.timezone.utc)
+        pods = list(self.pods.get(key, {}).values())
+        plan = decide(job, pods, now)
+        if any(loss.reason == "PodDeleted" for loss in plan.losses):
+            # a pod missing from the cache may only be not seen yet: ask the API server
+            pods = self.kube.list_pods(key[0], f"{JOB_LABEL}={key[1]}")
+            self.pods[key] = {p["metadata"]["name"]: p for p in pods}
+            plan = decide(job, pods, now)
+        self._apply(key, job, plan, now)
+        metrics.observe_reconcile(time.perf_counter() - t0)
+        return plan.requeue_after if plan.requeue_after is not None else self._resync(plan)
+
+    @staticmethod
+    def _resync(plan) -> float | None:
+        return RESYNC_S if plan.status.get("phase") not in ("Succeeded", "Failed", "Suspended") else None
+
+    def _apply(self, key, job: dict, plan, now: dt.datetime) -> None:
+        ns, name = key
+        if plan.create and job["spec"].get("workers", 1) > 1:
+            self.kube.create(ns, build_service(name, job["metadata"]["uid"]))
+        for obj in plan.create:
+            created = self.kube.create(ns, obj)
+            if created is not None:
+                self.pods.setdefault(key, {})[created["metadata"]["name"]] = created
+        if plan.create and key in self.first_seen:
+            metrics.observe_pods_created(time.monotonic() - self.first_seen.pop(key))
+        for pod in plan.delete:
+            self.kube.delete_pod(ns, pod)
+        for loss in plan.losses:
+            metrics.count_loss(loss.kind, loss.reason)
+        if plan.status != (job.get("status") or {}):
+            updated = self.kube.patch_job_status(
+                ns, name, plan.status, job["metadata"].get("resourceVersion")
+            )
+            if _newer(updated, self.jobs.get(key)):
+                self.jobs[key] = updated
+            job = updated
+        metrics.set_phase(key, plan.status.get("phase"))
+        stamp = iso(now)
+        for event in plan.events:  # only after the status write succeeded
+            self.events.submit(self._event, job, *event, stamp)
+        if plan.delete_job:
+            log.info("deleting %s/%s: ttlSecondsAfterFinished passed", ns, name)
+            self.kube.delete_job(ns, name)
+
+    def _event(self, job: dict, kind: str, reason: str, message: str, stamp: str) -> None:
+        try:
+            self.kube.event(job, kind, reason, message, stamp)
+        except Exception as e:  # events are best effort
+            log.debug("event %s for %s not posted: %s", reason, job["metadata"]["name"], e)
+
+
+CONTROLLER: Controller | None = None
+
+
+def register(workers: int = 8) -> None:
+    """Wire the controller to kopf (called once, before kopf.run)."""
+
+    @kopf.on.startup()
+    async def _startup(settings: kopf.OperatorSettings, **_):
+        global CONTROLLER
+        settings.posting.level = logging.WARNING
+        settings.scanning.disabled = True
+        settings.watching.server_timeout = 300
+        settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
+        settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix=GROUP)
+        CONTROLLER = Controller(Kube.from_environment(pool_size=workers * 2), workers)
+        asyncio.get_running_loop().create_task(CONTROLLER.run_workers())
+
+    @kopf.on.event(GROUP, VERSION, PLURAL)
+    async def _job(event, **_):
+        CONTROLLER.job_event(event["type"] or "ADDED", event["object"])
+
+    @kopf.on.event("", "v1", "pods", labels={JOB_LABEL: kopf.PRESENT})
+    async def _pod(event, **_):
+        CONTROLLER.pod_event(event["type"] or "ADDED", event["object"])

@@ -1,0 +1,127 @@
+"""The one module that talks to the API server: plain dicts in and out (no model
+deserialization on the hot path), 404/409 folded into return values."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+from kubernetes import client, config
+from kubernetes.client.rest import ApiException
+
+from kubetune.api import GROUP, KIND, PLURAL, VERSION
+
+log = logging.getLogger(__name__)
+JOBS = f"/apis/{GROUP}/{VERSION}/namespaces/{{ns}}/{PLURAL}"
+
+
+class Kube:
+    def __init__(self, api: client.ApiClient) -> None:
+        self.api = api
+
+    @classmethod
+    def from_environment(cls, pool_size: int = 16) -> Kube:
+        try:
+            config.load_incluster_config()
+            cfg = client.Configuration.get_default_copy()
+        except config.ConfigException:
+            cfg = client.Configuration()
+            config.load_kube_config(client_configuration=cfg)
+        cfg.connection_pool_maxsize = pool_size
+        return cls(client.ApiClient(cfg))
+
+    def call(self, method: str, path: str, body=None, query=None, content_type: str | None = None) -> dict:
+        headers = {"Accept": "application/json"}
+        if content_type:
+            headers["Content-Type"] = content_type
+        resp = self.api.call_api(
+            path,
+            method,
+            query_params=list((query or {}).items()),
+            header_params=headers,
+            body=body,
+            auth_settings=["BearerToken"],
+            _preload_content=False,
+            _return_http_data_only=True,
+        )
+        data = resp.data
+        return json.loads(data) if data else {}
+
+    # -- typed helpers -------------------------------------------------------------------
+
+    def create(self, namespace: str, obj: dict) -> dict | None:
+        """Create; None if it already exists (deterministic names make this idempotent)."""
+        path = {"Pod": "pods", "Service": "services", "Event": "events"}[obj["kind"]]
+        try:
+            return self.call("POST", f"/api/v1/namespaces/{namespace}/{path}", obj)
+        except ApiException as e:
+            if e.status == 409:
+                return None
+            raise
+
+    def delete_pod(self, namespace: str, name: str) -> None:
+        """Graceful delete: the pod gets its terminationGracePeriodSeconds."""
+        try:
+            self.call("DELETE", f"/api/v1/namespaces/{namespace}/pods/{name}")
+        except ApiException as e:
+            if e.status != 404:
+                raise
+
+    def list_pods(self, namespace: str, label_selector: str) -> list[dict]:
+        return self.call(
+            "GET", f"/api/v1/namespaces/{namespace}/pods", query={"labelSelector": label_selector}
+        )["items"]
+
+    def get_job(self, namespace: str, name: str) -> dict | None:
+        try:
+            return self.call("GET", f"{JOBS.format(ns=namespace)}/{name}")
+        except ApiException as e:
+            if e.status == 404:
+                return None
+            raise
+
+    def patch_job_status(self, namespace: str, name: str, status: dict, resource_version: str | None) -> dict:
+        """Merge-patch the status subresource; with resource_version, a concurrent change
+        fails with 409 instead of being overwritten."""
+        meta = {"resourceVersion": resource_version} if resource_version else {}
+        body = {"metadata": meta, "status": status}
+        return self.call(
+            "PATCH",
+            f"{JOBS.format(ns=namespace)}/{name}/status",
+            body,
+            content_type="application/merge-patch+json",
+        )
+
+    def delete_job(self, namespace: str, name: str) -> None:
+        try:
+            self.call("DELETE", f"{JOBS.format(ns=namespace)}/{name}", {"propagationPolicy": "Background"})
+        except ApiException as e:
+            if e.status != 404:
+                raise
+
+    def event(self, job: dict, event_type: str, reason: str, message: str, now: str) -> None:
+        meta = job["metadata"]
+        self.create(
+            meta["namespace"],
+            {
+                "apiVersion": "v1",
+                "kind": "Event",
+                "metadata": {"generateName": f"{meta['name']}.", "namespace": meta["namespace"]},
+                "involvedObject": {
+                    "apiVersion": f"{GROUP}/{VERSION}",
+                    "kind": KIND,
+                    "name": meta["name"],
+                    "namespace": meta["namespace"],
+                    "uid": meta["uid"],
+                    "resourceVersion": meta.get("resourceVersion"),
+                },
+                "type": event_type,
+                "reason": reason,
+                "message": message[:1024],
+                "firstTimestamp": now,
+                "lastTimestamp": now,
+                "count": 1,
+                "source": {"component": "kubetune-operator"},
+                "reportingComponent": "kubetune.io/operator",
+            },
+        )

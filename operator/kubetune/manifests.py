@@ -1,0 +1,171 @@
+"""Pure builders: a FineTuneJob (and the attempt being started) -> the objects the
+operator creates. No I/O; names are deterministic so creation is idempotent."""
+
+from __future__ import annotations
+
+import json
+
+from kubetune import __version__
+from kubetune.api import GROUP, KIND, VERSION, Accelerator, FineTuneJobSpec
+from kubetune.placement import place
+from kubetune_trainer.config import CONFIG_ENV, TrainingConfig
+
+JOB_LABEL = f"{GROUP}/job"
+ATTEMPT_LABEL = f"{GROUP}/attempt"
+RANK_LABEL = f"{GROUP}/rank"
+PROGRESS_PORT = 9090
+TRAINER_IMAGES = {
+    Accelerator.nvidia.value: f"ghcr.io/kubetune/trainer-cuda:{__version__}",
+    Accelerator.intel.value: f"ghcr.io/kubetune/trainer-xpu:{__version__}",
+    Accelerator.cpu.value: f"ghcr.io/kubetune/trainer-cpu:{__version__}",
+}
+# Where the Secret's keys go in the trainer's environment (boto3's own names).
+SECRET_ENV = (("AWS_ACCESS_KEY_ID", False), ("AWS_SECRET_ACCESS_KEY", False), ("AWS_SESSION_TOKEN", True))
+
+
+def pod_name(job: str, attempt: int, rank: int) -> str:
+    return f"{job}-a{attempt}-w{rank}"
+
+
+def owner_reference(name: str, uid: str) -> dict:
+    return {
+        "apiVersion": f"{GROUP}/{VERSION}",
+        "kind": KIND,
+        "name": name,
+        "uid": uid,
+        "controller": True,
+        "blockOwnerDeletion": True,
+    }
+
+
+def selector_labels(job: str) -> dict[str, str]:
+    return {JOB_LABEL: job}
+
+
+def training_config_json(spec: FineTuneJobSpec) -> str:
+    """The training part of the spec, as the trainer reads it (kubetune_trainer.config)."""
+    config = spec.model_dump(
+        mode="json", by_alias=True, exclude_none=True, include=set(TrainingConfig.model_fields)
+    )
+    return json.dumps(config, sort_keys=True)
+
+
+def trainer_env(spec: FineTuneJobSpec, job: str, attempt: int, rank: int) -> list[dict]:
+    env = [
+        {"name": CONFIG_ENV, "value": training_config_json(spec)},
+        {"name": "KUBETUNE_JOB", "value": job},
+        {"name": "KUBETUNE_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
+        {"name": "KUBETUNE_ATTEMPT", "value": str(attempt)},
+        {"name": "KUBETUNE_RANK", "value": str(rank)},
+        {"name": "KUBETUNE_WORKERS", "value": str(spec.workers)},
+        {"name": "KUBETUNE_PROCS_PER_WORKER", "value": str(max(spec.resources.gpus, 1))},
+        {"name": "KUBETUNE_PROGRESS_PORT", "value": str(PROGRESS_PORT)},
+        {"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
+        {"name": "AWS_REGION", "value": spec.storage.region},
+    ]
+    if spec.storage.endpoint:
+        env.append({"name": "AWS_ENDPOINT_URL", "value": spec.storage.endpoint})
+    if spec.storage.secret_ref:
+        # credentials only by reference: their values never enter the pod spec or status
+        secret = spec.storage.secret_ref.name
+        env += [
+            {"name": key, "valueFrom": {"secretKeyRef": {"name": secret, "key": key, "optional": optional}}}
+            for key, optional in SECRET_ENV
+        ]
+    if spec.model.uri:
+        env.append({"name": "HF_HUB_OFFLINE", "value": "1"})
+    return env
+
+
+def build_pod(name: str, uid: str, spec: FineTuneJobSpec, attempt: int, rank: int, preemptions: int) -> dict:
+    """Worker `rank` of attempt `attempt` of job `name`."""
+    placement = place(spec, preemptions)
+    overrides = spec.pod_overrides
+    labels = {
+        **overrides.labels,
+        "app.kubernetes.io/name": "kubetune-trainer",
+        "app.kubernetes.io/instance": name,
+        "app.kubernetes.io/managed-by": "kubetune",
+        JOB_LABEL: name,
+        ATTEMPT_LABEL: str(attempt),
+        RANK_LABEL: str(rank),
+    }
+    container = {
+        "name": "trainer",
+        "image": overrides.image or TRAINER_IMAGES[spec.resources.accelerator],
+        "command": ["python", "-m", "kubetune_trainer"],
+        "args": ["train"],
+        "env": trainer_env(spec, name, attempt, rank),
+        "ports": [{"name": "metrics", "containerPort": PROGRESS_PORT, "protocol": "TCP"}],
+        "resources": {"requests": placement.requests, "limits": placement.limits},
+        "terminationMessagePolicy": "FallbackToLogsOnError",
+        "securityContext": {
+            "allowPrivilegeEscalation": False,
+            "readOnlyRootFilesystem": True,
+            "capabilities": {"drop": ["ALL"]},
+        },
+        "volumeMounts": [{"name": "tmp", "mountPath": "/tmp"}, {"name": "cache", "mountPath": "/cache"}],
+    }
+    pod_spec = {
+        "restartPolicy": "Never",
+        "hostname": f"w{rank}",
+        "subdomain": name,
+        "terminationGracePeriodSeconds": spec.termination_grace_period_seconds,
+        "enableServiceLinks": False,
+        "securityContext": {
+            "runAsNonRoot": True,
+            "runAsUser": 1000,
+            "runAsGroup": 1000,
+            "fsGroup": 1000,
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
+        "containers": [container],
+        "volumes": [{"name": "tmp", "emptyDir": {}}, {"name": "cache", "emptyDir": {}}],
+        "tolerations": placement.tolerations,
+    }
+    if placement.node_selector:
+        pod_spec["nodeSelector"] = placement.node_selector
+    affinity = placement.affinity()
+    if affinity:
+        pod_spec["affinity"] = affinity
+    if overrides.service_account_name:
+        pod_spec["serviceAccountName"] = overrides.service_account_name
+    else:
+        pod_spec["automountServiceAccountToken"] = False  # the trainer never calls the API
+    if overrides.priority_class_name:
+        pod_spec["priorityClassName"] = overrides.priority_class_name
+    metadata = {
+        "name": pod_name(name, attempt, rank),
+        "labels": labels,
+        "annotations": dict(overrides.annotations),
+        "ownerReferences": [owner_reference(name, uid)],
+    }
+    if spec.queue_name:
+        # Kueue plain pod groups: admitted all or none
+        labels["kueue.x-k8s.io/queue-name"] = spec.queue_name
+        labels["kueue.x-k8s.io/pod-group-name"] = f"{name}-a{attempt}"
+        metadata["annotations"]["kueue.x-k8s.io/pod-group-total-count"] = str(spec.workers)
+    return {"apiVersion": "v1", "kind": "Pod", "metadata": metadata, "spec": pod_spec}
+
+
+def build_pods(name: str, uid: str, spec: FineTuneJobSpec, attempt: int, preemptions: int) -> list[dict]:
+    return [build_pod(name, uid, spec, attempt, rank, preemptions) for rank in range(spec.workers)]
+
+
+def build_service(name: str, uid: str) -> dict:
+    """Headless Service giving workers stable names w<rank>.<job> for the rendezvous."""
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {
+            "name": name,
+            "labels": {"app.kubernetes.io/managed-by": "kubetune", JOB_LABEL: name},
+            "ownerReferences": [owner_reference(name, uid)],
+        },
+        "spec": {
+            "clusterIP": "None",
+            "publishNotReadyAddresses": True,
+            "selector": selector_labels(name),
+            "ports": [{"name": "metrics", "port": PROGRESS_PORT, "targetPort": "metrics"}],
+        },
+    }

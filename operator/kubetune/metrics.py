@@ -1,0 +1,60 @@
+"""Operator metrics (Prometheus): jobs by phase, reconcile latency, time from a job's
+first sight to its pods' creation, pod losses by kind and reason."""
+
+from __future__ import annotations
+
+import threading
+
+from prometheus_client import Counter, Gauge, Histogram, start_http_server
+
+JOBS = Gauge("kubetune_jobs", "FineTuneJobs by phase", ["phase"])
+RECONCILE = Histogram(
+    "kubetune_reconcile_seconds",
+    "Time of one reconcile",
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
+)
+PODS_CREATED = Histogram(
+    "kubetune_job_pods_created_seconds",
+    "From a job's first sight to its pods' creation",
+    buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+)
+LOSSES = Counter("kubetune_pod_losses_total", "Worker pod losses", ["kind", "reason"])
+
+_phases: dict = {}
+_lock = threading.Lock()
+
+
+def set_phase(key, phase: str | None) -> None:
+    with _lock:
+        _phases[key] = phase or "Pending"
+        _refresh()
+
+
+def forget_job(key) -> None:
+    with _lock:
+        _phases.pop(key, None)
+        _refresh()
+
+
+def _refresh() -> None:
+    counts: dict[str, int] = {}
+    for phase in _phases.values():
+        counts[phase] = counts.get(phase, 0) + 1
+    for phase in ("Pending", "Running", "Preempted", "Suspended", "Succeeded", "Failed"):
+        JOBS.labels(phase).set(counts.get(phase, 0))
+
+
+def observe_reconcile(seconds: float) -> None:
+    RECONCILE.observe(seconds)
+
+
+def observe_pods_created(seconds: float) -> None:
+    PODS_CREATED.observe(seconds)
+
+
+def count_loss(kind: str, reason: str) -> None:
+    LOSSES.labels(kind, reason).inc()
+
+
+def serve(port: int, addr: str = "0.0.0.0") -> None:
+    start_http_server(port, addr=addr)

@@ -1,0 +1,457 @@
+"""Pure reconcile logic: a FineTuneJob and the pods it owns -> what to do and the new
+status. No I/O: the handlers read the world, call decide(), and apply the Plan.
+
+An attempt is one set of worker pods. Its loss is classified once, when the operator
+moves status.attempt on; the next attempt's pods are created only after every pod of
+the previous one has stopped, so a preempted worker can commit its final checkpoint
+before its successor resumes from it."""
+
+from __future__ import annotations
+
+import copy
+import datetime as dt
+import json
+from dataclasses import dataclass, field
+
+from pydantic import ValidationError
+
+from kubetune.api import FineTuneJobSpec, Phase
+from kubetune.manifests import ATTEMPT_LABEL, RANK_LABEL, build_pods
+
+# Condition types and reasons (CamelCase constants, as Kubernetes does).
+SCHEDULED, RUNNING, SUSPENDED, SUCCEEDED, FAILED = "Scheduled", "Running", "Suspended", "Succeeded", "Failed"
+INVALID_SPEC = "InvalidSpec"
+BACKOFF_LIMIT_EXCEEDED = "BackoffLimitExceeded"
+TOO_MANY_PREEMPTIONS = "TooManyPreemptions"
+DEADLINE_EXCEEDED = "DeadlineExceeded"
+CONFIG_ERROR = "ConfigError"
+
+EX_TEMPFAIL = 75  # the trainer stopped on request after committing a checkpoint
+PERMANENT_EXIT_CODES = range(64, 79)  # sysexits: usage/config errors, never retried (75 aside)
+PREEMPTION_POD_REASONS = {
+    "Evicted",
+    "NodeLost",
+    "Terminated",
+    "Shutdown",
+    "NodeShutdown",
+    "UnexpectedAdmissionError",
+}
+TERMINAL = {Phase.succeeded.value, Phase.failed.value}
+
+
+@dataclass
+class Loss:
+    kind: str  # "preemption" | "failure" | "permanent"
+    pod: str
+    node: str | None
+    reason: str
+    message: str
+
+
+@dataclass
+class Plan:
+    status: dict
+    create: list[dict] = field(default_factory=list)
+    delete: list[str] = field(default_factory=list)  # pod names, deleted with their grace period
+    events: list[tuple[str, str, str]] = field(default_factory=list)  # (type, reason, message)
+    losses: list[Loss] = field(default_factory=list)
+    delete_job: bool = False
+    requeue_after: float | None = None
+
+
+def iso(t: dt.datetime) -> str:
+    return t.astimezone(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def parse_time(s: str | None) -> dt.datetime | None:
+    return dt.datetime.fromisoformat(s.replace("Z", "+00:00")) if s else None
+
+
+# -- reading pods ------------------------------------------------------------------------
+
+
+def pod_attempt(pod: dict) -> int:
+    return int(pod["metadata"].get("labels", {}).get(ATTEMPT_LABEL, "0"))
+
+
+def pod_rank(pod: dict) -> int:
+    return int(pod["metadata"].get("labels", {}).get(RANK_LABEL, "0"))
+
+
+def pod_phase(pod: dict) -> str:
+    return (pod.get("status") or {}).get("phase") or "Pending"
+
+
+def terminated(pod: dict) -> dict | None:
+    for cs in (pod.get("status") or {}).get("containerStatuses") or []:
+        state = cs.get("state") or {}
+        if "terminated" in state:
+            return state["terminated"]
+    return None
+
+
+def condition(pod: dict, kind: str) -> dict | None:
+    return next((c for c in (pod.get("status") or {}).get("conditions") or [] if c.get("type") == kind), None)
+
+
+def termination_message(pod: dict) -> dict:
+    """The trainer's JSON termination message; {} when absent or not JSON (log tail)."""
+    term = terminated(pod) or {}
+    try:
+        msg = json.loads(term.get("message") or "")
+    except ValueError:
+        return {}
+    return msg if isinstance(msg, dict) else {}
+
+
+def is_stopped(pod: dict) -> bool:
+    return pod_phase(pod) in TERMINAL
+
+
+def classify_loss(pod: dict | None, name: str) -> Loss:
+    """Why a worker of the current attempt is gone: preemption (infrastructure took it;
+    not charged to backoffLimit), failure (the application; charged) or permanent
+    (a configuration error the trainer reported; never retried)."""
+    if pod is None:
+        return Loss("preemption", name, None, "PodDeleted", "the pod was deleted")
+    node = pod["spec"].get("nodeName")
+    disruption = condition(pod, "DisruptionTarget")
+    if disruption and disruption.get("status") == "True":
+        return Loss(
+            "preemption",
+            name,
+            node,
+            disruption.get("reason") or "DisruptionTarget",
+            disruption.get("message") or "",
+        )
+    status = pod.get("status") or {}
+    if status.get("reason") in PREEMPTION_POD_REASONS:
+        return Loss("preemption", name, node, status["reason"], status.get("message") or "")
+    term = terminated(pod) or {}
+    code = term.get("exitCode")
+    summary = termination_message(pod).get("error") or term.get("message") or ""
+    if code == EX_TEMPFAIL:
+        return Loss("preemption", name, node, "StoppedForPreemption", "the trainer checkpointed and stopped")
+    if pod["metadata"].get("deletionTimestamp") and code in (137, 143):
+        return Loss("preemption", name, node, "PodDeleted", f"killed while being deleted (exit {code})")
+    if term.get("reason") == "OOMKilled":
+        return Loss(
+            "failure",
+            name,
+            node,
+            "OOMKilled",
+            "out of memory: raise resources.memory, or lower training.batchSize or dataset.maxSeqLength, "
+            "or enable training.gradientCheckpointing",
+        )
+    if code in PERMANENT_EXIT_CODES:
+        return Loss("permanent", name, node, CONFIG_ERROR, summary or f"exit code {code}")
+    return Loss("failure", name, node, "Error", summary or f"exit code {code}")
+
+
+def config_error(pods: list[dict]) -> str | None:
+    """The kubelet's word on a spec it cannot run: a missing Secret, ConfigMap or key.
+    (The operator never reads Secrets itself: least privilege.)"""
+    for pod in pods:
+        for cs in (pod.get("status") or {}).get("containerStatuses") or []:
+            waiting = (cs.get("state") or {}).get("waiting") or {}
+            if waiting.get("reason") in ("CreateContainerConfigError", "InvalidImageName"):
+                return f"{pod['metadata']['name']}: {waiting.get('message') or waiting['reason']}"
+    return None
+
+
+def unschedulable_message(pods: list[dict]) -> str | None:
+    for pod in pods:
+        cond = condition(pod, "PodScheduled")
+        if cond and cond.get("status") == "False" and cond.get("reason") == "Unschedulable":
+            return cond.get("message") or "no node fits the pod"
+    return None
+
+
+# -- status helpers ----------------------------------------------------------------------
+
+
+def set_condition(
+    status: dict, kind: str, ok: bool, reason: str, message: str, now: str, gen: int | None
+) -> None:
+    """Kubernetes semantics: lastTransitionTime changes only when the status flips."""
+    value = "True" if ok else "False"
+    conditions = status.setdefault("conditions", [])
+    old = next((c for c in conditions if c["type"] == kind), None)
+    new = {
+        "type": kind,
+        "status": value,
+        "reason": reason,
+        "message": message[:1024],
+        "lastTransitionTime": old["lastTransitionTime"] if old and old["status"] == value else now,
+    }
+    if gen is not None:
+        new["observedGeneration"] = gen
+    if old:
+        conditions[conditions.index(old)] = new
+    else:
+        conditions.append(new)
+
+
+def progress_summary(step: int, total: int) -> str:
+    pct = int(100 * step / total) if total else 0
+    return f"{step}/{total} ({pct}%)"
+
+
+class Ctx:
+    """One reconcile: the job, its pods, the clock, and the plan being built."""
+
+    def __init__(self, job: dict, pods: list[dict], now: dt.datetime) -> None:
+        self.job = job
+        self.name = job["metadata"]["name"]
+        self.uid = job["metadata"]["uid"]
+        self.gen = job["metadata"].get("generation")
+        self.now = now
+        self.now_s = iso(now)
+        self.pods = {p["metadata"]["name"]: p for p in pods}
+        self.plan = Plan(status=copy.deepcopy(job.get("status") or {}))
+        self.st = self.plan.status
+
+    def transition(self, phase: str, reason: str, message: str, event_type: str = "Normal") -> None:
+        if self.st.get("phase") != phase or self.st.get("reason") != reason:
+            self.plan.events.append((event_type, reason, message))
+        self.st["phase"] = phase
+        self.st["reason"] = reason
+        self.st["message"] = message
+
+    def cond(self, kind: str, ok: bool, reason: str, message: str = "") -> None:
+        set_condition(self.st, kind, ok, reason, message, self.now_s, self.gen)
+
+    def fail(self, reason: str, message: str) -> None:
+        self.transition(Phase.failed.value, reason, message, "Warning")
+        self.cond(FAILED, True, reason, message)
+        self.cond(RUNNING, False, reason, message)
+        self.st.setdefault("completionTime", self.now_s)
+        self.stop_active()
+
+    def active(self) -> list[dict]:
+        return [
+            p for p in self.pods.values() if not is_stopped(p) and not p["metadata"].get("deletionTimestamp")
+        ]
+
+    def stop_active(self) -> None:
+        self.plan.delete += [p["metadata"]["name"] for p in self.active()]
+
+
+# -- the decision ------------------------------------------------------------------------
+
+
+def decide(job: dict, pods: list[dict], now: dt.datetime, problems: list[str] = ()) -> Plan:
+    """What to do about one job now. Pure: same inputs, same plan."""
+    c = Ctx(job, pods, now)
+    st = c.st
+    try:
+        spec = FineTuneJobSpec.model_validate(job.get("spec") or {})
+    except ValidationError as e:
+        spec, problems = None, [*problems, *validation_messages(e)]
+
+    if st.get("phase") in TERMINAL and not _revalidate(c, problems):
+        return _finished(c, spec)
+    if problems:
+        c.fail(INVALID_SPEC, "; ".join(problems))
+        return c.plan
+    st["observedGeneration"] = c.gen
+    st.setdefault("attempt", 0)
+    st.setdefault("preemptions", 0)
+    st.setdefault("failures", 0)
+
+    if spec.suspend:
+        return _suspend(c)
+    if st.get("phase") == Phase.suspended.value:
+        c.cond(SUSPENDED, False, "Resumed", "the job was resumed")
+        st["attempt"] += 1  # a resume starts a fresh attempt: neither preemption nor failure
+        st.pop("attemptStartTime", None)
+
+    deadline = spec.active_deadline_seconds
+    started = parse_time(st.get("startTime"))
+    if deadline and started and (now - started).total_seconds() >= deadline:
+        c.fail(DEADLINE_EXCEEDED, f"the job ran longer than activeDeadlineSeconds={deadline}")
+        return c.plan
+
+    if st["attempt"] == 0:
+        st["attempt"] = 1
+        st.setdefault("startTime", c.now_s)
+        st["progress"] = {
+            "step": 0,
+            "totalSteps": spec.training.max_steps,
+            "summary": progress_summary(0, spec.training.max_steps),
+        }
+        c.transition(Phase.pending.value, "Created", f"attempt 1 of {spec.workers} worker(s) created")
+    _attempt(c, spec)
+    if deadline and started:
+        left = deadline - (now - started).total_seconds()
+        c.plan.requeue_after = min(c.plan.requeue_after or left, left)
+    return c.plan
+
+
+def validation_messages(e: ValidationError) -> list[str]:
+    return [f"spec.{'.'.join(str(x) for x in err['loc'])}: {err['msg']}" for err in e.errors()]
+
+
+def _revalidate(c: Ctx, problems: list[str]) -> bool:
+    """A job that failed validation gets another look when its spec changes."""
+    st = c.st
+    retry = st.get("reason") == INVALID_SPEC and st.get("observedGeneration") != c.gen and not problems
+    if retry:
+        for key in ("phase", "reason", "message", "completionTime"):
+            st.pop(key, None)
+        c.cond(FAILED, False, "SpecChanged", "the spec changed and is valid now")
+    return retry
+
+
+def _finished(c: Ctx, spec: FineTuneJobSpec | None) -> Plan:
+    c.stop_active()
+    ttl = spec.ttl_seconds_after_finished if spec else None
+    done = parse_time(c.st.get("completionTime"))
+    if ttl is not None and done:
+        left = ttl - (c.now - done).total_seconds()
+        if left <= 0:
+            c.plan.delete_job = True
+        else:
+            c.plan.requeue_after = left
+    return c.plan
+
+
+def _suspend(c: Ctx) -> Plan:
+    c.stop_active()
+    still_running = [p for p in c.pods.values() if not is_stopped(p)]
+    if still_running:
+        c.cond(SUSPENDED, False, "Suspending", f"waiting for {len(still_running)} pod(s) to stop")
+        return c.plan
+    c.transition(Phase.suspended.value, "Suspended", "the job is suspended; its pods were stopped")
+    c.cond(SUSPENDED, True, "Suspended", "the job is suspended")
+    c.cond(RUNNING, False, "Suspended", "the job is suspended")
+    c.st.pop("attemptStartTime", None)
+    return c.plan
+
+
+def _attempt(c: Ctx, spec: FineTuneJobSpec) -> None:
+    st = c.st
+    attempt = st["attempt"]
+    current = {pod_rank(p): p for p in c.pods.values() if pod_attempt(p) == attempt}
+    older = [p for p in c.pods.values() if pod_attempt(p) < attempt]
+    c.plan.delete += [
+        p["metadata"]["name"]
+        for p in older
+        if not is_stopped(p) and not p["metadata"].get("deletionTimestamp")
+    ]
+
+    if not st.get("attemptStartTime"):
+        # start the attempt once the previous one has fully stopped
+        if any(not is_stopped(p) for p in older):
+            c.plan.requeue_after = 2.0
+            return
+        c.plan.create += build_pods(c.name, c.uid, spec, attempt, st["preemptions"])
+        st["attemptStartTime"] = c.now_s
+        return
+
+    names = {r: f"{c.name}-a{attempt}-w{r}" for r in range(spec.workers)}
+    rank0 = current.get(0)
+    if rank0 is not None and pod_phase(rank0) == Phase.succeeded.value:
+        return _succeeded(c, rank0)
+    losses = [
+        classify_loss(current.get(r), n)
+        for r, n in names.items()
+        if current.get(r) is None or pod_phase(current[r]) == Phase.failed.value
+    ]
+    if losses:
+        return _lost(c, spec, losses)
+    pods = list(current.values())
+    problem = config_error(pods)
+    if problem:
+        return c.fail(INVALID_SPEC, problem)
+    _observe_running(c, pods, spec.workers)
+
+
+def _observe_running(c: Ctx, pods: list[dict], workers: int) -> None:
+    unschedulable = unschedulable_message(pods)
+    if unschedulable:
+        c.cond(SCHEDULED, False, "Unschedulable", unschedulable)
+        if c.st.get("phase") != Phase.preempted.value:
+            c.transition(
+                Phase.pending.value, "Unschedulable", f"waiting for nodes: {unschedulable}", "Warning"
+            )
+        return
+    if all(p["spec"].get("nodeName") for p in pods) and len(pods) == workers:
+        c.cond(SCHEDULED, True, "Scheduled", "every worker is bound to a node")
+    running = [p for p in pods if pod_phase(p) == Phase.running.value]
+    if len(running) == workers:
+        nodes = ", ".join(sorted({p["spec"]["nodeName"] for p in running}))
+        c.transition(
+            Phase.running.value, "Running", f"attempt {c.st['attempt']}: {workers} worker(s) on {nodes}"
+        )
+        c.cond(RUNNING, True, "Running", f"attempt {c.st['attempt']} running")
+
+
+def _succeeded(c: Ctx, rank0: dict) -> None:
+    msg = termination_message(rank0)
+    st = c.st
+    if isinstance(msg.get("adapter"), dict):
+        st["adapter"] = {k: v for k, v in msg["adapter"].items() if k in ("uri", "sha256", "sizeBytes")}
+    if isinstance(msg.get("checkpoint"), dict):
+        st["lastCheckpoint"] = {k: v for k, v in msg["checkpoint"].items() if k in ("step", "uri", "time")}
+    if isinstance(msg.get("step"), int):
+        total = (st.get("progress") or {}).get("totalSteps", msg["step"])
+        st["progress"] = {
+            **(st.get("progress") or {}),
+            "step": msg["step"],
+            "summary": progress_summary(msg["step"], total),
+        }
+    st["completionTime"] = c.now_s
+    where = f"; adapter at {st['adapter']['uri']}" if st.get("adapter") else ""
+    c.transition(Phase.succeeded.value, "Succeeded", f"training finished{where}")
+    c.cond(SUCCEEDED, True, "Succeeded", "training finished")
+    c.cond(RUNNING, False, "Succeeded", "training finished")
+    c.stop_active()
+
+
+def _lost(c: Ctx, spec: FineTuneJobSpec, losses: list[Loss]) -> None:
+    st = c.st
+    c.plan.losses = losses
+    for pod in losses:
+        msg = termination_message(c.pods[pod.pod]) if pod.pod in c.pods else {}
+        if isinstance(msg.get("checkpoint"), dict):
+            st["lastCheckpoint"] = {
+                k: v for k, v in msg["checkpoint"].items() if k in ("step", "uri", "time")
+            }
+    worst = next(
+        loss for kind in ("permanent", "failure", "preemption") for loss in losses if loss.kind == kind
+    )
+    where = f" on node {worst.node}" if worst.node else ""
+    detail = f"worker {worst.pod}{where}: {worst.reason}" + (f": {worst.message}" if worst.message else "")
+    c.stop_active()
+    if worst.kind == "permanent":
+        return c.fail(CONFIG_ERROR, f"{detail} (configuration errors are not retried)")
+    if worst.kind == "failure":
+        st["failures"] += 1
+        if st["failures"] > spec.backoff_limit:
+            return c.fail(
+                BACKOFF_LIMIT_EXCEEDED,
+                f"{st['failures']} failure(s) > backoffLimit {spec.backoff_limit}; last: {detail}",
+            )
+        c.plan.events.append(("Warning", "AttemptFailed", f"attempt {st['attempt']} failed: {detail}"))
+        c.transition(
+            Phase.pending.value, "Restarting", f"retrying after failure {st['failures']}: {detail}", "Warning"
+        )
+    else:
+        st["preemptions"] += 1
+        if st["preemptions"] > spec.spot.max_preemptions:
+            return c.fail(
+                TOO_MANY_PREEMPTIONS,
+                f"{st['preemptions']} preemption(s) > maxPreemptions "
+                f"{spec.spot.max_preemptions}; last: {detail}",
+            )
+        c.transition(
+            Phase.preempted.value,
+            "Preempted",
+            f"attempt {st['attempt']} preempted ({detail}); resuming from the last checkpoint",
+            "Warning",
+        )
+    c.cond(RUNNING, False, c.st["reason"], detail)
+    st["attempt"] += 1
+    st.pop("attemptStartTime", None)
+    c.plan.requeue_after = 1.0
