@@ -51,6 +51,19 @@ def namespace(core):
     # the ServiceAccount controller must have made "default" before pods can be created
     wait_for(lambda: core.read_namespaced_service_account("default", name), 30, "default ServiceAccount")
     yield name
+    from kubernetes import client
+    from kubernetes.client.rest import ApiException
+
+    try:  # jobs first, or their operator would replace the pods deleted below
+        client.CustomObjectsApi(core.api_client).delete_collection_namespaced_custom_object(
+            "kubetune.io", "v1alpha1", name, "finetunejobs"
+        )
+    except ApiException as e:
+        if e.status != 404:
+            raise
+    # free the nodes for the next test: GPUs held by this test's pods must be released
+    core.delete_collection_namespaced_pod(name)
+    wait_for(lambda: not core.list_namespaced_pod(name).items, 60, f"the pods of {name} to go")
     core.delete_namespace(name)
 
 
@@ -86,8 +99,9 @@ def operator(dev_cluster, crd_installed):
     """The operator, running for real against the session's dev cluster."""
     from kubetune.devcluster.procs import free_port
 
-    proc = OperatorProcess(dev_cluster.endpoints.kubeconfig, dev_cluster.workdir / "logs" / "operator.log",
-                           free_port())
+    proc = OperatorProcess(
+        dev_cluster.endpoints.kubeconfig, dev_cluster.workdir / "logs" / "operator.log", free_port()
+    )
     proc.start()
     yield proc
     proc.stop()

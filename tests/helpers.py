@@ -36,13 +36,26 @@ class OperatorProcess:
         from pathlib import Path
 
         root = Path(__file__).resolve().parents[1]
-        env = {**os.environ, "KUBECONFIG": str(self.kubeconfig),
-               "PYTHONPATH": f"{root / 'operator'}:{root / 'trainer_image'}"}
+        env = {
+            **os.environ,
+            "KUBECONFIG": str(self.kubeconfig),
+            "PYTHONPATH": f"{root / 'operator'}:{root / 'trainer_image'}",
+        }
         log = open(self.log_path, "ab")  # noqa: SIM115 - owned by the process
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "kubetune", "run", "--standalone", f"--metrics-port={self.metrics_port}",
-             "--metrics-address=127.0.0.1"],
-            env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            [
+                sys.executable,
+                "-m",
+                "kubetune",
+                "run",
+                "--standalone",
+                f"--metrics-port={self.metrics_port}",
+                "--metrics-address=127.0.0.1",
+            ],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
         )
         log.close()
 
@@ -67,20 +80,28 @@ class OperatorProcess:
 
 
 def install_crd(api_client, path) -> None:
+    from pathlib import Path
+
     import yaml
     from kubernetes import client
     from kubernetes.client.rest import ApiException
 
     ext = client.ApiextensionsV1Api(api_client)
-    crd = yaml.safe_load(open(path))
+    crd = yaml.safe_load(Path(path).read_text())
     try:
         ext.create_custom_resource_definition(crd)
     except ApiException as e:
         if e.status != 409:
             raise
         crd["metadata"]["resourceVersion"] = ext.read_custom_resource_definition(
-            crd["metadata"]["name"]).metadata.resource_version
+            crd["metadata"]["name"]
+        ).metadata.resource_version
         ext.replace_custom_resource_definition(crd["metadata"]["name"], crd)
-    wait_for(lambda: any(c.type == "Established" and c.status == "True" for c in
-                         ext.read_custom_resource_definition(crd["metadata"]["name"]).status.conditions or []),
-             30, "the FineTuneJob CRD to be established")
+    wait_for(
+        lambda: any(
+            c.type == "Established" and c.status == "True"
+            for c in ext.read_custom_resource_definition(crd["metadata"]["name"]).status.conditions or []
+        ),
+        30,
+        "the FineTuneJob CRD to be established",
+    )

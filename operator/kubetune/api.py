@@ -193,6 +193,7 @@ class AdapterRef(ApiModel):
 
 class FineTuneJobStatus(ApiModel):
     phase: Phase | None = None
+    reason: str | None = Field(None, description="Why the job is in its phase (CamelCase).")
     message: str | None = None
     conditions: list[Condition] = Field(default_factory=list)
     progress: Progress | None = None
@@ -202,6 +203,7 @@ class FineTuneJobStatus(ApiModel):
     last_checkpoint: CheckpointRef | None = None
     adapter: AdapterRef | None = None
     start_time: str | None = None
+    attempt_start_time: str | None = Field(None, description="When the current attempt's pods were created.")
     completion_time: str | None = None
     observed_generation: int | None = None
 

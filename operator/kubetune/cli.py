@@ -32,9 +32,10 @@ def _run(args: argparse.Namespace) -> int:
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s %(message)s",
+        force=True,
     )
-    for noisy in ("kopf.objects", "kopf.activities.startup", "kopf._core.engines.peering"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    for noisy in ("kopf", "kubernetes", "urllib3", "asyncio"):
+        logging.getLogger(noisy).setLevel(logging.INFO if args.verbose else logging.WARNING)
     if args.metrics_port:
         metrics.serve(args.metrics_port, args.metrics_address)
     handlers.register(workers=args.workers)

@@ -50,7 +50,7 @@ def structural(schema: dict, defs: dict) -> dict:
         merged = {**options[0], **{k: v for k, v in schema.items() if k != "anyOf"}}
         if merged.get("default", 0) is None:
             del merged["default"]
-        return structural(merged, defs)
+        return {**structural(merged, defs), "_optional": True}
     out = {}
     for key, value in schema.items():
         if key in ("title", "$defs"):
@@ -70,7 +70,13 @@ def structural(schema: dict, defs: dict) -> dict:
             out[key] = value
     if out.get("type") == "object" and "properties" in out:
         for name, sub in out["properties"].items():
-            if sub.get("type") == "object" and "default" not in sub and name not in out.get("required", []):
+            optional = sub.pop("_optional", False)  # Optional objects stay absent unless given
+            if (
+                sub.get("type") == "object"
+                and not optional
+                and "default" not in sub
+                and name not in out.get("required", [])
+            ):
                 sub["default"] = {}
     return out
 

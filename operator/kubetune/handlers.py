@@ -11,12 +11,13 @@ import logging
 import time
 
 import kopf
+from kubernetes.client.rest import ApiException
 
 from kubetune import metrics
 from kubetune.api import GROUP, PLURAL, VERSION
 from kubetune.kube import Kube
 from kubetune.manifests import JOB_LABEL, build_service
-from kubetune.status import decide, iso
+from kubetune.status import decide, iso, merge_patch
 
 log = logging.getLogger("kubetune")
 RESYNC_S = 30.0  # a running job is looked at again at least this often
@@ -150,7 +151,25 @@ class Controller:
             pods = self.kube.list_pods(key[0], f"{JOB_LABEL}={key[1]}")
             self.pods[key] = {p["metadata"]["name"]: p for p in pods}
             plan = decide(job, pods, now)
-        self._apply(key, job, plan, now)
+        try:
+            self._apply(key, job, plan, now)
+            log.debug(
+                "reconciled %s/%s: attempt %s, %d pod(s) seen, phase %s, create %d, delete %d",
+                *key,
+                plan.status.get("attempt"),
+                len(pods),
+                plan.status.get("phase"),
+                len(plan.create),
+                len(plan.delete),
+            )
+        except ApiException as e:
+            if e.status != 409:
+                raise
+            # the job changed under us: decide again on the current object
+            fresh = self.kube.get_job(*key)
+            if fresh is not None:
+                self.jobs[key] = fresh
+            return 0.05
         metrics.observe_reconcile(time.perf_counter() - t0)
         return plan.requeue_after if plan.requeue_after is not None else self._resync(plan)
 
@@ -172,10 +191,9 @@ class Controller:
             self.kube.delete_pod(ns, pod)
         for loss in plan.losses:
             metrics.count_loss(loss.kind, loss.reason)
-        if plan.status != (job.get("status") or {}):
-            updated = self.kube.patch_job_status(
-                ns, name, plan.status, job["metadata"].get("resourceVersion")
-            )
+        patch = merge_patch(job.get("status") or {}, plan.status)
+        if patch:
+            updated = self.kube.patch_job_status(ns, name, patch, job["metadata"].get("resourceVersion"))
             if _newer(updated, self.jobs.get(key)):
                 self.jobs[key] = updated
             job = updated

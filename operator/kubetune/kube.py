@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import json
 import logging
+import urllib.parse
 
+import urllib3
 from kubernetes import client, config
 from kubernetes.client.rest import ApiException
 
@@ -31,21 +33,31 @@ class Kube:
         return cls(client.ApiClient(cfg))
 
     def call(self, method: str, path: str, body=None, query=None, content_type: str | None = None) -> dict:
-        headers = {"Accept": "application/json"}
-        if content_type:
-            headers["Content-Type"] = content_type
-        resp = self.api.call_api(
-            path,
+        """One request through the client's connection pool and credentials. Bodies are
+        sent as JSON exactly as given: the generated client would drop None values,
+        which a merge patch needs to remove a field."""
+        cfg = self.api.configuration
+        headers = {"Accept": "application/json", "Content-Type": content_type or "application/json"}
+        if cfg.refresh_api_key_hook is not None:
+            cfg.refresh_api_key_hook(cfg)
+        token = cfg.get_api_key_with_prefix("authorization")
+        if token:
+            headers["Authorization"] = token
+        url = cfg.host + path
+        if query:
+            url += "?" + urllib.parse.urlencode(query)
+        resp = self.api.rest_client.pool_manager.request(
             method,
-            query_params=list((query or {}).items()),
-            header_params=headers,
-            body=body,
-            auth_settings=["BearerToken"],
-            _preload_content=False,
-            _return_http_data_only=True,
+            url,
+            body=json.dumps(body).encode() if body is not None else None,
+            headers=headers,
+            timeout=urllib3.Timeout(connect=10, read=60),
         )
-        data = resp.data
-        return json.loads(data) if data else {}
+        if not 200 <= resp.status < 300:
+            err = ApiException(status=resp.status, reason=resp.reason)
+            err.body = resp.data.decode(errors="replace")
+            raise err
+        return json.loads(resp.data) if resp.data else {}
 
     # -- typed helpers -------------------------------------------------------------------
 

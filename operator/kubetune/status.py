@@ -192,6 +192,20 @@ def set_condition(
         conditions.append(new)
 
 
+def merge_patch(old: dict, new: dict) -> dict:
+    """The RFC 7386 merge patch turning old into new: removed keys become null (a key
+    merely left out of a merge patch would be kept by the server)."""
+    patch = {k: None for k in old if k not in new}
+    for k, v in new.items():
+        if isinstance(v, dict) and isinstance(old.get(k), dict):
+            sub = merge_patch(old[k], v)
+            if sub:
+                patch[k] = sub
+        elif old.get(k) != v or k not in old:
+            patch[k] = v
+    return patch
+
+
 def progress_summary(step: int, total: int) -> str:
     pct = int(100 * step / total) if total else 0
     return f"{step}/{total} ({pct}%)"
@@ -265,6 +279,11 @@ def decide(job: dict, pods: list[dict], now: dt.datetime, problems: list[str] = 
         c.cond(SUSPENDED, False, "Resumed", "the job was resumed")
         st["attempt"] += 1  # a resume starts a fresh attempt: neither preemption nor failure
         st.pop("attemptStartTime", None)
+        c.transition(
+            Phase.pending.value,
+            "Resumed",
+            f"resumed: attempt {st['attempt']} starts from the last checkpoint",
+        )
 
     deadline = spec.active_deadline_seconds
     started = parse_time(st.get("startTime"))

@@ -515,7 +515,7 @@ class PodRunner:
                 for m in c.get("volumeMounts") or []
                 if m["name"] in volumes
             ]
-            argv = self._in_mount_ns(binds, cwd, argv)
+            argv = self._in_mount_ns(binds, cwd, argv, cwd_first=not c.get("workingDir"))
         elif c.get("workingDir"):
             Path(cwd).mkdir(parents=True, exist_ok=True)
         with rp.lock:
@@ -535,20 +535,38 @@ class PodRunner:
         )
 
     @staticmethod
-    def _in_mount_ns(binds: list[tuple[Path, str]], cwd: str, argv: list[str]) -> list[str]:
+    def _in_mount_ns(binds: list[tuple[Path, str]], cwd: str, argv: list[str], cwd_first: bool) -> list[str]:
         """Wrap argv to run in a private mount namespace with each bind mounted at its path
-        (a missing mount point is created as an empty file or directory)."""
+        (a missing mount point is created as an empty file or directory). Every source is
+        opened before anything is mounted, so a volume mounted over /tmp cannot hide the
+        sources that live under it."""
         lines = ["set -e"]
-        for src, dst in binds:
-            s, d = shlex.quote(str(src)), shlex.quote(dst)
+        for fd, (src, _dst) in enumerate(binds, start=10):
+            lines.append(f"exec {fd}< {shlex.quote(str(src))}")
+        if cwd_first:  # the pod's own directory: enter it before a mount may cover it
+            lines.append(f"cd {shlex.quote(cwd)}")
+        for fd, (src, dst) in enumerate(binds, start=10):
+            d = shlex.quote(dst)
             if Path(src).is_dir():
                 lines.append(f"mkdir -p {d}")
             else:
-                lines.append(f"mkdir -p $(dirname {d}); [ -e {d} ] || : > {d}")
-            lines.append(f"mount --bind {s} {d}")
-        lines.append(f"mkdir -p {shlex.quote(cwd)}; cd {shlex.quote(cwd)}")
+                lines.append(f'mkdir -p "$(dirname {d})"; [ -e {d} ] || : > {d}')
+            lines.append(f"mount --bind /proc/self/fd/{fd} {d}")
+            lines.append(f"exec {fd}<&-")
+        if not cwd_first:
+            lines.append(f"mkdir -p {shlex.quote(cwd)}; cd {shlex.quote(cwd)}")
         lines.append('exec "$@"')
-        return ["unshare", "--mount", "--propagation", "private", "sh", "-c", "\n".join(lines), "sh", *argv]
+        return [
+            "unshare",
+            "--mount",
+            "--propagation",
+            "private",
+            "bash",
+            "-c",
+            "\n".join(lines),
+            "bash",
+            *argv,
+        ]
 
     def _run_to_end(self, rp, pod, c, argv_env, volumes) -> tuple[int, dict]:
         started = now()
