@@ -4,12 +4,11 @@ asks for it), a namespace per test, and clients for the API server and S3."""
 from __future__ import annotations
 
 import os
-import uuid
 from pathlib import Path
 
 import pytest
 
-from tests.helpers import OperatorProcess, install_crd, wait_for
+from tests.helpers import OperatorProcess, install_crd, make_namespace
 
 STARTUP_TIMES: dict[str, float] = {}
 
@@ -46,25 +45,8 @@ def core(api_client):
 
 @pytest.fixture
 def namespace(core):
-    name = f"t-{uuid.uuid4().hex[:8]}"
-    core.create_namespace({"metadata": {"name": name}})
-    # the ServiceAccount controller must have made "default" before pods can be created
-    wait_for(lambda: core.read_namespaced_service_account("default", name), 30, "default ServiceAccount")
-    yield name
-    from kubernetes import client
-    from kubernetes.client.rest import ApiException
-
-    try:  # jobs first, or their operator would replace the pods deleted below
-        client.CustomObjectsApi(core.api_client).delete_collection_namespaced_custom_object(
-            "kubetune.io", "v1alpha1", name, "finetunejobs"
-        )
-    except ApiException as e:
-        if e.status != 404:
-            raise
-    # free the nodes for the next test: GPUs held by this test's pods must be released
-    core.delete_collection_namespaced_pod(name)
-    wait_for(lambda: not core.list_namespaced_pod(name).items, 60, f"the pods of {name} to go")
-    core.delete_namespace(name)
+    with make_namespace(core) as name:
+        yield name
 
 
 @pytest.fixture(scope="session")

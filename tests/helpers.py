@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
+import uuid
 
 
 def wait_for(predicate, timeout_s: float, what: str, interval_s: float = 0.1):
@@ -105,3 +107,29 @@ def install_crd(api_client, path) -> None:
         30,
         "the FineTuneJob CRD to be established",
     )
+
+
+@contextlib.contextmanager
+def make_namespace(core):
+    """A fresh namespace; on exit its jobs, then its pods are deleted (freeing the fake
+    GPUs for the next test) before the namespace itself."""
+    from kubernetes import client
+    from kubernetes.client.rest import ApiException
+
+    name = f"t-{uuid.uuid4().hex[:8]}"
+    core.create_namespace({"metadata": {"name": name}})
+    # the ServiceAccount controller must have made "default" before pods can be created
+    wait_for(lambda: core.read_namespaced_service_account("default", name), 30, "default ServiceAccount")
+    try:
+        yield name
+    finally:
+        try:  # jobs first, or their operator would replace the pods deleted below
+            client.CustomObjectsApi(core.api_client).delete_collection_namespaced_custom_object(
+                "kubetune.io", "v1alpha1", name, "finetunejobs"
+            )
+        except ApiException as e:
+            if e.status != 404:
+                raise
+        core.delete_collection_namespaced_pod(name)
+        wait_for(lambda: not core.list_namespaced_pod(name).items, 60, f"the pods of {name} to go")
+        core.delete_namespace(name)

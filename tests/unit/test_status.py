@@ -1,0 +1,295 @@
+"""The reconcile decision, table by table: attempts, preemptions vs failures, limits,
+suspend, deadlines and TTL. A tiny fake API server applies the status merge patches
+exactly like the real one (nulls delete), so repeated reconciles must be idempotent."""
+
+from __future__ import annotations
+
+import copy
+import datetime as dt
+
+import pytest
+
+from kubetune.status import classify_loss, decide, merge_patch
+
+T0 = dt.datetime(2026, 11, 23, 12, 0, tzinfo=dt.timezone.utc)
+
+
+def job(**spec):
+    base = {
+        "model": {"name": "org/m"},
+        "dataset": {"uri": "s3://data-x/d/"},
+        "checkpoint": {"uri": "s3://ck-x/c/"},
+        "output": {"uri": "s3://out-x/o/"},
+        "resources": {"accelerator": "nvidia"},
+    }
+    base.update(spec)
+    return {
+        "metadata": {"name": "j", "namespace": "ns", "uid": "u1", "generation": 1},
+        "spec": base,
+        "status": {},
+    }
+
+
+def apply_merge(target: dict, patch: dict) -> dict:
+    out = copy.deepcopy(target)
+    for k, v in patch.items():
+        if v is None:
+            out.pop(k, None)
+        elif isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = apply_merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+class World:
+    """A job, its pods, and a clock; reconcile() runs decide and applies the plan."""
+
+    def __init__(self, j):
+        self.job = j
+        self.pods: dict[str, dict] = {}
+        self.now = T0
+        self.plans = []
+
+    def reconcile(self, times=1):
+        for _ in range(times):
+            plan = decide(self.job, list(self.pods.values()), self.now)
+            self.plans.append(plan)
+            for pod in plan.create:
+                self.pods.setdefault(pod["metadata"]["name"], copy.deepcopy(pod))
+            for name in plan.delete:
+                self.pods[name]["metadata"]["deletionTimestamp"] = "x"
+            self.job["status"] = apply_merge(self.job["status"], merge_patch(self.job["status"], plan.status))
+        return self.job["status"]
+
+    def set_pod(self, name, phase, exit_code=None, node="n1", **extra):
+        pod = self.pods[name]
+        pod["spec"]["nodeName"] = node
+        pod["status"] = {"phase": phase, **extra}
+        if exit_code is not None:
+            pod["status"]["containerStatuses"] = [{"state": {"terminated": {"exitCode": exit_code}}}]
+
+    def remove(self, name):
+        self.pods.pop(name)
+
+
+def test_first_reconcile_creates_attempt_one_and_repeats_are_idempotent():
+    w = World(job(workers=2))
+    st = w.reconcile()
+    assert [p["metadata"]["name"] for p in w.plans[0].create] == ["j-a1-w0", "j-a1-w1"]
+    assert (st["phase"], st["attempt"], st["preemptions"], st["failures"]) == ("Pending", 1, 0, 0)
+    w.reconcile(3)
+    assert all(not p.create for p in w.plans[1:])
+    for name in ("j-a1-w0", "j-a1-w1"):
+        w.set_pod(name, "Running")
+    assert w.reconcile()["phase"] == "Running"
+    assert [e[1] for p in w.plans for e in p.events] == ["Created", "Running"]
+
+
+def test_a_preemption_is_counted_once_and_the_next_attempt_waits_for_the_old_pods():
+    w = World(job(spot={"enabled": True}))
+    w.reconcile()
+    w.set_pod("j-a1-w0", "Running")
+    w.reconcile()
+    w.set_pod("j-a1-w0", "Failed", exit_code=75)  # checkpointed on SIGTERM
+    st = w.reconcile()
+    assert (st["phase"], st["attempt"], st["preemptions"], st["failures"]) == ("Preempted", 2, 1, 0)
+    st = w.reconcile(3)
+    assert st["preemptions"] == 1 and "j-a2-w0" in w.pods
+
+
+def test_attempt_waits_while_a_preempted_pod_is_still_terminating():
+    w = World(job(workers=2))
+    w.reconcile()
+    w.set_pod("j-a1-w0", "Running")
+    w.set_pod("j-a1-w1", "Running")
+    w.reconcile()
+    w.remove("j-a1-w1")  # node gone: worker 1 lost; worker 0 must stop first
+    st = w.reconcile()
+    assert st["preemptions"] == 1 and w.pods["j-a1-w0"]["metadata"].get("deletionTimestamp")
+    w.reconcile(2)
+    assert "j-a2-w0" not in w.pods, "no new attempt while a worker of the old one still runs"
+    w.set_pod("j-a1-w0", "Failed", exit_code=75)
+    w.reconcile()
+    assert {"j-a2-w0", "j-a2-w1"} <= set(w.pods)
+
+
+def test_failures_use_backoff_limit_and_preemptions_do_not():
+    w = World(job(backoffLimit=1, spot={"enabled": True, "maxPreemptions": 5}))
+    w.reconcile()
+    w.set_pod("j-a1-w0", "Failed", exit_code=137, deletionTimestamp=None)
+    w.pods["j-a1-w0"]["status"]["conditions"] = [
+        {"type": "DisruptionTarget", "status": "True", "reason": "PreemptionByScheduler"}
+    ]
+    w.reconcile(2)
+    w.set_pod("j-a2-w0", "Failed", exit_code=1)
+    st = w.reconcile(2)
+    assert (st["attempt"], st["preemptions"], st["failures"]) == (3, 1, 1)
+    w.set_pod("j-a3-w0", "Failed", exit_code=1)
+    st = w.reconcile()
+    assert (st["phase"], st["reason"], st["failures"]) == ("Failed", "BackoffLimitExceeded", 2)
+
+
+def test_config_errors_fail_at_once():
+    w = World(job(backoffLimit=5))
+    w.reconcile()
+    w.set_pod("j-a1-w0", "Failed", exit_code=66)
+    st = w.reconcile()
+    assert (st["phase"], st["reason"], st["failures"]) == ("Failed", "ConfigError", 0)
+
+
+def test_too_many_preemptions():
+    w = World(job(spot={"enabled": True, "maxPreemptions": 1}))
+    w.reconcile()
+    for attempt in (1, 2):
+        w.remove(f"j-a{attempt}-w0")
+        w.reconcile(2)
+    st = w.job["status"]
+    assert (st["phase"], st["reason"], st["preemptions"]) == ("Failed", "TooManyPreemptions", 2)
+
+
+def test_on_demand_after_preemptions_changes_placement():
+    w = World(job(spot={"enabled": True, "onDemandAfterPreemptions": 1}))
+    w.reconcile()
+    first = w.pods["j-a1-w0"]["spec"]
+    assert any(t["key"] == "cloud.google.com/gke-spot" for t in first["tolerations"])
+    w.remove("j-a1-w0")
+    w.reconcile(2)
+    terms = w.pods["j-a2-w0"]["spec"]["affinity"]["nodeAffinity"][
+        "requiredDuringSchedulingIgnoredDuringExecution"
+    ]
+    exprs = terms["nodeSelectorTerms"][0]["matchExpressions"]
+    assert {"key": "cloud.google.com/gke-spot", "operator": "NotIn", "values": ["true"]} in exprs
+
+
+def test_success_records_adapter_and_checkpoint_from_the_termination_message():
+    w = World(job())
+    w.reconcile()
+    w.set_pod("j-a1-w0", "Succeeded", exit_code=0)
+    w.pods["j-a1-w0"]["status"]["containerStatuses"][0]["state"]["terminated"]["message"] = (
+        '{"outcome": "succeeded", "step": 300, "adapter": {"uri": "s3://out-x/o/", "sha256": "ab", "sizeBytes": 5},'
+        ' "checkpoint": {"step": 300, "uri": "s3://ck-x/c/step-00000300/"}, "secret": "ignored"}'
+    )
+    st = w.reconcile()
+    assert st["phase"] == "Succeeded" and st["completionTime"]
+    assert st["adapter"] == {"uri": "s3://out-x/o/", "sha256": "ab", "sizeBytes": 5}
+    assert st["lastCheckpoint"]["step"] == 300 and st["progress"]["summary"] == "300/300 (100%)"
+
+
+def test_suspend_then_resume_starts_a_fresh_attempt():
+    w = World(job())
+    w.reconcile()
+    w.set_pod("j-a1-w0", "Running")
+    w.reconcile()
+    w.job["spec"]["suspend"] = True
+    w.reconcile()
+    assert w.pods["j-a1-w0"]["metadata"]["deletionTimestamp"]
+    w.remove("j-a1-w0")
+    assert w.reconcile()["phase"] == "Suspended"
+    w.job["spec"]["suspend"] = False
+    st = w.reconcile(3)
+    assert (st["attempt"], st["preemptions"], st["failures"]) == (2, 0, 0) and "j-a2-w0" in w.pods
+
+
+def test_deadline_and_ttl():
+    w = World(job(activeDeadlineSeconds=60, ttlSecondsAfterFinished=30))
+    w.reconcile()
+    w.now = T0 + dt.timedelta(seconds=59)
+    assert w.reconcile()["phase"] == "Pending" and w.plans[-1].requeue_after == pytest.approx(1)
+    w.now = T0 + dt.timedelta(seconds=61)
+    st = w.reconcile()
+    assert (st["phase"], st["reason"]) == ("Failed", "DeadlineExceeded")
+    assert w.pods["j-a1-w0"]["metadata"]["deletionTimestamp"]
+    w.now += dt.timedelta(seconds=29)
+    plan = decide(w.job, list(w.pods.values()), w.now)
+    assert not plan.delete_job and plan.requeue_after == pytest.approx(1)
+    plan = decide(w.job, list(w.pods.values()), w.now + dt.timedelta(seconds=2))
+    assert plan.delete_job
+
+
+def test_invalid_spec_fails_and_a_fixed_spec_is_looked_at_again():
+    j = job()
+    j["spec"]["lora"] = {"r": 0}
+    w = World(j)
+    st = w.reconcile()
+    assert (st["phase"], st["reason"]) == ("Failed", "InvalidSpec") and "spec.lora.r" in st["message"]
+    w.job["spec"]["lora"] = {"r": 8}
+    w.job["metadata"]["generation"] = 2
+    st = w.reconcile()
+    assert st["phase"] == "Pending" and "j-a1-w0" in w.pods
+
+
+@pytest.mark.parametrize(
+    ("pod", "kind", "reason"),
+    [
+        (None, "preemption", "PodDeleted"),
+        (
+            {
+                "status": {
+                    "phase": "Failed",
+                    "conditions": [
+                        {"type": "DisruptionTarget", "status": "True", "reason": "DeletionByTaintManager"}
+                    ],
+                }
+            },
+            "preemption",
+            "DeletionByTaintManager",
+        ),
+        ({"status": {"phase": "Failed", "reason": "Shutdown"}}, "preemption", "Shutdown"),
+        (
+            {
+                "status": {
+                    "phase": "Failed",
+                    "containerStatuses": [{"state": {"terminated": {"exitCode": 75}}}],
+                }
+            },
+            "preemption",
+            "StoppedForPreemption",
+        ),
+        (
+            {
+                "status": {
+                    "phase": "Failed",
+                    "containerStatuses": [
+                        {"state": {"terminated": {"exitCode": 137, "reason": "OOMKilled"}}}
+                    ],
+                }
+            },
+            "failure",
+            "OOMKilled",
+        ),
+        (
+            {
+                "status": {
+                    "phase": "Failed",
+                    "containerStatuses": [{"state": {"terminated": {"exitCode": 64}}}],
+                }
+            },
+            "permanent",
+            "ConfigError",
+        ),
+        (
+            {
+                "status": {
+                    "phase": "Failed",
+                    "containerStatuses": [{"state": {"terminated": {"exitCode": 1}}}],
+                }
+            },
+            "failure",
+            "Error",
+        ),
+    ],
+)
+def test_classify_loss(pod, kind, reason):
+    if pod is not None:
+        pod = {"metadata": {"name": "p"}, "spec": {"nodeName": "n"}, **pod}
+    loss = classify_loss(pod, "p")
+    assert (loss.kind, loss.reason) == (kind, reason)
+
+
+def test_merge_patch_removes_with_null_and_keeps_unchanged_out():
+    assert merge_patch({"a": 1, "b": {"c": 1, "d": 2}, "e": 5}, {"a": 2, "b": {"c": 1}, "e": 5}) == {
+        "a": 2,
+        "b": {"d": None},
+    }
+    assert merge_patch({"x": 1}, {"x": 1}) == {}
