@@ -7,7 +7,7 @@ export PYTHONPATH := $(CURDIR)/operator:$(CURDIR)/trainer_image
 export PATH := $(VENV)/bin:$(PATH)
 PYTEST_ARGS ?=
 
-.PHONY: deps tools lint test demo dev-up dev-down clean bench-startup
+.PHONY: deps tools lint test demo dev-up dev-down clean bench-startup bench-operator
 
 deps:
 	@hack/ensure-env.sh >/dev/null
@@ -43,3 +43,6 @@ clean:
 
 bench-startup: deps tools
 	$(PY) benchmarks/dev_cluster_startup.py
+
+bench-operator: deps tools
+	$(PY) benchmarks/operator_scale.py

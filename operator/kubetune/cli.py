@@ -38,7 +38,7 @@ def _run(args: argparse.Namespace) -> int:
         logging.getLogger(noisy).setLevel(logging.INFO if args.verbose else logging.WARNING)
     if args.metrics_port:
         metrics.serve(args.metrics_port, args.metrics_address)
-    handlers.register(workers=args.workers)
+    handlers.register(workers=args.workers, namespaces=args.namespace)
     kopf.run(
         clusterwide=not args.namespace,
         namespaces=args.namespace or (),

@@ -8,6 +8,7 @@ import asyncio
 import concurrent.futures
 import datetime as dt
 import logging
+import threading
 import time
 
 import kopf
@@ -15,13 +16,33 @@ from kubernetes.client.rest import ApiException
 
 from kubetune import metrics
 from kubetune.api import GROUP, PLURAL, VERSION
-from kubetune.kube import Kube
+from kubetune.kube import Kube, watch_pods
 from kubetune.manifests import JOB_LABEL, build_service
 from kubetune.status import decide, iso, merge_patch
 
 log = logging.getLogger("kubetune")
 RESYNC_S = 30.0  # a running job is looked at again at least this often
 RETRY_S = 2.0
+# Pod changes come in bursts (bound, started, ready): look once they settled, so one
+# status write covers them. New jobs and spec changes are looked at at once.
+POD_SETTLE_S = 0.5
+EVENTS_PER_S, EVENT_BURST = 10.0, 25
+
+
+class TokenBucket:
+    def __init__(self, rate: float, burst: int) -> None:
+        self.rate, self.burst = rate, burst
+        self.tokens, self.stamp = float(burst), time.monotonic()
+
+    def take(self) -> None:
+        """Block until a token is free (one caller: the events thread)."""
+        now = time.monotonic()
+        self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
+        self.stamp = now
+        if self.tokens < 1:
+            time.sleep((1 - self.tokens) / self.rate)
+            self.tokens, self.stamp = 1.0, time.monotonic()
+        self.tokens -= 1
 
 
 def _rv(obj: dict) -> int:
@@ -88,8 +109,11 @@ class Controller:
         self.queue = WorkQueue()
         self.workers = workers
         self.pool = concurrent.futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="reconcile")
-        self.events = concurrent.futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="events")
+        # one thread: events never compete with reconciles for the API server
+        self.events = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="events")
+        self.event_bucket = TokenBucket(rate=EVENTS_PER_S, burst=EVENT_BURST)
         self.first_seen: dict[tuple[str, str], float] = {}
+        self.task: asyncio.Task | None = None
 
     # -- watch side (event loop) ----------------------------------------------------------
 
@@ -101,7 +125,10 @@ class Controller:
             self.first_seen.pop(key, None)
             metrics.forget_job(key)
             return
-        if _newer(body, self.jobs.get(key)):
+        old = self.jobs.get(key)
+        if old is not None and _rv(body) == _rv(old):
+            return  # the echo of our own status write: nothing new
+        if _newer(body, old):
             self.jobs[key] = body
         self.first_seen.setdefault(key, time.monotonic())
         self.queue.add(key)
@@ -117,7 +144,7 @@ class Controller:
             pods.pop(meta["name"], None)
         elif _newer(body, pods.get(meta["name"])):
             pods[meta["name"]] = body
-        self.queue.add(key)
+        self.queue.add_after(key, POD_SETTLE_S)
 
     async def run_workers(self) -> None:
         await asyncio.gather(*(self._worker() for _ in range(self.workers)))
@@ -206,6 +233,9 @@ class Controller:
             self.kube.delete_job(ns, name)
 
     def _event(self, job: dict, kind: str, reason: str, message: str, stamp: str) -> None:
+        # Events are best effort and rate limited (like client-go's recorder), so a burst
+        # of new jobs gets its pods first and its Events a little later.
+        self.event_bucket.take()
         try:
             self.kube.event(job, kind, reason, message, stamp)
         except Exception as e:  # events are best effort
@@ -213,26 +243,42 @@ class Controller:
 
 
 CONTROLLER: Controller | None = None
+STOPPING = threading.Event()
 
 
-def register(workers: int = 8) -> None:
+def register(workers: int = 8, namespaces: list[str] | None = None) -> None:
     """Wire the controller to kopf (called once, before kopf.run)."""
 
     @kopf.on.startup()
     async def _startup(settings: kopf.OperatorSettings, **_):
         global CONTROLLER
-        settings.posting.level = logging.WARNING
+        settings.posting.enabled = False  # our own Events say what happened; kopf's would be noise
         settings.scanning.disabled = True
         settings.watching.server_timeout = 300
         settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
         settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix=GROUP)
         CONTROLLER = Controller(Kube.from_environment(pool_size=workers * 2), workers)
-        asyncio.get_running_loop().create_task(CONTROLLER.run_workers())
+        loop = asyncio.get_running_loop()
+        CONTROLLER.task = loop.create_task(CONTROLLER.run_workers())
+
+        # Trainer pods are watched directly, not through kopf: the operator sees every
+        # change of every pod, and kopf's per-event bookkeeping (diff bases, deep
+        # copies) would cost more than the reconciles themselves.
+        def emit(kind, pod):
+            loop.call_soon_threadsafe(CONTROLLER.pod_event, kind, pod)
+
+        for ns in namespaces or [None]:
+            threading.Thread(
+                target=watch_pods,
+                args=(CONTROLLER.kube, ns, JOB_LABEL, emit, STOPPING),
+                daemon=True,
+                name=f"watch-pods-{ns or 'all'}",
+            ).start()
+
+    @kopf.on.cleanup()
+    async def _cleanup(**_):
+        STOPPING.set()
 
     @kopf.on.event(GROUP, VERSION, PLURAL)
     async def _job(event, **_):
         CONTROLLER.job_event(event["type"] or "ADDED", event["object"])
-
-    @kopf.on.event("", "v1", "pods", labels={JOB_LABEL: kopf.PRESENT})
-    async def _pod(event, **_):
-        CONTROLLER.pod_event(event["type"] or "ADDED", event["object"])

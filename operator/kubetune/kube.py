@@ -32,17 +32,21 @@ class Kube:
         cfg.connection_pool_maxsize = pool_size
         return cls(client.ApiClient(cfg))
 
+    def _auth(self) -> dict:
+        """Accept header and the bearer token (refreshed, in a cluster); client
+        certificates are already in the connection pool."""
+        cfg = self.api.configuration
+        if cfg.refresh_api_key_hook is not None:
+            cfg.refresh_api_key_hook(cfg)
+        token = cfg.get_api_key_with_prefix("authorization")
+        return {"Accept": "application/json", **({"Authorization": token} if token else {})}
+
     def call(self, method: str, path: str, body=None, query=None, content_type: str | None = None) -> dict:
         """One request through the client's connection pool and credentials. Bodies are
         sent as JSON exactly as given: the generated client would drop None values,
         which a merge patch needs to remove a field."""
         cfg = self.api.configuration
-        headers = {"Accept": "application/json", "Content-Type": content_type or "application/json"}
-        if cfg.refresh_api_key_hook is not None:
-            cfg.refresh_api_key_hook(cfg)
-        token = cfg.get_api_key_with_prefix("authorization")
-        if token:
-            headers["Authorization"] = token
+        headers = {**self._auth(), "Content-Type": content_type or "application/json"}
         url = cfg.host + path
         if query:
             url += "?" + urllib.parse.urlencode(query)
@@ -58,6 +62,29 @@ class Kube:
             err.body = resp.data.decode(errors="replace")
             raise err
         return json.loads(resp.data) if resp.data else {}
+
+    def stream(self, path: str, query: dict):
+        """A watch: one JSON event per line until the server ends it."""
+        cfg = self.api.configuration
+        resp = self.api.rest_client.pool_manager.request(
+            "GET",
+            cfg.host + path + "?" + urllib.parse.urlencode(query),
+            headers=self._auth(),
+            preload_content=False,
+            timeout=urllib3.Timeout(connect=10, read=330),
+        )
+        try:
+            if resp.status != 200:
+                raise ApiException(status=resp.status, reason=resp.reason)
+            buf = b""
+            for chunk in resp.stream(65536):
+                buf += chunk
+                *lines, buf = buf.split(b"\n")
+                for line in lines:
+                    if line.strip():
+                        yield json.loads(line)
+        finally:
+            resp.release_conn()
 
     # -- typed helpers -------------------------------------------------------------------
 
@@ -137,3 +164,46 @@ class Kube:
                 "reportingComponent": "kubetune.io/operator",
             },
         )
+
+
+def watch_pods(kube: Kube, namespace: str | None, label_selector: str, emit, stopping) -> None:
+    """List, then watch, the pods matching label_selector, calling emit(type, pod) for
+    each change, forever (until stopping is set). Raw JSON lines, no model objects: the
+    operator sees every event of every trainer pod, so this path must be cheap. A
+    relist after an expired watch emits DELETED for pods that vanished meanwhile."""
+    base = f"/api/v1/namespaces/{namespace}/pods" if namespace else "/api/v1/pods"
+    known: dict[tuple[str, str], dict] = {}  # pod -> its labels
+    while not stopping.is_set():
+        try:
+            listing = kube.call("GET", base, query={"labelSelector": label_selector})
+            current = {(p["metadata"]["namespace"], p["metadata"]["name"]): p for p in listing["items"]}
+            for key in set(known) - set(current):
+                emit("DELETED", {"metadata": {"namespace": key[0], "name": key[1], "labels": known[key]}})
+            for pod in current.values():
+                emit("ADDED", pod)
+            known = {k: p["metadata"].get("labels") or {} for k, p in current.items()}
+            rv = listing["metadata"]["resourceVersion"]
+            for event in kube.stream(
+                base,
+                {
+                    "labelSelector": label_selector,
+                    "watch": "1",
+                    "resourceVersion": rv,
+                    "allowWatchBookmarks": "true",
+                    "timeoutSeconds": "300",
+                },
+            ):
+                kind, obj = event["type"], event["object"]
+                if kind == "ERROR":
+                    break  # 410 Gone: the resourceVersion expired; list again
+                if kind == "BOOKMARK":
+                    continue
+                key = (obj["metadata"]["namespace"], obj["metadata"]["name"])
+                if kind == "DELETED":
+                    known.pop(key, None)
+                else:
+                    known[key] = obj["metadata"].get("labels") or {}
+                emit(kind, obj)
+        except Exception as e:  # dropped connection, API server restart: list again
+            log.warning("pod watch restarting: %s", e)
+            stopping.wait(1.0)

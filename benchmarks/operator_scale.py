@@ -1,0 +1,168 @@
+"""500 FineTuneJobs applied at once against the dev cluster, with the real operator.
+
+Measures, per job, the time from its create call returning to its pod appearing in a
+watch (p50, p99), jobs/s over the burst, and the operator's peak RSS. Baseline in the
+same run: the same 500 pods (same manifests) created directly by a plain client with
+the same concurrency — the raw limit of this API server and machine.
+Last line: ratio=<operator jobs/s ÷ raw pods/s>. Targets: ratio >= 0.5, RSS <= 250 MiB.
+
+    make bench-operator      (or: python benchmarks/operator_scale.py --jobs 500)
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+from kubernetes import client, config, watch
+
+from kubetune.api import GROUP, PLURAL, VERSION, FineTuneJobSpec
+from kubetune.crd import CRD_FILE
+from kubetune.devcluster.cluster import DevCluster
+from kubetune.devcluster.nodes import NodeSpec
+from kubetune.devcluster.procs import free_port
+from kubetune.manifests import JOB_LABEL, build_pod
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from tests.helpers import OperatorProcess, install_crd, make_namespace, wait_for  # noqa: E402
+
+CONCURRENCY = 8
+# one roomy fake node: every pod can be bound, so the scheduler never thrashes
+BIG_NODE = NodeSpec(
+    name="cpu-big-0",
+    labels={"kubernetes.io/hostname": "cpu-big-0", "kubernetes.io/os": "linux"},
+    capacity={"cpu": "2000", "memory": "8Ti", "pods": "5000", "ephemeral-storage": "10Ti"},
+)
+
+
+def spec(i: int) -> dict:
+    return {
+        "model": {"name": "org/tiny"},
+        "dataset": {"uri": f"s3://bench-data/{i}/"},
+        "checkpoint": {"uri": f"s3://bench-ckpt/{i}/"},
+        "output": {"uri": f"s3://bench-out/{i}/"},
+        "resources": {"accelerator": "cpu", "cpu": "100m", "memory": "64Mi"},
+    }
+
+
+class PodWatch:
+    """Records when each pod (by name) is first seen, client side."""
+
+    def __init__(self, core: client.CoreV1Api, namespace: str) -> None:
+        self.seen: dict[str, float] = {}
+        self.stop = False
+        self.thread = threading.Thread(target=self._run, args=(core, namespace), daemon=True)
+        self.thread.start()
+
+    def _run(self, core, namespace):
+        w = watch.Watch()
+        for ev in w.stream(core.list_namespaced_pod, namespace, timeout_seconds=600, _request_timeout=610):
+            name = ev["object"].metadata.name
+            self.seen.setdefault(name, time.monotonic())
+            if self.stop:
+                w.stop()
+
+
+def burst(fn, items) -> tuple[float, dict]:
+    done: dict = {}
+    t0 = time.monotonic()
+    with concurrent.futures.ThreadPoolExecutor(CONCURRENCY) as pool:
+        for key, t in pool.map(fn, items):
+            done[key] = t
+    return t0, done
+
+
+def percentile(xs: list[float], q: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(q * len(xs)))]
+
+
+def rss_peak_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / 100  # utime + stime, in clock ticks
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--jobs", type=int, default=500)
+    args = ap.parse_args()
+    n = args.jobs
+    with (
+        tempfile.TemporaryDirectory(prefix="kubetune-bench-") as d,
+        DevCluster(Path(d), nodes=[BIG_NODE], minio=False, log=lambda *_: None) as cluster,
+    ):
+        api = config.new_client_from_config(str(cluster.endpoints.kubeconfig))
+        api.configuration.connection_pool_maxsize = CONCURRENCY * 2
+        core, custom = client.CoreV1Api(api), client.CustomObjectsApi(api)
+        install_crd(api, CRD_FILE)
+
+        # -- baseline: the same pods, created directly ------------------------------------
+        with make_namespace(core) as ns:
+            pods = [
+                build_pod(f"raw-{i}", "0" * 8, FineTuneJobSpec.model_validate(spec(i)), 1, 0, 0)
+                for i in range(n)
+            ]
+            for p in pods:
+                p["metadata"].pop("ownerReferences")
+            t0, _ = burst(lambda p: (p["metadata"]["name"], core.create_namespaced_pod(ns, p)), pods)
+            raw_s = time.monotonic() - t0
+        raw_rate = n / raw_s
+
+        # -- the operator ---------------------------------------------------------------------
+        op = OperatorProcess(cluster.endpoints.kubeconfig, Path(d) / "operator.log", free_port())
+        op.start()
+        try:
+            with make_namespace(core) as ns:
+                time.sleep(2)  # let the operator's watches settle: measure reconciles, not start-up
+                pw = PodWatch(core, ns)
+
+                def create_job(i):
+                    body = {
+                        "apiVersion": f"{GROUP}/{VERSION}",
+                        "kind": "FineTuneJob",
+                        "metadata": {"name": f"job-{i}"},
+                        "spec": spec(i),
+                    }
+                    custom.create_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, body)
+                    return f"job-{i}-a1-w0", time.monotonic()
+
+                t0, created = burst(create_job, range(n))
+                applied_s = max(created.values()) - t0
+                wait_for(lambda: len(pw.seen) >= n, 300, f"{n} pods", interval_s=0.2)
+                pw.stop = True
+                last = max(pw.seen.values())
+                latencies = [pw.seen[k] - created[k] for k in created]
+                op_rate = n / (last - t0)
+                peak = rss_peak_mib(op.proc.pid)
+                cpu = cpu_seconds(op.proc.pid)
+                labelled = core.list_namespaced_pod(ns, label_selector=JOB_LABEL).items
+                assert len(labelled) == n, f"{len(labelled)} pods for {n} jobs"
+        finally:
+            op.stop()
+
+    print(f"jobs: {n}, client concurrency {CONCURRENCY}")
+    print(f"applying the {n} FineTuneJobs took {applied_s:.2f} s ({n / applied_s:.1f} jobs/s)")
+    print(f"raw pod creation: {raw_rate:.1f} pods/s ({raw_s:.2f} s)")
+    print(
+        f"operator: {op_rate:.1f} jobs/s; create -> pod p50 {statistics.median(latencies) * 1000:.0f} ms, "
+        f"p99 {percentile(latencies, 0.99) * 1000:.0f} ms; operator peak RSS {peak:.0f} MiB (target <= 250), CPU {cpu:.1f} s"
+    )
+    print(f"ratio={op_rate / raw_rate:.2f}")
+
+
+if __name__ == "__main__":
+    main()
