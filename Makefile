@@ -7,7 +7,7 @@ export PYTHONPATH := $(CURDIR)/operator:$(CURDIR)/trainer_image
 export PATH := $(VENV)/bin:$(PATH)
 PYTEST_ARGS ?=
 
-.PHONY: deps tools lint test demo dev-up dev-down clean bench-startup bench-operator
+.PHONY: deps tools lint generate test demo dev-up dev-down clean bench-startup bench-operator
 
 deps:
 	@hack/ensure-env.sh >/dev/null
@@ -18,6 +18,11 @@ tools:
 lint: deps
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
+	$(PY) -m kubetune.crd --check
+
+# Regenerate the CRD (crds/ and the chart copy) from operator/kubetune/api.py.
+generate: deps
+	$(PY) -m kubetune.crd
 
 # The README's test command: lint, then unit, integration and e2e tests against a real
 # dev cluster that the test session starts and stops itself.
