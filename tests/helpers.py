@@ -99,13 +99,18 @@ def install_crd(api_client, path) -> None:
             crd["metadata"]["name"]
         ).metadata.resource_version
         ext.replace_custom_resource_definition(crd["metadata"]["name"], crd)
+    wait_established(ext, crd["metadata"]["name"])
+
+
+def wait_established(ext, name: str) -> None:
+    """Wait until the API server serves the CRD `name`."""
     wait_for(
         lambda: any(
             c.type == "Established" and c.status == "True"
-            for c in ext.read_custom_resource_definition(crd["metadata"]["name"]).status.conditions or []
+            for c in ext.read_custom_resource_definition(name).status.conditions or []
         ),
         30,
-        "the FineTuneJob CRD to be established",
+        f"CRD {name} to be established",
     )
 
 

@@ -15,7 +15,7 @@ from kubernetes import client
 from kubernetes.client.rest import ApiException
 
 from kubetune.devcluster.nodes import GKE_SPOT_LABEL, INTEL_I915, NVIDIA_GPU, RUNNER_LABEL
-from tests.helpers import wait_for
+from tests.helpers import wait_established, wait_for
 
 pytestmark = pytest.mark.cluster
 
@@ -140,14 +140,7 @@ def test_structural_crd_rejects_invalid_objects(api_client, namespace):
     }
     ext.create_custom_resource_definition(crd)
     try:
-        wait_for(
-            lambda: any(
-                c.type == "Established" and c.status == "True"
-                for c in ext.read_custom_resource_definition(crd["metadata"]["name"]).status.conditions or []
-            ),
-            30,
-            "CRD Established",
-        )
+        wait_established(ext, crd["metadata"]["name"])
         custom = client.CustomObjectsApi(api_client)
         kind = crd["spec"]["names"]["kind"]
 
