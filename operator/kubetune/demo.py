@@ -1,24 +1,46 @@
-"""`make demo`: a tour of the dev cluster the operator runs on (real control plane,
-fake GPU pools, a pod runner, MinIO), torn down at the end."""
+"""`make demo`: the operator on a throwaway dev cluster (real control plane, fake GPU
+pools, a pod runner, MinIO). It applies the seed examples, shows where the real
+scheduler put each job and what `kubectl get ftj` says, then tears everything down.
+
+The end-to-end fine-tuning demo (the real trainer on a runner node, a spot eviction and
+an exact resume) replaces this tour once the trainer lands."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
 
-from kubetune.devcluster.cluster import DevCluster
+import yaml
+
+from kubetune.api import GROUP, PLURAL, VERSION
+from kubetune.crd import CRD_FILE
+from kubetune.devcluster.cluster import REPO_ROOT, DevCluster
 from kubetune.devcluster.nodes import GKE_SPOT_LABEL, NVIDIA_GPU, RUNNER_LABEL
+from kubetune.devcluster.procs import spawn, stop_group
+
+EXAMPLES = (
+    "text-to-sql-intel.yaml",
+    "llama2-chat-guanaco-spot.yaml",
+    "falcon-7b-faq.yaml",
+    "phi2-toxic-spot-t4.yaml",
+    "multi-worker.yaml",
+)
 
 
-def _wait(predicate, timeout_s: float = 60):
+def _wait(predicate, what: str, timeout_s: float = 60):
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        value = predicate()
+        try:
+            value = predicate()
+        except Exception:
+            value = None
         if value:
             return value
         time.sleep(0.2)
-    raise TimeoutError("demo step timed out")
+    raise TimeoutError(f"demo: timed out waiting for {what}")
 
 
 def run(workdir: Path | None = None) -> int:
@@ -26,74 +48,79 @@ def run(workdir: Path | None = None) -> int:
 
     workdir = workdir or Path(tempfile.mkdtemp(prefix="kubetune-demo-"))
     with DevCluster(workdir) as cluster:
-        core = client.CoreV1Api(config.new_client_from_config(str(cluster.endpoints.kubeconfig)))
-        print("\nNodes:")
+        kubeconfig = str(cluster.endpoints.kubeconfig)
+        api = config.new_client_from_config(kubeconfig)
+        core, custom = client.CoreV1Api(api), client.CustomObjectsApi(api)
+        kubectl = ["kubectl", "--kubeconfig", kubeconfig]
+        print("\nNode pools of the dev cluster:")
         for n in core.list_node().items:
             labels, cap = n.metadata.labels, n.status.capacity or {}
             gpus = cap.get(NVIDIA_GPU) or cap.get("gpu.intel.com/i915") or "-"
-            kind = "runner" if labels.get(RUNNER_LABEL) else "kwok"
-            print(f"  {n.metadata.name:22} gpus={gpus:3} spot={labels.get(GKE_SPOT_LABEL, 'false'):5} {kind}")
-
-        spot = {"key": GKE_SPOT_LABEL, "operator": "Exists", "effect": "NoSchedule"}
-        core.create_namespaced_pod(
-            "default",
-            {
-                "metadata": {"name": "gpu-job"},
-                "spec": {
-                    "tolerations": [spot],
-                    "containers": [
-                        {
-                            "name": "t",
-                            "image": "trainer",
-                            "command": ["train"],
-                            "resources": {"limits": {NVIDIA_GPU: "8"}},
-                        }
-                    ],
-                },
-            },
-        )
-        pod = _wait(lambda: (p := core.read_namespaced_pod("gpu-job", "default")).spec.node_name and p)
-        print(
-            f"\nA pod asking for 8 NVIDIA GPUs on spot was bound to {pod.spec.node_name} by kube-scheduler."
-        )
-
-        core.create_namespaced_pod(
-            "default",
-            {
-                "metadata": {"name": "real-process"},
-                "spec": {
-                    "restartPolicy": "Never",
-                    "nodeSelector": {RUNNER_LABEL: "true"},
-                    "tolerations": [{"operator": "Exists"}],
-                    "containers": [
-                        {
-                            "name": "c",
-                            "image": "python",
-                            "command": [
-                                "python",
-                                "-c",
-                                "import os, pathlib; pathlib.Path('/dev/termination-log')"
-                                ".write_text('hello from ' + os.environ['POD_IP'])",
-                            ],
-                            "env": [
-                                {"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}}
-                            ],
-                        }
-                    ],
-                },
-            },
-        )
-        pod = _wait(
-            lambda: (
-                (p := core.read_namespaced_pod("real-process", "default")).status.phase
-                in ("Succeeded", "Failed")
-                and p
+            product = labels.get("nvidia.com/gpu.product") or labels.get("gpu.intel.com/product") or "cpu"
+            kind = "pod runner" if labels.get(RUNNER_LABEL) else "kwok"
+            print(
+                f"  {n.metadata.name:22} {product:32} gpus={gpus:3} spot={labels.get(GKE_SPOT_LABEL, 'false'):5} {kind}"
             )
+
+        subprocess.run([*kubectl, "apply", "-f", str(CRD_FILE)], check=True, stdout=subprocess.DEVNULL)
+        env = {
+            **cluster.env(),
+            "PATH": "/usr/bin:/bin",
+            "PYTHONPATH": f"{REPO_ROOT / 'operator'}:{REPO_ROOT / 'trainer_image'}",
+        }
+        operator = spawn(
+            [sys.executable, "-m", "kubetune", "run", "--standalone", "--metrics-port", "0"],
+            workdir / "logs" / "operator.log",
+            env=env,
         )
-        term = pod.status.container_statuses[0].state.terminated
-        print(
-            f"A pod on runner node {pod.spec.node_name} ran as a real process: {pod.status.phase}, "
-            f"exit {term.exit_code}, termination message {term.message!r}"
-        )
+        try:
+            print("\nApplying the seed examples (kubectl apply -f examples/...):")
+            names = []
+            for example in EXAMPLES:
+                job = yaml.safe_load((REPO_ROOT / "examples" / example).read_text())
+                custom.create_namespaced_custom_object(GROUP, VERSION, "default", PLURAL, job)
+                names.append((job["metadata"]["name"], job["spec"].get("workers", 1)))
+                print(f"  {example}")
+            _wait(
+                lambda: all(
+                    custom.get_namespaced_custom_object(GROUP, VERSION, "default", PLURAL, n)
+                    .get("status", {})
+                    .get("phase")
+                    == "Running"
+                    for n, _ in names
+                ),
+                "jobs Running",
+            )
+            print("\nWhere the real kube-scheduler placed each worker:")
+            for pod in sorted(core.list_namespaced_pod("default").items, key=lambda p: p.metadata.name):
+                labels = core.read_node(pod.spec.node_name).metadata.labels
+                product = labels.get("nvidia.com/gpu.product") or labels.get("gpu.intel.com/product")
+                spot = "spot" if labels.get(GKE_SPOT_LABEL) else "on-demand"
+                print(f"  {pod.metadata.name:26} -> {pod.spec.node_name:22} {product} ({spot})")
+
+            print("\nA spot node is taken away: the llama2 job is preempted and resumes elsewhere.")
+            pod = core.read_namespaced_pod("llama2-guanaco-a1-w0", "default")
+            core.delete_namespaced_pod(pod.metadata.name, "default")
+            st = _wait(
+                lambda: (
+                    (
+                        s := custom.get_namespaced_custom_object(
+                            GROUP, VERSION, "default", PLURAL, "llama2-guanaco"
+                        )["status"]
+                    ).get("attempt")
+                    == 2
+                    and s.get("phase") == "Running"
+                    and s
+                ),
+                "the resumed attempt",
+            )
+            print(
+                f"  llama2-guanaco: phase {st['phase']}, attempt {st['attempt']}, "
+                f"preemptions {st['preemptions']}, failures {st['failures']}"
+            )
+            print("\n$ kubectl get ftj")
+            subprocess.run([*kubectl, "get", "ftj"], check=True)
+        finally:
+            stop_group(operator)
         print(f"\nDev cluster started in {cluster.startup_s:.1f} s; logs in {workdir / 'logs'}. Stopping it.")
     return 0

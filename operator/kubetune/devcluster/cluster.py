@@ -330,10 +330,17 @@ def _http_ok(url: str, ctx: ssl.SSLContext | None = None) -> bool:
         return r.status == 200
 
 
+LIFECYCLE_TAINTS = {"node.kubernetes.io/not-ready", "node.kubernetes.io/unreachable"}
+
+
 def _ready_nodes(core) -> set[str]:
+    """Nodes that are Ready and that the node lifecycle controller has untainted: until
+    then the scheduler would skip them, and the first pods would land elsewhere."""
     ready = set()
     for node in core.list_node().items:
-        for cond in node.status.conditions or []:
-            if cond.type == "Ready" and cond.status == "True":
-                ready.add(node.metadata.name)
+        tainted = any(t.key in LIFECYCLE_TAINTS for t in node.spec.taints or [])
+        if not tainted and any(
+            c.type == "Ready" and c.status == "True" for c in node.status.conditions or []
+        ):
+            ready.add(node.metadata.name)
     return ready
