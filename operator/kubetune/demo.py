@@ -63,6 +63,11 @@ def run(workdir: Path | None = None) -> int:
             )
 
         subprocess.run([*kubectl, "apply", "-f", str(CRD_FILE)], check=True, stdout=subprocess.DEVNULL)
+        subprocess.run(
+            [*kubectl, "wait", "--for=condition=Established", "crd/finetunejobs.kubetune.io"],
+            check=True,
+            stdout=subprocess.DEVNULL,
+        )
         env = {
             **cluster.env(),
             "PATH": "/usr/bin:/bin",
@@ -81,24 +86,34 @@ def run(workdir: Path | None = None) -> int:
                 custom.create_namespaced_custom_object(GROUP, VERSION, "default", PLURAL, job)
                 names.append((job["metadata"]["name"], job["spec"].get("workers", 1)))
                 print(f"  {example}")
-            _wait(
-                lambda: all(
-                    custom.get_namespaced_custom_object(GROUP, VERSION, "default", PLURAL, n)
-                    .get("status", {})
-                    .get("phase")
-                    == "Running"
+
+            def settled():
+                st = [
+                    custom.get_namespaced_custom_object(GROUP, VERSION, "default", PLURAL, n).get(
+                        "status", {}
+                    )
                     for n, _ in names
-                ),
-                "jobs Running",
-            )
+                ]
+                return all(s.get("phase") == "Running" or s.get("reason") == "Unschedulable" for s in st)
+
+            _wait(settled, "every job Running or waiting for nodes")
             print("\nWhere the real kube-scheduler placed each worker:")
             for pod in sorted(core.list_namespaced_pod("default").items, key=lambda p: p.metadata.name):
+                if not pod.spec.node_name:
+                    print(f"  {pod.metadata.name:26} -> (pending: no node has the GPUs free)")
+                    continue
                 labels = core.read_node(pod.spec.node_name).metadata.labels
                 product = labels.get("nvidia.com/gpu.product") or labels.get("gpu.intel.com/product")
                 spot = "spot" if labels.get(GKE_SPOT_LABEL) else "on-demand"
                 print(f"  {pod.metadata.name:26} -> {pod.spec.node_name:22} {product} ({spot})")
+            for name, _ in names:
+                st = custom.get_namespaced_custom_object(GROUP, VERSION, "default", PLURAL, name)["status"]
+                if st.get("reason") == "Unschedulable":
+                    print(f"  {name}: {st['message'][:160]}")
 
-            print("\nA spot node is taken away: the llama2 job is preempted and resumes elsewhere.")
+            print(
+                "\nThe llama2 worker is evicted, as on a spot reclaim: the job is preempted and starts a new attempt."
+            )
             pod = core.read_namespaced_pod("llama2-guanaco-a1-w0", "default")
             core.delete_namespaced_pod(pod.metadata.name, "default")
             st = _wait(
