@@ -10,7 +10,6 @@ from __future__ import annotations
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import yaml
@@ -19,7 +18,7 @@ from kubetune.api import GROUP, PLURAL, VERSION
 from kubetune.crd import CRD_FILE
 from kubetune.devcluster.cluster import REPO_ROOT, DevCluster
 from kubetune.devcluster.nodes import GKE_SPOT_LABEL, NVIDIA_GPU, RUNNER_LABEL
-from kubetune.devcluster.procs import spawn, stop_group
+from kubetune.devcluster.procs import spawn, stop_group, wait_for
 
 EXAMPLES = (
     "text-to-sql-intel.yaml",
@@ -28,19 +27,6 @@ EXAMPLES = (
     "phi2-toxic-spot-t4.yaml",
     "multi-worker.yaml",
 )
-
-
-def _wait(predicate, what: str, timeout_s: float = 60):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            value = predicate()
-        except Exception:
-            value = None
-        if value:
-            return value
-        time.sleep(0.2)
-    raise TimeoutError(f"demo: timed out waiting for {what}")
 
 
 def run(workdir: Path | None = None) -> int:
@@ -96,7 +82,7 @@ def run(workdir: Path | None = None) -> int:
                 ]
                 return all(s.get("phase") == "Running" or s.get("reason") == "Unschedulable" for s in st)
 
-            _wait(settled, "every job Running or waiting for nodes")
+            wait_for(settled, 60, "every job Running or waiting for nodes")
             print("\nWhere the real kube-scheduler placed each worker:")
             for pod in sorted(core.list_namespaced_pod("default").items, key=lambda p: p.metadata.name):
                 if not pod.spec.node_name:
@@ -116,7 +102,7 @@ def run(workdir: Path | None = None) -> int:
             )
             pod = core.read_namespaced_pod("llama2-guanaco-a1-w0", "default")
             core.delete_namespaced_pod(pod.metadata.name, "default")
-            st = _wait(
+            st = wait_for(
                 lambda: (
                     (
                         s := custom.get_namespaced_custom_object(
@@ -127,6 +113,7 @@ def run(workdir: Path | None = None) -> int:
                     and s.get("phase") == "Running"
                     and s
                 ),
+                60,
                 "the resumed attempt",
             )
             print(

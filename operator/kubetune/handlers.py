@@ -1,5 +1,5 @@
-"""The operator: kopf watches FineTuneJobs and their pods and feeds a deduplicating work
-queue; a reconcile reads the cached job and pods, asks status.decide() what to do and
+"""The operator: kopf watches FineTuneJobs, a plain watch follows their pods, and both
+feed a deduplicating work queue; a reconcile reads the cached job and pods, asks status.decide() what to do and
 applies the plan: create (idempotent), delete, one status patch, then events."""
 
 from __future__ import annotations
@@ -130,7 +130,8 @@ class Controller:
             return  # the echo of our own status write: nothing new
         if _newer(body, old):
             self.jobs[key] = body
-        self.first_seen.setdefault(key, time.monotonic())
+        if not (body.get("status") or {}).get("attempt"):
+            self.first_seen.setdefault(key, time.monotonic())  # a new job: time it to its pods
         self.queue.add(key)
 
     def pod_event(self, kind: str, body: dict) -> None:

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pydantic import ValidationError
 
 from kubetune.api import FineTuneJobSpec, Phase
-from kubetune.manifests import ATTEMPT_LABEL, RANK_LABEL, build_pods
+from kubetune.manifests import ATTEMPT_LABEL, RANK_LABEL, build_pods, pod_name
 
 # Condition types and reasons (CamelCase constants, as Kubernetes does).
 SCHEDULED, RUNNING, SUSPENDED, SUCCEEDED, FAILED = "Scheduled", "Running", "Suspended", "Succeeded", "Failed"
@@ -102,6 +102,14 @@ def termination_message(pod: dict) -> dict:
     except ValueError:
         return {}
     return msg if isinstance(msg, dict) else {}
+
+
+def record_checkpoint(status: dict, message: dict) -> None:
+    """status.lastCheckpoint from a trainer's termination message (known keys only)."""
+    if isinstance(message.get("checkpoint"), dict):
+        status["lastCheckpoint"] = {
+            k: v for k, v in message["checkpoint"].items() if k in ("step", "uri", "time")
+        }
 
 
 def is_stopped(pod: dict) -> bool:
@@ -248,7 +256,10 @@ class Ctx:
         ]
 
     def stop_active(self) -> None:
-        self.plan.delete += [p["metadata"]["name"] for p in self.active()]
+        """Delete every running pod of the job, once per plan however often it is asked."""
+        self.plan.delete += [
+            n for n in (p["metadata"]["name"] for p in self.active()) if n not in self.plan.delete
+        ]
 
 
 # -- the decision ------------------------------------------------------------------------
@@ -368,7 +379,7 @@ def _attempt(c: Ctx, spec: FineTuneJobSpec) -> None:
         st["attemptStartTime"] = c.now_s
         return
 
-    names = {r: f"{c.name}-a{attempt}-w{r}" for r in range(spec.workers)}
+    names = {r: pod_name(c.name, attempt, r) for r in range(spec.workers)}
     rank0 = current.get(0)
     if rank0 is not None and pod_phase(rank0) == Phase.succeeded.value:
         return _succeeded(c, rank0)
@@ -411,8 +422,7 @@ def _succeeded(c: Ctx, rank0: dict) -> None:
     st = c.st
     if isinstance(msg.get("adapter"), dict):
         st["adapter"] = {k: v for k, v in msg["adapter"].items() if k in ("uri", "sha256", "sizeBytes")}
-    if isinstance(msg.get("checkpoint"), dict):
-        st["lastCheckpoint"] = {k: v for k, v in msg["checkpoint"].items() if k in ("step", "uri", "time")}
+    record_checkpoint(st, msg)
     if isinstance(msg.get("step"), int):
         total = (st.get("progress") or {}).get("totalSteps", msg["step"])
         st["progress"] = {
@@ -431,12 +441,9 @@ def _succeeded(c: Ctx, rank0: dict) -> None:
 def _lost(c: Ctx, spec: FineTuneJobSpec, losses: list[Loss]) -> None:
     st = c.st
     c.plan.losses = losses
-    for pod in losses:
-        msg = termination_message(c.pods[pod.pod]) if pod.pod in c.pods else {}
-        if isinstance(msg.get("checkpoint"), dict):
-            st["lastCheckpoint"] = {
-                k: v for k, v in msg["checkpoint"].items() if k in ("step", "uri", "time")
-            }
+    for loss in losses:
+        if loss.pod in c.pods:
+            record_checkpoint(st, termination_message(c.pods[loss.pod]))
     worst = next(
         loss for kind in ("permanent", "failure", "preemption") for loss in losses if loss.kind == kind
     )
