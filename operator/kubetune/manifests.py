@@ -20,6 +20,8 @@ TRAINER_IMAGES = {
     Accelerator.cpu.value: f"ghcr.io/kubetune/trainer-cpu:{__version__}",
 }
 # Where the Secret's keys go in the trainer's environment (boto3's own names).
+# the trainer images' user (trainer_image/Dockerfile.*)
+TRAINER_UID = 10001
 SECRET_ENV = (("AWS_ACCESS_KEY_ID", False), ("AWS_SECRET_ACCESS_KEY", False), ("AWS_SESSION_TOKEN", True))
 
 
@@ -94,7 +96,6 @@ def build_pod(name: str, uid: str, spec: FineTuneJobSpec, attempt: int, rank: in
         "name": "trainer",
         "image": overrides.image or TRAINER_IMAGES[spec.resources.accelerator],
         "command": ["python", "-m", "kubetune_trainer"],
-        "args": ["train"],
         "env": trainer_env(spec, name, attempt, rank),
         "ports": [{"name": "metrics", "containerPort": PROGRESS_PORT, "protocol": "TCP"}],
         "resources": {"requests": placement.requests, "limits": placement.limits},
@@ -114,9 +115,9 @@ def build_pod(name: str, uid: str, spec: FineTuneJobSpec, attempt: int, rank: in
         "enableServiceLinks": False,
         "securityContext": {
             "runAsNonRoot": True,
-            "runAsUser": 1000,
-            "runAsGroup": 1000,
-            "fsGroup": 1000,
+            "runAsUser": TRAINER_UID,
+            "runAsGroup": TRAINER_UID,
+            "fsGroup": TRAINER_UID,
             "seccompProfile": {"type": "RuntimeDefault"},
         },
         "containers": [container],

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -78,6 +79,13 @@ class Validation(ApiModel):
         None, gt=0, lt=1, description="Hold out this fraction of records, chosen by a hash of the record."
     )
     uri: Uri | None = Field(None, description="Separate validation shards.")
+    generate: int = Field(
+        0,
+        ge=0,
+        le=1000,
+        description="Also generate answers for this many held-out examples and report their exact match "
+        "with the reference, before and after training (status, metrics.json, model card).",
+    )
 
     @model_validator(mode="after")
     def _at_most_one(self) -> Validation:
@@ -117,6 +125,11 @@ class Dataset(ApiModel):
     validation: Validation | None = None
     max_seq_length: int = Field(512, ge=16, le=131072, description="Tokens per training sequence.")
     packing: bool = Field(True, description="Pack several examples into each sequence (no padding waste).")
+    shuffle: bool = Field(
+        True,
+        description="Visit shards in an order drawn from seed and epoch, and permute records within "
+        "windows of 1024; deterministic, so a resumed run reads exactly what the interrupted one would have.",
+    )
     train_on_inputs: bool = Field(False, description="Also compute the loss on prompt tokens.")
     max_bad_records: float = Field(
         0.01, ge=0, le=1, description="Fraction of malformed records tolerated before the job fails."
@@ -205,12 +218,27 @@ class TrainingConfig(ApiModel):
     output: Output
 
 
+_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+def expand_vars(text: str, environ) -> str:
+    """${VAR} in a local config file (e.g. file://${PWD}/runs/...): URIs must be absolute,
+    and a shared example cannot know where it was checked out. Undefined is an error."""
+
+    def sub(m: re.Match) -> str:
+        if m.group(1) not in environ:
+            raise ValueError(f"the config uses ${{{m.group(1)}}}, which is not set")
+        return environ[m.group(1)]
+
+    return _VAR.sub(sub, text)
+
+
 def load_config(path: str | Path | None = None, environ: dict[str, str] | None = None) -> TrainingConfig:
     """From a JSON/YAML file (a whole FineTuneJob or just its training part), or from
     the KUBETUNE_CONFIG environment variable holding JSON."""
     environ = os.environ if environ is None else environ
     if path is not None:
-        text = Path(path).read_text()
+        text = expand_vars(Path(path).read_text(), environ)
         import yaml  # a JSON document is YAML too
 
         data: Any = yaml.safe_load(text)

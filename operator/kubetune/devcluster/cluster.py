@@ -20,11 +20,11 @@ import yaml
 
 from . import procs
 from .certs import CertPaths, write_dev_certs
+from .minio import S3_REGION, minio_command, minio_env
 from .nodes import NodeSpec, default_nodes, node_manifest
 
 REPO_ROOT = Path(__file__).resolve().parents[3]
 STAGES_FILE = Path(__file__).with_name("kwok-stages.yaml")
-S3_REGION = "us-east-1"
 
 
 def tool_dirs() -> dict[str, Path]:
@@ -180,24 +180,8 @@ class DevCluster:
         if self.minio:
             self._spawn(
                 "minio",
-                [
-                    str(bins["minio"] / "minio"),
-                    "server",
-                    "--quiet",
-                    "--address",
-                    f"127.0.0.1:{port['s3']}",
-                    "--console-address",
-                    f"127.0.0.1:{port['s3console']}",
-                    str(w / "minio-data"),
-                ],
-                env={
-                    "PATH": os.environ.get("PATH", ""),
-                    "HOME": str(w),
-                    "MINIO_ROOT_USER": s3_key,
-                    "MINIO_ROOT_PASSWORD": s3_secret,
-                    "MINIO_BROWSER": "off",
-                    "MINIO_UPDATE": "off",
-                },
+                minio_command(bins["minio"] / "minio", port["s3"], port["s3console"], w / "minio-data"),
+                env=minio_env(w, s3_key, s3_secret),
             )
         self._wait(lambda: _http_ok(f"{etcd}/health"), "etcd /health")
 

@@ -1,0 +1,786 @@
+#!/usr/bin/env python3
+"""Generate the small synthetic text-to-SQL dataset in examples/data/text-to-sql/.
+
+The records are shaped like b-mc2/sql-create-context: a natural-language ``question``, a
+``context`` of one or two ``CREATE TABLE`` statements, and the SQL ``answer``. Everything
+is made up here from a fixed vocabulary with ``random.Random(SEED)``, so running this
+script twice writes byte-identical files:
+
+    python examples/data/make_text_to_sql.py [OUT_DIR]
+
+The eval split uses only table topics that never occur in train (held-out schemas), with
+the same SQL patterns and question templates. Values in a WHERE clause appear verbatim in
+the question and every column of the answer appears in the context, so the exact SQL can
+be inferred from question + context.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+SEED = 20240611
+TRAIN_ROWS = 2000
+TRAIN_SHARDS = 2
+EVAL_ROWS = 120
+DEFAULT_OUT = Path(__file__).resolve().parent / "text-to-sql"
+
+# ---------------------------------------------------------------------------------------------
+# Value pools
+# ---------------------------------------------------------------------------------------------
+
+# fmt: off
+FIRST = [
+    "James", "Maria", "Robert", "Linda", "Michael", "Sarah", "David", "Emma", "Daniel", "Olivia",
+    "Thomas", "Sofia", "Kevin", "Anna", "Brian", "Laura", "Jorge", "Mei", "Ahmed", "Fatima",
+    "Lucas", "Chloe", "Ivan", "Nina", "Paul", "Grace", "Omar", "Elena", "Victor", "Hannah",
+]
+LAST = [
+    "Smith", "Garcia", "Johnson", "Chen", "Brown", "Miller", "Davis", "Lopez", "Wilson", "Anderson",
+    "Taylor", "Moore", "Martin", "Lee", "Walker", "Hall", "Young", "King", "Wright", "Scott",
+    "Green", "Baker", "Adams", "Nelson", "Carter", "Mitchell", "Perez", "Turner", "Parker", "Evans",
+]
+CITIES = [
+    "Boston", "Chicago", "Denver", "Seattle", "Austin", "Miami", "Portland", "Atlanta", "Dallas",
+    "Phoenix", "London", "Paris", "Berlin", "Madrid", "Rome", "Tokyo", "Sydney", "Toronto",
+    "Dublin", "Oslo", "Lisbon", "Vienna", "Prague", "Cairo", "Lima", "New York", "San Diego",
+    "Cape Town", "Hong Kong", "Buenos Aires",
+]
+COUNTRIES = [
+    "France", "Germany", "Spain", "Italy", "Japan", "Brazil", "Canada", "Mexico", "India",
+    "Australia", "Norway", "Sweden", "Egypt", "Kenya", "Chile", "Peru", "Ireland", "Portugal",
+    "United States", "United Kingdom", "South Korea", "New Zealand", "Argentina", "Poland",
+]
+STATES = [
+    "California", "Texas", "Florida", "Ohio", "Oregon", "Nevada", "Georgia", "Alabama", "Maine",
+    "Utah", "Virginia", "Arizona", "Colorado", "Michigan", "New York", "Washington", "Kansas",
+    "Iowa", "Vermont", "Montana",
+]
+ADJ = [
+    "Silent", "Golden", "Hidden", "Broken", "Crimson", "Frozen", "Electric", "Distant", "Wild",
+    "Quiet", "Burning", "Silver", "Lost", "Endless", "Midnight", "Northern", "Velvet", "Iron",
+    "Paper", "Hollow",
+]
+NOUN = [
+    "River", "Garden", "Storm", "Empire", "Harbor", "Forest", "Mirror", "Horizon", "Island", "Road",
+    "Echo", "Valley", "Kingdom", "Shadow", "Lantern", "Ocean", "Canyon", "Compass", "Summit",
+    "Meadow",
+]
+ANIMALS = [
+    "Hawks", "Bears", "Wolves", "Tigers", "Falcons", "Eagles", "Sharks", "Lions", "Rams", "Comets",
+]
+# fmt: on
+
+
+def person(rng: random.Random) -> str:
+    return f"{rng.choice(FIRST)} {rng.choice(LAST)}"
+
+
+def title(rng: random.Random) -> str:
+    return f"The {rng.choice(ADJ)} {rng.choice(NOUN)}"
+
+
+# String value kinds: a tuple is a categorical list; these names are generators.
+STRING_KINDS = {
+    "person": person,
+    "title": title,
+    "city": lambda r: r.choice(CITIES),
+    "country": lambda r: r.choice(COUNTRIES),
+    "state": lambda r: r.choice(STATES),
+    "adj_noun": lambda r: f"{r.choice(ADJ)} {r.choice(NOUN)}",
+    "team": lambda r: f"{r.choice(CITIES)} {r.choice(ANIMALS)}",
+    "code": lambda r: (
+        f"{r.choice('ABCDEFGHKLMNPRSTUVWZ')}{r.choice('ABCDEFGHKLMNPRSTUVWZ')}{r.randint(100, 999)}"
+    ),
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# Schema vocabulary
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Column:
+    name: str
+    sql_type: str  # VARCHAR, INTEGER or REAL
+    kind: object  # STRING_KINDS key / tuple of categories (VARCHAR); (lo, hi) range (numbers)
+    is_year: bool = False
+
+    @property
+    def numeric(self) -> bool:
+        return self.sql_type != "VARCHAR"
+
+    @property
+    def phrase(self) -> str:
+        return self.name.replace("_", " ")
+
+    @property
+    def plural(self) -> str:
+        return pluralize(self.phrase)
+
+    def value(self, rng: random.Random) -> str:
+        """A value as it appears in the question (and, quoted when a string, in the SQL)."""
+        if self.sql_type == "VARCHAR":
+            if isinstance(self.kind, tuple):
+                return rng.choice(self.kind)
+            return STRING_KINDS[self.kind](rng)
+        lo, hi = self.kind
+        if self.sql_type == "REAL":
+            return f"{rng.uniform(lo, hi):.1f}"
+        v = rng.randint(lo, hi)
+        if not self.is_year and hi - lo >= 1000:  # round big numbers like a person would
+            step = 10 ** (len(str(v)) - 2)
+            v = max(step, v // step * step)
+        return str(v)
+
+
+@dataclass(frozen=True)
+class Topic:
+    table: str
+    singular: str
+    plural: str
+    label: str  # the column that names a row ("name", "title", "model", ...)
+    named: str  # how a question refers to a row by its label: "named", "titled", ...
+    columns: tuple[Column, ...]
+    parent: str | None = None  # a topic this one references through <parent>_id
+    parent_via: str = ""  # how a question says "belongs to", e.g. "play for"
+
+    def col(self, name: str) -> Column:
+        return next(c for c in self.columns if c.name == name)
+
+    @property
+    def label_col(self) -> Column:
+        return self.col(self.label)
+
+
+# Short constructors keep the vocabulary tables readable.
+def V(name, kind):
+    return Column(name, "VARCHAR", kind)
+
+
+def N(name, lo, hi):
+    return Column(name, "INTEGER", (lo, hi))
+
+
+def Y(name, lo, hi):
+    return Column(name, "INTEGER", (lo, hi), is_year=True)
+
+
+def R(name, lo, hi):
+    return Column(name, "REAL", (lo, hi))
+
+
+GENRES_FILM = ("Drama", "Comedy", "Horror", "Action", "Documentary", "Romance")
+GENRES_MUSIC = ("Pop", "Rock", "Jazz", "Folk", "Soul", "Blues")
+DEPTS = ("Sales", "Marketing", "Finance", "Engineering", "Support", "Legal")
+
+# fmt: off
+TRAIN_TOPICS = [
+    Topic("player", "player", "players", "name", "named",
+          (V("name", "person"), N("age", 18, 40), V("position", ("Forward", "Midfielder", "Defender", "Goalkeeper")),
+           V("country", "country"), N("goals", 0, 40)), parent="team", parent_via="play for"),
+    Topic("team", "team", "teams", "name", "named",
+          (V("name", "team"), V("city", "city"), Y("founded_year", 1880, 2010), N("wins", 0, 82),
+           V("conference", ("East", "West", "North", "South")))),
+    Topic("employee", "employee", "employees", "name", "named",
+          (V("name", "person"), N("age", 22, 65), V("city", "city"), N("salary", 30000, 150000),
+           Y("hire_year", 1990, 2023)), parent="department", parent_via="work in"),
+    Topic("department", "department", "departments", "name", "named",
+          (V("name", DEPTS), N("budget", 1, 500), N("num_employees", 5, 900), Y("creation_year", 1950, 2020),
+           V("city", "city"))),
+    Topic("head", "head", "heads", "name", "named",
+          (V("name", "person"), V("born_state", "state"), N("age", 40, 75), Y("start_year", 1990, 2022))),
+    Topic("ship", "ship", "ships", "name", "named",
+          (V("name", "adj_noun"), V("type", ("Cargo", "Tanker", "Frigate", "Cruiser", "Ferry")),
+           N("tonnage", 1000, 90000), Y("built_year", 1950, 2020), V("flag", "country"), V("home_port", "city"))),
+    Topic("film", "film", "films", "title", "titled",
+          (V("title", "title"), V("director", "person"), Y("release_year", 1960, 2023), V("genre", GENRES_FILM),
+           N("box_office", 1, 900), N("running_time", 80, 200))),
+    Topic("school", "school", "schools", "name", "named",
+          (V("name", "adj_noun"), V("city", "city"), N("enrollment", 200, 3000), Y("founded_year", 1850, 2010),
+           V("type", ("Public", "Private", "Charter")))),
+    Topic("election", "election", "elections", "candidate", "with candidate",
+          (V("candidate", "person"), V("party", ("Democratic", "Republican", "Green", "Independent", "Libertarian")),
+           N("votes", 1000, 90000), Y("year", 1980, 2022), V("state", "state"))),
+    Topic("airport", "airport", "airports", "name", "named",
+          (V("name", "adj_noun"), V("city", "city"), V("country", "country"), N("passengers", 10000, 900000),
+           N("runways", 1, 6), Y("opened_year", 1920, 2015))),
+    Topic("singer", "singer", "singers", "name", "named",
+          (V("name", "person"), V("country", "country"), N("age", 18, 80), V("genre", GENRES_MUSIC),
+           N("net_worth", 1, 500))),
+    Topic("album", "album", "albums", "title", "titled",
+          (V("title", "title"), Y("release_year", 1965, 2023), N("sales", 1000, 900000), V("genre", GENRES_MUSIC),
+           V("record_label", ("Atlantic", "Columbia", "Motown", "Island", "Capitol"))),
+          parent="singer", parent_via="were recorded by"),
+    Topic("book", "book", "books", "title", "titled",
+          (V("title", "title"), V("author", "person"), Y("publication_year", 1900, 2023), N("pages", 100, 900),
+           V("publisher", ("Penguin", "HarperCollins", "Macmillan", "Scholastic", "Random House")))),
+    Topic("restaurant", "restaurant", "restaurants", "name", "named",
+          (V("name", "adj_noun"), V("city", "city"),
+           V("cuisine", ("Italian", "Mexican", "Thai", "Indian", "French", "Greek")), R("rating", 1, 5),
+           N("seats", 10, 300))),
+    Topic("hospital", "hospital", "hospitals", "name", "named",
+          (V("name", "adj_noun"), V("city", "city"), V("state", "state"), N("beds", 20, 1500),
+           Y("founded_year", 1850, 2015))),
+    Topic("stadium", "stadium", "stadiums", "name", "named",
+          (V("name", "adj_noun"), V("city", "city"), N("capacity", 5000, 90000), Y("opened_year", 1900, 2020),
+           V("surface", ("Grass", "Turf", "Hybrid")))),
+    Topic("car", "car", "cars", "model", "with model",
+          (V("model", "code"), V("manufacturer", ("Ford", "Toyota", "Honda", "BMW", "Fiat", "Volvo")),
+           Y("year", 1990, 2023), N("horsepower", 70, 600), N("price", 9000, 120000),
+           V("fuel_type", ("Petrol", "Diesel", "Electric", "Hybrid")))),
+    Topic("store", "store", "stores", "name", "named",
+          (V("name", "adj_noun"), V("city", "city"), V("manager", "person"), N("revenue", 10000, 990000),
+           N("num_staff", 3, 200)), parent="company", parent_via="are owned by"),
+    Topic("company", "company", "companies", "name", "named",
+          (V("name", "adj_noun"), V("industry", ("Banking", "Retail", "Energy", "Software", "Mining")),
+           V("headquarters", "city"), N("employees", 10, 90000), Y("founded_year", 1850, 2020))),
+    Topic("course", "course", "courses", "title", "titled",
+          (V("title", ("Linear Algebra", "Organic Chemistry", "World History", "Data Structures", "Microeconomics",
+                       "Music Theory", "Genetics", "Public Speaking")),
+           V("instructor", "person"), N("credits", 1, 5), V("department", DEPTS), N("enrollment", 5, 400))),
+    Topic("student", "student", "students", "name", "named",
+          (V("name", "person"), N("age", 17, 30), V("major", ("Biology", "History", "Physics", "Economics", "Music")),
+           R("gpa", 2, 4), V("city", "city"), Y("enrollment_year", 2010, 2023)),
+          parent="university", parent_via="study at"),
+    Topic("university", "university", "universities", "name", "named",
+          (V("name", "adj_noun"), V("city", "city"), V("state", "state"), N("enrollment", 1000, 60000),
+           Y("founded_year", 1700, 2000), V("type", ("Public", "Private")))),
+    Topic("museum", "museum", "museums", "name", "named",
+          (V("name", "adj_noun"), V("city", "city"), Y("open_year", 1850, 2020), N("num_staff", 5, 400),
+           N("visitors", 1000, 900000))),
+    Topic("river", "river", "rivers", "name", "named",
+          (V("name", "adj_noun"), V("country", "country"), N("length_km", 50, 6000), N("discharge", 10, 9000))),
+    Topic("mountain", "mountain", "mountains", "name", "named",
+          (V("name", "adj_noun"), V("country", "country"), N("height", 1000, 8800),
+           V("mountain_range", ("Alps", "Andes", "Rockies", "Himalayas", "Pyrenees")), Y("first_ascent_year", 1780, 1990))),
+    Topic("product", "product", "products", "name", "named",
+          (V("name", "adj_noun"), V("category", ("Toys", "Books", "Garden", "Kitchen", "Sports")),
+           R("price", 1, 500), N("stock", 0, 900), V("supplier", "person"))),
+    Topic("customer", "customer", "customers", "name", "named",
+          (V("name", "person"), V("city", "city"), V("country", "country"), N("age", 18, 90),
+           N("credit_limit", 500, 50000), V("membership", ("Gold", "Silver", "Bronze")))),
+    Topic("flight", "flight", "flights", "flight_number", "with flight number",
+          (V("flight_number", "code"), V("origin", "city"), V("destination", "city"), N("distance", 100, 9000),
+           N("duration", 40, 900), V("airline", ("Delta", "Lufthansa", "Qantas", "Emirates", "Iberia")))),
+    Topic("hotel", "hotel", "hotels", "name", "named",
+          (V("name", "adj_noun"), V("city", "city"), N("stars", 1, 5), N("rooms", 10, 900),
+           N("price_per_night", 40, 900))),
+    Topic("musician", "musician", "musicians", "name", "named",
+          (V("name", "person"), V("instrument", ("Piano", "Violin", "Guitar", "Drums", "Cello")),
+           V("country", "country"), N("age", 16, 85), Y("debut_year", 1960, 2022))),
+    Topic("gymnast", "gymnast", "gymnasts", "name", "named",
+          (V("name", "person"), V("country", "country"), N("age", 14, 32), R("floor_points", 5, 10),
+           R("total_points", 30, 60))),
+    Topic("train", "train", "trains", "name", "named",
+          (V("name", "adj_noun"), V("origin", "city"), V("destination", "city"), N("speed", 60, 350),
+           Y("built_year", 1960, 2022), V("service", ("Daily", "Weekly", "Weekend")))),
+    Topic("station", "station", "stations", "name", "named",
+          (V("name", "adj_noun"), V("city", "city"), N("platforms", 1, 30), Y("opened_year", 1840, 2020),
+           N("passengers", 1000, 900000))),
+    Topic("park", "park", "parks", "name", "named",
+          (V("name", "adj_noun"), V("city", "city"), N("area_acres", 5, 9000), Y("established_year", 1850, 2020),
+           V("type", ("National", "State", "Municipal")))),
+    Topic("video_game", "video game", "video games", "title", "titled",
+          (V("title", "title"), V("publisher", ("Nintendo", "Sega", "Ubisoft", "Capcom", "Konami")),
+           Y("release_year", 1985, 2023), V("platform", ("PC", "Xbox", "PlayStation", "Switch")),
+           N("sales", 1000, 900000), R("rating", 1, 10))),
+    Topic("tv_show", "TV show", "TV shows", "title", "titled",
+          (V("title", "title"), V("network", ("NBC", "CBS", "ABC", "HBO", "Fox")), N("seasons", 1, 20),
+           Y("premiere_year", 1970, 2023), R("rating", 1, 10))),
+    Topic("coach", "coach", "coaches", "name", "named",
+          (V("name", "person"), N("age", 30, 75), V("country", "country"), N("wins", 0, 900),
+           N("years_active", 1, 40)), parent="team", parent_via="work for"),
+    Topic("building", "building", "buildings", "name", "named",
+          (V("name", "adj_noun"), V("city", "city"), N("floors", 2, 120), N("height_m", 10, 830),
+           Y("completed_year", 1880, 2023))),
+    Topic("race", "race", "races", "name", "named",
+          (V("name", "adj_noun"), V("city", "city"), Y("year", 1950, 2023), N("laps", 10, 90),
+           V("winner", "person"))),
+    Topic("hotel_guest", "hotel guest", "hotel guests", "name", "named",
+          (V("name", "person"), V("country", "country"), N("nights", 1, 30), N("age", 18, 90),
+           V("room_type", ("Single", "Double", "Suite")))),
+]
+# fmt: on
+
+# Held-out schemas: none of these tables occurs in train.
+# fmt: off
+EVAL_TOPICS = [
+    Topic("aircraft", "aircraft", "aircraft", "model", "with model",
+          (V("model", "code"), V("manufacturer", ("Boeing", "Airbus", "Embraer", "Bombardier")), N("seats", 50, 600),
+           N("range_km", 1000, 16000), Y("first_flight_year", 1960, 2020))),
+    Topic("pilot", "pilot", "pilots", "name", "named",
+          (V("name", "person"), N("age", 22, 65), V("rank", ("Captain", "First Officer", "Second Officer")),
+           V("country", "country"), N("flight_hours", 200, 30000)), parent="aircraft", parent_via="fly"),
+    Topic("county", "county", "counties", "name", "named",
+          (V("name", "adj_noun"), V("state", "state"), N("population", 1000, 900000), N("area_sq_km", 100, 9000),
+           V("county_seat", "city"))),
+    Topic("bridge", "bridge", "bridges", "name", "named",
+          (V("name", "adj_noun"), N("length_m", 20, 3000), Y("built_year", 1850, 2022),
+           V("type", ("Suspension", "Arch", "Beam", "Truss"))), parent="county", parent_via="are located in"),
+    Topic("wine", "wine", "wines", "name", "named",
+          (V("name", "adj_noun"), V("grape", ("Merlot", "Chardonnay", "Syrah", "Riesling", "Malbec")),
+           V("country", "country"), Y("vintage", 1980, 2022), N("price", 5, 900), N("score", 70, 100))),
+    Topic("festival", "festival", "festivals", "name", "named",
+          (V("name", "adj_noun"), V("city", "city"), Y("year", 1990, 2023), N("attendance", 1000, 900000),
+           N("num_of_films", 5, 400))),
+    Topic("phone", "phone", "phones", "model", "with model",
+          (V("model", "code"), V("brand", ("Samsung", "Apple", "Nokia", "Motorola", "Xiaomi")),
+           Y("release_year", 2005, 2023), N("price", 50, 2000), N("storage_gb", 8, 1024), R("screen_size", 4, 7))),
+]
+# fmt: on
+
+
+def pluralize(phrase: str) -> str:
+    """'city' -> 'cities', 'price per night' -> 'prices per night'; plurals and units stay."""
+    if " per " in phrase:
+        head, _, tail = phrase.partition(" per ")
+        return f"{pluralize(head)} per {tail}"
+    last = phrase.split()[-1]
+    if phrase.endswith("s") or phrase.startswith("num ") or last in ("km", "m", "gb", "active"):
+        return phrase
+    if phrase.endswith("y") and phrase[-2:-1] not in ("a", "e", "o", "u"):
+        return phrase[:-1] + "ies"
+    if phrase.endswith(("s", "x", "ch", "sh")):
+        return phrase + "es"
+    return phrase + "s"
+
+
+# ---------------------------------------------------------------------------------------------
+# Question phrasing
+# ---------------------------------------------------------------------------------------------
+
+OP_WORDS = {
+    ">": ("greater than", "more than", "above", "larger than", "over"),
+    "<": ("less than", "below", "smaller than", "under"),
+    "=": ("",),
+}
+AGG_WORDS = {
+    "MAX": ("maximum", "highest", "largest"),
+    "MIN": ("minimum", "lowest", "smallest"),
+    "AVG": ("average", "mean"),
+    "SUM": ("total",),
+}
+SUPERLATIVE = {"DESC": ("largest", "highest", "greatest"), "ASC": ("smallest", "lowest")}
+
+
+@dataclass(frozen=True)
+class Cond:
+    col: Column
+    op: str
+    value: str
+
+    def sql(self, prefix: str = "") -> str:
+        v = self.value if self.col.numeric else f'"{self.value}"'
+        return f"{prefix}{self.col.name} {self.op} {v}"
+
+    def whose(self, rng: random.Random) -> str:
+        """'age is greater than 30' / 'position is Forward'."""
+        word = rng.choice(OP_WORDS[self.op])
+        phrase = self.col.phrase
+        verb = "are" if phrase.endswith("s") and not phrase.startswith("num ") else "is"
+        return f"{phrase} {verb} {word} {self.value}".replace("  ", " ")
+
+    def with_(self, rng: random.Random) -> str:
+        """'age greater than 30' / 'position Forward'."""
+        word = rng.choice(OP_WORDS[self.op])
+        return f"{self.col.phrase} {word} {self.value}".replace("  ", " ")
+
+
+class Skip(Exception):
+    """The pattern does not fit the topic (e.g. no numeric column); pick another."""
+
+
+def pick(rng: random.Random, cols, exclude=()) -> Column:
+    cols = [c for c in cols if c.name not in exclude]
+    if not cols:
+        raise Skip
+    return rng.choice(cols)
+
+
+def strings(t: Topic) -> list[Column]:
+    return [c for c in t.columns if not c.numeric and c.name != t.label]
+
+
+def numbers(t: Topic, years: bool = True) -> list[Column]:
+    return [c for c in t.columns if c.numeric and (years or not c.is_year)]
+
+
+def cond(rng: random.Random, t: Topic, exclude=(), numeric: bool | None = None) -> Cond:
+    if numeric is None:
+        numeric = rng.random() < 0.5
+    if numeric:
+        c = pick(rng, numbers(t), exclude)
+        op = rng.choice((">", ">", "<", "<", "="))
+    else:
+        c = pick(rng, strings(t), exclude)
+        op = "="
+    return Cond(c, op, c.value(rng))
+
+
+def target(rng: random.Random, t: Topic, exclude=()) -> Column:
+    """The selected column: usually the label ("names of ..."), sometimes another column."""
+    if rng.random() < 0.75 and t.label not in exclude:
+        return t.label_col
+    return pick(rng, t.columns, exclude)
+
+
+def create_table(t: Topic, used: list[Column], rng: random.Random, extra_cols: list[Column] = ()) -> str:
+    """CREATE TABLE with the used columns plus 0-2 distractors, in the topic's column order."""
+    names = {c.name for c in used} | {c.name for c in extra_cols}
+    rest = [c for c in t.columns if c.name not in names]
+    names |= {c.name for c in rng.sample(rest, min(len(rest), rng.choice((0, 1, 1, 2))))}
+    cols = [c for c in t.columns if c.name in names]
+    decl = [f"{c.name} {c.sql_type}" for c in cols] + [f"{c.name} {c.sql_type}" for c in extra_cols]
+    return f"CREATE TABLE {t.table} ({', '.join(decl)})"
+
+
+# Each pattern returns (question, answer, used columns) for one topic.
+
+
+def p_count_all(rng, t):
+    q = rng.choice(
+        (
+            f"How many {t.plural} are there?",
+            f"Count the number of {t.plural}.",
+            f"What is the total number of {t.plural}?",
+            f"Find the number of {t.plural}.",
+        )
+    )
+    return q, f"SELECT COUNT(*) FROM {t.table}", []
+
+
+def p_count_where(rng, t):
+    c = cond(rng, t)
+    if c.col.name == "age" and c.op != "=" and rng.random() < 0.5:
+        word = "older than" if c.op == ">" else "younger than"
+        q = f"How many {t.plural} are {word} {c.value}?"
+    else:
+        q = rng.choice(
+            (
+                f"How many {t.plural} have {c.with_(rng)}?",
+                f"Count the number of {t.plural} whose {c.whose(rng)}.",
+                f"What is the total number of {t.plural} whose {c.whose(rng)}?",
+                f"Find the number of {t.plural} with {c.with_(rng)}.",
+            )
+        )
+    return q, f"SELECT COUNT(*) FROM {t.table} WHERE {c.sql()}", [c.col]
+
+
+def p_select_where(rng, t):
+    c = cond(rng, t)
+    x = target(rng, t, exclude=(c.col.name,))
+    q = rng.choice(
+        (
+            f"List the {x.plural} of {t.plural} whose {c.whose(rng)}.",
+            f"What are the {x.plural} of the {t.plural} with {c.with_(rng)}?",
+            f"Show the {x.plural} of all {t.plural} whose {c.whose(rng)}.",
+            f"Find the {x.plural} of {t.plural} with {c.with_(rng)}.",
+        )
+    )
+    return q, f"SELECT {x.name} FROM {t.table} WHERE {c.sql()}", [x, c.col]
+
+
+def p_select_by_label(rng, t):
+    x = pick(rng, t.columns, exclude=(t.label,))
+    v = t.label_col.value(rng)
+    q = rng.choice(
+        (
+            f"What is the {x.phrase} of the {t.singular} {t.named} {v}?",
+            f"Find the {x.phrase} of the {t.singular} {t.named} {v}.",
+            f"Give the {x.phrase} of the {t.singular} {t.named} {v}.",
+        )
+    )
+    return q, f'SELECT {x.name} FROM {t.table} WHERE {t.label} = "{v}"', [x, t.label_col]
+
+
+def p_max_min(rng, t):
+    c = pick(rng, numbers(t))
+    q = rng.choice(
+        (
+            f"What are the maximum and minimum {c.phrase} of all {t.plural}?",
+            f"Show the maximum and minimum {c.phrase} across all {t.plural}.",
+            f"Find the largest and smallest {c.phrase} among {t.plural}.",
+            f"What is the highest and lowest {c.phrase} of {t.plural}?",
+        )
+    )
+    return q, f"SELECT MAX({c.name}), MIN({c.name}) FROM {t.table}", [c]
+
+
+def agg_col(rng, t):
+    agg = rng.choice(("MAX", "MIN", "AVG", "AVG", "SUM"))
+    c = pick(rng, numbers(t, years=agg in ("MAX", "MIN")))
+    return agg, rng.choice(AGG_WORDS[agg]), c
+
+
+def p_agg(rng, t):
+    agg, word, c = agg_col(rng, t)
+    q = rng.choice(
+        (
+            f"What is the {word} {c.phrase} of all {t.plural}?",
+            f"Find the {word} {c.phrase} among {t.plural}.",
+            f"Show the {word} {c.phrase} of the {t.plural}.",
+        )
+    )
+    return q, f"SELECT {agg}({c.name}) FROM {t.table}", [c]
+
+
+def p_agg_where(rng, t):
+    agg, word, c = agg_col(rng, t)
+    w = cond(rng, t, exclude=(c.name,), numeric=False)
+    q = rng.choice(
+        (
+            f"What is the {word} {c.phrase} of {t.plural} whose {w.whose(rng)}?",
+            f"Find the {word} {c.phrase} of {t.plural} with {w.with_(rng)}.",
+            f"Show the {word} {c.phrase} for {t.plural} with {w.with_(rng)}.",
+        )
+    )
+    return q, f"SELECT {agg}({c.name}) FROM {t.table} WHERE {w.sql()}", [c, w.col]
+
+
+def p_argmax(rng, t):
+    c = pick(rng, numbers(t))
+    order = rng.choice(("DESC", "ASC"))
+    x = target(rng, t, exclude=(c.name,))
+    if c.name == "age" and x is t.label_col and rng.random() < 0.4:
+        word = "oldest" if order == "DESC" else "youngest"
+        q = f"What is the {x.phrase} of the {word} {t.singular}?"
+    elif x is t.label_col and rng.random() < 0.4:
+        q = f"Which {t.singular} has the {rng.choice(SUPERLATIVE[order])} {c.phrase}?"
+    else:
+        sup = rng.choice(SUPERLATIVE[order])
+        q = rng.choice(
+            (
+                f"What is the {x.phrase} of the {t.singular} with the {sup} {c.phrase}?",
+                f"Find the {x.phrase} of the {t.singular} that has the {sup} {c.phrase}.",
+                f"Return the {x.phrase} of the {t.singular} with the {sup} {c.phrase}.",
+            )
+        )
+    by = f"{c.name} DESC" if order == "DESC" else c.name  # ascending is written without ASC
+    return q, f"SELECT {x.name} FROM {t.table} ORDER BY {by} LIMIT 1", [x, c]
+
+
+def p_order(rng, t):
+    c = pick(rng, numbers(t))
+    x = target(rng, t, exclude=(c.name,))
+    if rng.random() < 0.5:
+        q = rng.choice(
+            (
+                f"List the {x.plural} of all {t.plural} in ascending order of {c.phrase}.",
+                f"Show the {x.plural} of {t.plural} sorted by {c.phrase} from lowest to highest.",
+            )
+        )
+        return q, f"SELECT {x.name} FROM {t.table} ORDER BY {c.name}", [x, c]
+    q = rng.choice(
+        (
+            f"List the {x.plural} of all {t.plural} in descending order of {c.phrase}.",
+            f"Show the {x.plural} of {t.plural} sorted by {c.phrase} from highest to lowest.",
+        )
+    )
+    return q, f"SELECT {x.name} FROM {t.table} ORDER BY {c.name} DESC", [x, c]
+
+
+def p_top_n(rng, t):
+    c = pick(rng, numbers(t))
+    n = rng.randint(2, 5)
+    x = target(rng, t, exclude=(c.name,))
+    q = rng.choice(
+        (
+            f"List the {x.plural} of the top {n} {t.plural} with the highest {c.phrase}.",
+            f"What are the {x.plural} of the {n} {t.plural} with the largest {c.phrase}?",
+        )
+    )
+    return q, f"SELECT {x.name} FROM {t.table} ORDER BY {c.name} DESC LIMIT {n}", [x, c]
+
+
+def p_distinct(rng, t):
+    c = pick(rng, strings(t))
+    q = rng.choice(
+        (
+            f"What are the distinct {c.plural} of all {t.plural}?",
+            f"List all the different {c.plural} of {t.plural}.",
+            f"Show all distinct {c.plural} among {t.plural}.",
+            f"Find the unique {c.plural} of the {t.plural}.",
+        )
+    )
+    return q, f"SELECT DISTINCT {c.name} FROM {t.table}", [c]
+
+
+def p_count_distinct(rng, t):
+    c = pick(rng, strings(t))
+    q = rng.choice(
+        (
+            f"How many distinct {c.plural} are there among {t.plural}?",
+            f"Count the number of different {c.plural} of {t.plural}.",
+        )
+    )
+    return q, f"SELECT COUNT(DISTINCT {c.name}) FROM {t.table}", [c]
+
+
+def p_and(rng, t):
+    a = cond(rng, t, numeric=False)
+    b = cond(rng, t, exclude=(a.col.name,))
+    if rng.random() < 0.3:
+        q = f"How many {t.plural} have {a.with_(rng)} and {b.with_(rng)}?"
+        return q, f"SELECT COUNT(*) FROM {t.table} WHERE {a.sql()} AND {b.sql()}", [a.col, b.col]
+    x = target(rng, t, exclude=(a.col.name, b.col.name))
+    q = rng.choice(
+        (
+            f"List the {x.plural} of {t.plural} whose {a.whose(rng)} and whose {b.whose(rng)}.",
+            f"What are the {x.plural} of the {t.plural} with {a.with_(rng)} and {b.with_(rng)}?",
+            f"Find the {x.plural} of {t.plural} that have {a.with_(rng)} and {b.with_(rng)}.",
+        )
+    )
+    return q, f"SELECT {x.name} FROM {t.table} WHERE {a.sql()} AND {b.sql()}", [x, a.col, b.col]
+
+
+def p_group(rng, t):
+    c = pick(rng, strings(t))
+    if rng.random() < 0.3:
+        q = rng.choice(
+            (
+                f"Which {c.phrase} has the most {t.plural}?",
+                f"What is the most common {c.phrase} among {t.plural}?",
+            )
+        )
+        return q, f"SELECT {c.name} FROM {t.table} GROUP BY {c.name} ORDER BY COUNT(*) DESC LIMIT 1", [c]
+    q = rng.choice(
+        (
+            f"How many {t.plural} are there for each {c.phrase}?",
+            f"Show each {c.phrase} and the number of {t.plural}.",
+            f"For each {c.phrase}, count the number of {t.plural}.",
+        )
+    )
+    return q, f"SELECT {c.name}, COUNT(*) FROM {t.table} GROUP BY {c.name}", [c]
+
+
+PATTERNS = [  # (pattern, weight)
+    (p_count_all, 4),
+    (p_count_where, 11),
+    (p_select_where, 14),
+    (p_select_by_label, 8),
+    (p_max_min, 5),
+    (p_agg, 7),
+    (p_agg_where, 8),
+    (p_argmax, 9),
+    (p_order, 4),
+    (p_top_n, 3),
+    (p_distinct, 5),
+    (p_count_distinct, 3),
+    (p_and, 9),
+    (p_group, 6),
+]
+JOIN_RATE = 0.2  # of the rows whose topic has a parent table (a few percent overall)
+
+
+def join_row(rng, child: Topic, parent: Topic):
+    key = Column(f"{parent.table}_id", "VARCHAR", "code")
+    on = f"T1.{key.name} = T2.{key.name}"
+    frm = f"FROM {child.table} AS T1 JOIN {parent.table} AS T2 ON {on}"
+    a_parent = ("an " if parent.singular[0] in "aeiou" else "a ") + parent.singular
+    kind = rng.choice(("names", "names", "count", "parent"))
+    if kind == "parent":  # the parent's label for a child named by its label
+        v = child.label_col.value(rng)
+        q = rng.choice(
+            (
+                f"What is the {parent.label_col.phrase} of the {parent.singular} of the {child.singular} "
+                f"{child.named} {v}?",
+                f"Find the {parent.label_col.phrase} of the {parent.singular} for the {child.singular} "
+                f"{child.named} {v}.",
+            )
+        )
+        answer = f'SELECT T2.{parent.label} {frm} WHERE T1.{child.label} = "{v}"'
+        child_used, parent_used = [child.label_col], [parent.label_col]
+    else:
+        c = cond(rng, parent, exclude=(parent.label,))
+        where = f"WHERE {c.sql('T2.')}"
+        if kind == "count":
+            q = rng.choice(
+                (
+                    f"How many {child.plural} {child.parent_via} {a_parent} whose {c.whose(rng)}?",
+                    f"Count the {child.plural} that {child.parent_via} {a_parent} with {c.with_(rng)}.",
+                )
+            )
+            answer = f"SELECT COUNT(*) {frm} {where}"
+            child_used = []
+        else:
+            x = child.label_col
+            q = rng.choice(
+                (
+                    f"List the {x.plural} of {child.plural} that {child.parent_via} {a_parent} "
+                    f"whose {c.whose(rng)}.",
+                    f"What are the {x.plural} of the {child.plural} that {child.parent_via} {a_parent} "
+                    f"with {c.with_(rng)}?",
+                )
+            )
+            answer = f"SELECT T1.{x.name} {frm} {where}"
+            child_used = [x]
+        parent_used = [c.col]
+    # like sql-create-context, join keys come last and distractors are few
+    context = (
+        f"{create_table(child, child_used, rng, [key])}; {create_table(parent, parent_used, rng, [key])}"
+    )
+    return q, context, answer
+
+
+def make_row(rng: random.Random, topics: list[Topic]) -> tuple[str, str, str]:
+    by_table = {t.table: t for t in topics}
+    while True:
+        t = rng.choice(topics)
+        if t.parent and rng.random() < JOIN_RATE:
+            return join_row(rng, t, by_table[t.parent])
+        fn = rng.choices([p for p, _ in PATTERNS], weights=[w for _, w in PATTERNS])[0]
+        try:
+            q, answer, used = fn(rng, t)
+        except Skip:
+            continue
+        # COUNT(*) over a whole table names no column; show one or two anyway
+        return q, create_table(t, used or [t.label_col], rng), answer
+
+
+def make_split(rng: random.Random, topics: list[Topic], n: int, prefix: str, width: int) -> list[dict]:
+    rows, seen = [], set()
+    while len(rows) < n:
+        q, context, answer = make_row(rng, topics)
+        if q in seen:
+            continue
+        seen.add(q)
+        rows.append(
+            {"id": f"{prefix}-{len(rows):0{width}d}", "question": q, "context": context, "answer": answer}
+        )
+    return rows
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", encoding="utf-8", newline="\n") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+
+def write_dataset(out_dir: Path) -> None:
+    """(Re)write train/train-0000{0,1}.jsonl and eval/eval.jsonl under out_dir."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    train = make_split(random.Random(SEED), TRAIN_TOPICS, TRAIN_ROWS, "t", 6)
+    evals = make_split(random.Random(SEED + 1), EVAL_TOPICS, EVAL_ROWS, "e", 5)
+    per_shard = -(-len(train) // TRAIN_SHARDS)
+    for i in range(TRAIN_SHARDS):
+        write_jsonl(out_dir / "train" / f"train-{i:05d}.jsonl", train[i * per_shard : (i + 1) * per_shard])
+    write_jsonl(out_dir / "eval" / "eval.jsonl", evals)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    out = Path(argv[0]) if argv else DEFAULT_OUT
+    write_dataset(out)
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,104 @@
+"""A real MinIO server on a free local port: part of the dev cluster, and on its own for
+trainer tests and benchmarks (which stop and restart it to play an S3 outage)."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import subprocess
+from pathlib import Path
+
+from kubetune.devcluster import procs
+
+S3_REGION = "us-east-1"
+
+
+def minio_command(binary: Path, port: int, console_port: int, data: Path) -> list[str]:
+    return [
+        str(binary),
+        "server",
+        "--quiet",
+        "--address",
+        f"127.0.0.1:{port}",
+        "--console-address",
+        f"127.0.0.1:{console_port}",
+        str(data),
+    ]
+
+
+def minio_env(home: Path, access_key: str, secret_key: str) -> dict[str, str]:
+    return {
+        "PATH": os.environ.get("PATH", ""),
+        "HOME": str(home),
+        "MINIO_ROOT_USER": access_key,
+        "MINIO_ROOT_PASSWORD": secret_key,
+        "MINIO_BROWSER": "off",
+        "MINIO_UPDATE": "off",
+    }
+
+
+class MinioServer:
+    """start() / stop() / start() again keeps the port, keys and data: a restart is an
+    outage as a client sees it, not a new server."""
+
+    def __init__(self, workdir: Path) -> None:
+        from kubetune.devcluster.cluster import tool_dirs
+
+        self.workdir = workdir
+        self.binary = tool_dirs()["minio"] / "minio"
+        self.port, self.console_port = procs.free_port(), procs.free_port()
+        self.access_key, self.secret_key = "kubetune-" + secrets.token_hex(4), secrets.token_urlsafe(24)
+        self.endpoint = f"http://127.0.0.1:{self.port}"
+        self.proc: subprocess.Popen | None = None
+
+    def env(self) -> dict[str, str]:
+        """The standard AWS variables a client (boto3, the trainer) reads."""
+        return {
+            "AWS_ENDPOINT_URL": self.endpoint,
+            "AWS_ACCESS_KEY_ID": self.access_key,
+            "AWS_SECRET_ACCESS_KEY": self.secret_key,
+            "AWS_REGION": S3_REGION,
+        }
+
+    def client(self):
+        import boto3
+
+        return boto3.client(
+            "s3",
+            endpoint_url=self.endpoint,
+            aws_access_key_id=self.access_key,
+            aws_secret_access_key=self.secret_key,
+            region_name=S3_REGION,
+        )
+
+    def start(self, timeout_s: float = 60) -> MinioServer:
+        from kubetune.devcluster.cluster import _http_ok
+
+        self.proc = procs.spawn(
+            minio_command(self.binary, self.port, self.console_port, self.workdir / "data"),
+            self.workdir / "minio.log",
+            env=minio_env(self.workdir, self.access_key, self.secret_key),
+        )
+        procs.wait_for(
+            lambda: _http_ok(f"{self.endpoint}/minio/health/ready"),
+            timeout_s,
+            "MinIO ready",
+            procs=[("minio", self.proc, self.workdir / "minio.log")],
+        )
+        return self
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            procs.stop_group(self.proc)
+            self.proc = None
+
+    def close(self) -> None:
+        self.stop()
+        shutil.rmtree(self.workdir / "data", ignore_errors=True)
+
+    def __enter__(self) -> MinioServer:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -1,0 +1,119 @@
+"""Entry point of the trainer image and of `kubetune train`:
+
+    python -m kubetune_trainer [CONFIG]     (or the config as JSON in $KUBETUNE_CONFIG)
+
+Exit codes and the termination message follow kubetune_trainer.signals."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+import traceback
+from pathlib import Path
+
+from kubetune_trainer.signals import (
+    EXIT_CONFIG,
+    EXIT_DATA,
+    EXIT_FAILED,
+    EXIT_NO_INPUT,
+    EXIT_OK,
+    EXIT_PREEMPTED,
+    RedactingFilter,
+    StopFlag,
+    redact,
+    termination_message,
+    write_termination_message,
+)
+
+log = logging.getLogger("kubetune.trainer")
+
+
+def setup_logging(rank: int) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.addFilter(RedactingFilter())
+    handler.setFormatter(
+        logging.Formatter(f"%(asctime)s %(levelname)s rank{rank} %(name)s: %(message)s", "%Y-%m-%dT%H:%M:%S")
+    )
+    logging.basicConfig(level=logging.INFO, handlers=[handler], force=True)
+    for noisy in ("botocore", "boto3", "urllib3", "s3transfer", "httpx"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="kubetune train", description=__doc__.splitlines()[0])
+    ap.add_argument("config", nargs="?", help="YAML/JSON file: a FineTuneJob or its training part")
+    ap.add_argument("--workdir", type=Path, help="local scratch (default: a temporary folder)")
+    ap.add_argument("--progress-port", type=int, default=None, help="serve /progress and /metrics here")
+    args = ap.parse_args(argv)
+    rank = int(os.environ.get("RANK", 0))
+    setup_logging(rank)
+
+    from pydantic import ValidationError
+
+    from kubetune_trainer.config import load_config
+    from kubetune_trainer.data import DataError
+
+    stop = StopFlag()
+    stop.install()
+    try:
+        cfg = load_config(args.config)
+    except (ValidationError, ValueError, OSError) as e:
+        return finish(EXIT_CONFIG, "config-error", error=f"invalid configuration: {e}")
+
+    from kubetune_trainer.progress import ProgressServer
+
+    port = args.progress_port
+    if port is None and "KUBETUNE_PROGRESS_PORT" in os.environ:
+        port = int(os.environ["KUBETUNE_PROGRESS_PORT"])
+    progress = ProgressServer(port if rank == 0 else None)
+    t0 = time.monotonic()
+    try:
+        from kubetune_trainer.export import export
+        from kubetune_trainer.model import model_dir
+        from kubetune_trainer.train import Preempted, Trainer
+
+        trainer = Trainer(cfg, stop=stop, progress=progress, workdir=args.workdir)
+        try:
+            result = trainer.run()
+        except Preempted as p:
+            trainer.ckpts.close()
+            return finish(EXIT_PREEMPTED, "preempted", step=p.step, checkpoint=p.checkpoint)
+        result.metrics["tokens"] = trainer.tokens_seen
+        adapter = None
+        if trainer.dist.main:
+            progress.update(phase="uploading")
+            adapter = export(
+                cfg,
+                trainer.model,
+                trainer.tokenizer,
+                result,
+                trainer.workdir,
+                model_dir(cfg.model, trainer.cache),
+            )
+        trainer.ckpts.close()
+        progress.update(phase="done")
+        log.info("done: %d steps in %.0f s", result.step, time.monotonic() - t0)
+        return finish(EXIT_OK, "completed", step=result.step, checkpoint=result.checkpoint, adapter=adapter)
+    except DataError as e:
+        return finish(EXIT_DATA, "data-error", error=str(e))
+    except FileNotFoundError as e:
+        return finish(EXIT_NO_INPUT, "no-input", error=str(e))
+    except Exception as e:
+        log.error("training failed:\n%s", redact(traceback.format_exc()))
+        return finish(EXIT_FAILED, "failed", error=f"{type(e).__name__}: {e}")
+    finally:
+        progress.close()
+
+
+def finish(code: int, outcome: str, **fields) -> int:
+    text = termination_message(outcome, **fields)
+    write_termination_message(text)
+    (log.info if code in (EXIT_OK, EXIT_PREEMPTED) else log.error)("exit %d: %s", code, text)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,198 @@
+"""Checkpoints under <checkpoint.uri>/step-NNNNNNNN/: adapter, optimizer, scheduler, RNG
+and data-stream state, then `manifest.json` with every file's sha256 — written last, so
+a checkpoint without a manifest (an upload cut short by the end of a grace period) never
+looks complete. Resume takes the newest checkpoint whose files all match their manifest;
+anything else is skipped with a warning and pruned later.
+
+Uploads run on one background thread, at most one in flight: a new checkpoint waits for
+the previous upload, then training goes on while it uploads."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import hashlib
+import json
+import logging
+import re
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from kubetune_trainer.storage import Store, join
+
+log = logging.getLogger("kubetune.checkpoints")
+
+MANIFEST = "manifest.json"
+STEP_DIR = re.compile(r"^step-(\d{8})$")
+FORMAT_VERSION = 1
+
+
+def step_dir(step: int) -> str:
+    return f"step-{step:08d}"
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def make_manifest(folder: Path, step: int) -> dict:
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST)
+    return {
+        "format": FORMAT_VERSION,
+        "step": step,
+        "files": {
+            p.relative_to(folder).as_posix(): {"sha256": sha256_file(p), "size": p.stat().st_size}
+            for p in files
+        },
+    }
+
+
+def steps_in(keys: list[str]) -> dict[int, set[str]]:
+    """step -> relative file names, from a listing of the checkpoint prefix."""
+    found: dict[int, set[str]] = {}
+    for key in keys:
+        head, _, rest = key.partition("/")
+        m = STEP_DIR.match(head)
+        if m and rest:
+            found.setdefault(int(m.group(1)), set()).add(rest)
+    return found
+
+
+def to_prune(complete: list[int], all_steps: list[int], keep: int) -> list[int]:
+    """Keep the newest `keep` complete checkpoints; drop older complete ones and any
+    incomplete one older than the newest complete (a newer incomplete one may still be
+    uploading)."""
+    kept = sorted(complete, reverse=True)[:keep]
+    if not kept:
+        return []
+    oldest_kept, newest = min(kept), max(kept)
+    return sorted(
+        s for s in all_steps if s not in kept and (s < oldest_kept or (s not in complete and s < newest))
+    )
+
+
+@dataclass
+class Restored:
+    step: int
+    folder: Path  # local copy, verified
+    uri: str
+
+
+class CheckpointStore:
+    def __init__(self, store: Store, keep: int, workdir: Path | None = None) -> None:
+        self.store, self.keep = store, keep
+        self.workdir = Path(workdir or tempfile.mkdtemp(prefix="kubetune-ckpt-"))
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.uploader = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="ckpt-upload")
+        self.in_flight: concurrent.futures.Future | None = None
+        self.last_committed: tuple[int, str, float] | None = None  # step, uri, unix time
+
+    def uri(self, step: int) -> str:
+        return f"{self.store.uri.rstrip('/')}/{step_dir(step)}/"
+
+    def local_dir(self, step: int) -> Path:
+        d = self.workdir / step_dir(step)
+        if d.exists():
+            shutil.rmtree(d)
+        d.mkdir(parents=True)
+        return d
+
+    # -- save ---------------------------------------------------------------------------
+    def commit(self, step: int, folder: Path, wait: bool = False) -> None:
+        """Upload `folder` (already filled by the caller) as checkpoint `step`."""
+        self.wait(raise_errors=False)  # at most one upload in flight
+        self.in_flight = self.uploader.submit(self._upload, step, folder)
+        if wait:
+            self.wait()
+
+    def wait(self, raise_errors: bool = True) -> None:
+        """Until the upload in flight is done. A failed periodic upload is not fatal (the
+        next one may succeed; botocore already retried it); a final one is."""
+        if self.in_flight is None:
+            return
+        t0 = time.monotonic()
+        future, self.in_flight = self.in_flight, None
+        try:
+            future.result()
+        except Exception as e:
+            if raise_errors:
+                raise
+            log.warning("a checkpoint upload failed, training goes on: %s", e)
+        if time.monotonic() - t0 > 1:
+            log.info("waited %.1f s for the previous checkpoint upload", time.monotonic() - t0)
+
+    def _upload(self, step: int, folder: Path) -> None:
+        t0 = time.monotonic()
+        manifest = make_manifest(folder, step)
+        prefix = step_dir(step)
+        for name in manifest["files"]:
+            self.store.put_file(folder / name, join(prefix, name))
+        # last: only now does the checkpoint exist for a reader
+        self.store.put_bytes(join(prefix, MANIFEST), json.dumps(manifest, indent=1).encode())
+        self.last_committed = (step, self.uri(step), time.time())
+        size = sum(f["size"] for f in manifest["files"].values())
+        log.info(
+            "checkpoint step %d committed to %s (%.1f MB in %.1f s)",
+            step,
+            self.uri(step),
+            size / 1e6,
+            time.monotonic() - t0,
+        )
+        shutil.rmtree(folder, ignore_errors=True)
+        self.prune()
+
+    def prune(self) -> None:
+        try:
+            listing = steps_in([o.key for o in self.store.list()])
+            complete = [s for s, files in listing.items() if MANIFEST in files]
+            for s in to_prune(complete, list(listing), self.keep):
+                self.store.delete([join(step_dir(s), f) for f in listing[s]])
+                log.info("pruned checkpoint step %d", s)
+        except Exception as e:  # pruning is housekeeping: never fail training over it
+            log.warning("could not prune old checkpoints: %s", e)
+
+    # -- resume -------------------------------------------------------------------------
+    def latest(self) -> Restored | None:
+        """The newest checkpoint whose files all match its manifest, copied locally."""
+        listing = steps_in([o.key for o in self.store.list()])
+        for step in sorted(listing, reverse=True):
+            files = listing[step]
+            if MANIFEST not in files:
+                log.warning("skipping checkpoint step %d: no manifest (incomplete upload)", step)
+                continue
+            try:
+                folder = self._fetch_verified(step)
+            except (ValueError, KeyError, OSError) as e:
+                log.warning("skipping checkpoint step %d: %s", step, e)
+                continue
+            return Restored(step, folder, self.uri(step))
+        return None
+
+    def _fetch_verified(self, step: int) -> Path:
+        prefix = step_dir(step)
+        manifest = json.loads(self.store.read_bytes(join(prefix, MANIFEST)))
+        if manifest.get("format") != FORMAT_VERSION or manifest.get("step") != step:
+            raise ValueError(
+                f"manifest of another format or step: {manifest.get('format')}, {manifest.get('step')}"
+            )
+        folder = self.workdir / f"restore-{prefix}"
+        shutil.rmtree(folder, ignore_errors=True)
+        for name, meta in manifest["files"].items():
+            dest = folder / name
+            self.store.download(join(prefix, name), dest)
+            digest = sha256_file(dest)
+            if digest != meta["sha256"]:
+                raise ValueError(
+                    f"{name}: sha256 {digest[:12]}… does not match the manifest's {meta['sha256'][:12]}…"
+                )
+        return folder
+
+    def close(self) -> None:
+        self.wait()
+        self.uploader.shutdown(wait=True)

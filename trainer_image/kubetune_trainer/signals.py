@@ -1,0 +1,94 @@
+"""The trainer's side of the operator contract: SIGTERM → stop at the next step boundary;
+exit codes; the JSON termination message; secrets scrubbed from anything written out.
+
+Exit codes (sysexits.h):
+  0   done, adapter uploaded
+  75  EX_TEMPFAIL: stopped on request after a checkpoint was committed (resumable)
+  65  EX_DATAERR: the dataset is unusable (too many malformed records)
+  66  EX_NOINPUT: no data shards, or no model files
+  78  EX_CONFIG: the configuration is invalid
+  1   anything else: an application failure, retried up to backoffLimit"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import threading
+from pathlib import Path
+
+EXIT_OK = 0
+EXIT_PREEMPTED = 75
+EXIT_DATA = 65
+EXIT_NO_INPUT = 66
+EXIT_CONFIG = 78
+EXIT_FAILED = 1
+
+TERMINATION_LOG_ENV = "KUBETUNE_TERMINATION_LOG"
+DEFAULT_TERMINATION_LOG = "/dev/termination-log"
+# the kubelet keeps at most 4096 bytes of a termination message
+MAX_MESSAGE = 4096
+SECRET_ENV = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ACCESS_KEY_ID", "HF_TOKEN")
+
+
+class StopFlag:
+    """Set by SIGTERM/SIGINT; the loop checks it at step boundaries."""
+
+    def __init__(self) -> None:
+        self.event = threading.Event()
+        self.signal_name: str | None = None
+
+    def install(self) -> None:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, _frame) -> None:
+        if self.event.is_set() and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl-C at a terminal means now
+        self.signal_name = signal.Signals(signum).name
+        self.event.set()
+
+    def __bool__(self) -> bool:
+        return self.event.is_set()
+
+
+def secrets(environ=os.environ) -> list[str]:
+    return [v for k in SECRET_ENV if len(v := environ.get(k, "")) >= 4]
+
+
+def redact(text: str, environ=os.environ) -> str:
+    for value in secrets(environ):
+        text = text.replace(value, "***")
+    return text
+
+
+class RedactingFilter(logging.Filter):
+    """Last line of defence: no log record carries a credential's value."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if secrets():
+            record.msg = redact(record.getMessage())
+            record.args = ()
+        return True
+
+
+def termination_message(outcome: str, **fields) -> str:
+    """JSON, within the kubelet's 4 KiB, secrets scrubbed."""
+    body = {"outcome": outcome, **{k: v for k, v in fields.items() if v is not None}}
+    text = redact(json.dumps(body, separators=(",", ":")))
+    if len(text) > MAX_MESSAGE and "error" in body:
+        body["error"] = body["error"][: max(0, len(body["error"]) - (len(text) - MAX_MESSAGE) - 16)] + "…"
+        text = redact(json.dumps(body, separators=(",", ":")))
+    return text
+
+
+def write_termination_message(text: str, environ=os.environ) -> Path | None:
+    path = Path(environ.get(TERMINATION_LOG_ENV, DEFAULT_TERMINATION_LOG))
+    try:
+        if path.parent.is_dir() and (path.exists() or TERMINATION_LOG_ENV in environ):
+            path.write_text(text)
+            return path
+    except OSError:
+        pass
+    return None

@@ -1,0 +1,489 @@
+"""The training loop: flat on purpose. Read it top to bottom:
+
+  set up → resume from the newest verified checkpoint → for each optimizer step:
+  gather this rank's micro-batches, count the loss tokens of the whole step (all ranks),
+  forward/backward, clip, step → log, evaluate, checkpoint → stop cleanly on SIGTERM at a
+  step boundary → export the adapter.
+
+The loss of a step is the sum over all its label tokens divided by their number across
+every micro-batch and rank, so gradient accumulation and the number of workers do not
+change the result (only the summation order)."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import random
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from kubetune_trainer.checkpoints import CheckpointStore, Restored
+from kubetune_trainer.config import TrainingConfig
+from kubetune_trainer.data import RecordStream, in_validation
+from kubetune_trainer.progress import ProgressServer, Rate, eta_seconds
+from kubetune_trainer.sequences import IGNORE, SequenceStream, collate, label_tokens, make_encoder
+from kubetune_trainer.signals import StopFlag
+from kubetune_trainer.storage import open_store
+
+log = logging.getLogger("kubetune.train")
+
+MAX_EVAL_EXAMPLES = 256
+STATE_FILE = "trainer_state.json"
+ADAPTER_FILE = "adapter_model.safetensors"
+
+
+class Preempted(Exception):
+    """Stopped on request; a checkpoint for `step` is committed."""
+
+    def __init__(self, step: int, checkpoint: dict | None) -> None:
+        super().__init__(f"stopped at step {step}")
+        self.step, self.checkpoint = step, checkpoint
+
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @classmethod
+    def from_env(cls, environ=os.environ) -> Dist:
+        return cls(
+            int(environ.get("RANK", 0)), int(environ.get("WORLD_SIZE", 1)), int(environ.get("LOCAL_RANK", 0))
+        )
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+@dataclass
+class Result:
+    step: int
+    adapter: dict | None = None
+    checkpoint: dict | None = None
+    metrics: dict = field(default_factory=dict)
+
+
+def seed_everything(seed: int) -> None:
+    import numpy as np
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict:
+    import numpy as np
+    import torch
+
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    import numpy as np
+    import torch
+
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def make_optimizer(name: str, params, lr: float, weight_decay: float):
+    import torch
+
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    import bitsandbytes as bnb
+
+    cls = {
+        "adamw_8bit": bnb.optim.AdamW8bit,
+        "paged_adamw_8bit": bnb.optim.PagedAdamW8bit,
+        "paged_adamw_32bit": bnb.optim.PagedAdamW32bit,
+    }[name]
+    return cls(params, lr=lr, weight_decay=weight_decay)
+
+
+def warmup_steps(ratio: float, total: int) -> int:
+    return math.ceil(ratio * total)
+
+
+def lm_loss(model, batch: dict, num_items, sparse_logits: bool):
+    """Summed next-token cross-entropy over label tokens ÷ num_items (the whole step's).
+
+    sparse_logits: compute logits only where a label follows (transformers' boolean
+    logits_to_keep). With the loss on responses only, that skips most of the LM head —
+    for a 49k-vocabulary 135M model, most of the compute. Same value as the model's own
+    loss; the fallback (older transformers, other architectures) lets the model do it."""
+    import torch
+
+    labels = batch["labels"]
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    if not sparse_logits:
+        return model(**inputs, labels=labels, num_items_in_batch=num_items, use_cache=False).loss
+    keep = torch.zeros_like(labels, dtype=torch.bool)
+    keep[:, :-1] = labels[:, 1:] != IGNORE
+    targets = labels[:, 1:][keep[:, :-1]]
+    logits = model(**inputs, logits_to_keep=keep, use_cache=False).logits
+    loss = torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets, reduction="sum")
+    return loss / num_items
+
+
+def supports_sparse_logits(model) -> bool:
+    """transformers >= 5 takes a boolean logits_to_keep for the usual decoder models."""
+    import inspect
+
+    import transformers
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    major = int(transformers.__version__.split(".")[0])
+    return major >= 5 and "logits_to_keep" in inspect.signature(base.forward).parameters
+
+
+class Trainer:
+    def __init__(
+        self,
+        cfg: TrainingConfig,
+        stop: StopFlag | None = None,
+        progress: ProgressServer | None = None,
+        dist: Dist | None = None,
+        workdir: Path | None = None,
+        environ=os.environ,
+    ) -> None:
+        self.cfg, self.environ = cfg, environ
+        self.stop = stop if stop is not None else StopFlag()  # (a StopFlag not set is falsy)
+        self.dist = dist or Dist.from_env(environ)
+        self.progress = progress or ProgressServer(None)
+        self.workdir = Path(workdir or tempfile.mkdtemp(prefix="kubetune-train-"))
+        self.cache = Path(environ.get("KUBETUNE_CACHE", self.workdir / "cache"))
+        self.trace_path = environ.get("KUBETUNE_SAMPLE_TRACE")  # tests: which samples each step used
+
+    # -- set-up --------------------------------------------------------------------------
+    def setup(self) -> None:
+        import torch
+
+        from kubetune_trainer.model import load_model, load_tokenizer, model_dir, pick_backend
+
+        cfg = self.cfg
+        self.backend = pick_backend(self.environ)
+        self.progress.update(phase="loading", total_steps=cfg.training.max_steps)
+        if self.dist.world > 1:
+            self._init_process_group(torch)
+        path = model_dir(cfg.model, self.cache)
+        self.tokenizer = load_tokenizer(path, cfg.model)
+        seed_everything(cfg.training.seed)  # LoRA init is drawn from it
+        t0 = time.monotonic()
+        self.model = load_model(cfg, self.backend, path, self.dist.local_rank)
+        self.device = next(p.device for p in self.model.parameters() if p.requires_grad)
+        trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+        log.info(
+            "model %s loaded on %s (backend %s) in %.1f s; %.2fM trainable LoRA parameters",
+            cfg.model.name or cfg.model.uri,
+            self.device,
+            self.backend,
+            time.monotonic() - t0,
+            trainable / 1e6,
+        )
+        self.ddp_model = self.model
+        if self.dist.world > 1:
+            self.ddp_model = torch.nn.parallel.DistributedDataParallel(self.model)
+        t = cfg.training
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = make_optimizer(t.optimizer, params, t.learning_rate, t.weight_decay)
+        from transformers import get_scheduler
+
+        self.scheduler = get_scheduler(
+            t.scheduler,
+            self.optimizer,
+            num_warmup_steps=warmup_steps(t.warmup_ratio, t.max_steps),
+            num_training_steps=t.max_steps,
+        )
+        self.ckpts = CheckpointStore(
+            open_store(cfg.checkpoint.uri), cfg.checkpoint.keep, self.workdir / "ckpt"
+        )
+        self.encode = make_encoder(self.tokenizer, cfg.dataset)
+        self.sparse_logits = supports_sparse_logits(self.model)
+
+    def _init_process_group(self, torch) -> None:
+        backend = {"cuda-bnb": "nccl", "xpu-bnb": "xccl", "ipex-llm": "ccl"}.get(self.backend, "gloo")
+        if self.backend == "cuda-bnb":
+            torch.cuda.set_device(self.dist.local_rank)
+        torch.distributed.init_process_group(backend=backend)
+        log.info("rank %d of %d joined (%s)", self.dist.rank, self.dist.world, backend)
+
+    def record_stream(self) -> RecordStream:
+        ds = self.cfg.dataset
+        fraction = ds.validation.fraction if ds.validation else None
+        return RecordStream(
+            open_store(ds.uri),
+            seed=self.cfg.training.seed,
+            shuffle=ds.shuffle,
+            keep=lambda r: not in_validation(r.sample_id, fraction),
+            max_bad_fraction=ds.max_bad_records,
+        )
+
+    def eval_records(self) -> list:
+        ds = self.cfg.dataset
+        if not ds.validation:
+            return []
+        if ds.validation.uri:
+            stream = RecordStream(open_store(ds.validation.uri), seed=0, shuffle=False, epochs=1)
+        else:
+            fraction = ds.validation.fraction
+            stream = RecordStream(
+                open_store(ds.uri),
+                seed=0,
+                shuffle=False,
+                epochs=1,
+                keep=lambda r: in_validation(r.sample_id, fraction),
+            )
+        out = []
+        for record in stream:
+            out.append(record)
+            if len(out) >= MAX_EVAL_EXAMPLES:
+                break
+        return out
+
+    def encoded(self, records) -> list:
+        out = []
+        for record in records:
+            with contextlib.suppress(ValueError):
+                out.append(self.encode(record))
+        return out
+
+    def exact_match(self, records, label: str) -> dict | None:
+        from kubetune_trainer.evaluate import exact_match
+
+        n = self.cfg.dataset.validation.generate if self.cfg.dataset.validation else 0
+        if not n or not records:
+            return None
+        return exact_match(self.model, self.tokenizer, records[:n], self.cfg.dataset, label)
+
+    # -- checkpoints ---------------------------------------------------------------------
+    def save_checkpoint(self, step: int, data_state: dict, history: list, wait: bool) -> dict:
+        import torch
+        from peft import get_peft_model_state_dict
+        from safetensors.torch import save_file
+
+        folder = self.ckpts.local_dir(step)
+        weights = {k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(self.model).items()}
+        save_file(weights, str(folder / ADAPTER_FILE))
+        torch.save(self.optimizer.state_dict(), folder / "optimizer.pt")
+        torch.save(self.scheduler.state_dict(), folder / "scheduler.pt")
+        torch.save(rng_state(), folder / "rng.pt")
+        state = {
+            "step": step,
+            "data": data_state,
+            "history": history,
+            "tokens": self.tokens_seen,
+            "exact_match_before": self.exact_match_before,
+        }
+        (folder / STATE_FILE).write_text(json.dumps(state))
+        self.progress.update(phase="checkpointing" if wait else "training")
+        self.ckpts.commit(step, folder, wait=wait)
+        self.progress.update(last_checkpoint_step=step)
+        self.progress.c_ckpt.inc()
+        return {"step": step, "uri": self.ckpts.uri(step)}
+
+    def restore(self, restored: Restored) -> dict:
+        import torch
+        from peft import set_peft_model_state_dict
+        from safetensors.torch import load_file
+
+        set_peft_model_state_dict(self.model, load_file(str(restored.folder / ADAPTER_FILE)))
+        self.optimizer.load_state_dict(torch.load(restored.folder / "optimizer.pt", weights_only=False))
+        self.scheduler.load_state_dict(torch.load(restored.folder / "scheduler.pt", weights_only=False))
+        set_rng_state(torch.load(restored.folder / "rng.pt", weights_only=False))
+        state = json.loads((restored.folder / STATE_FILE).read_text())
+        shutil.rmtree(restored.folder, ignore_errors=True)
+        return state
+
+    # -- the loop ------------------------------------------------------------------------
+    def run(self) -> Result:
+        import torch
+
+        cfg, t = self.cfg, self.cfg.training
+        self.setup()
+        step, history, data_state, last_ckpt = 0, [], None, None
+        self.tokens_seen, self.exact_match_before = 0, None
+        restored = self.ckpts.latest()
+        if restored:
+            state = self.restore(restored)
+            step, history, data_state = state["step"], state["history"], state["data"]
+            self.tokens_seen = state.get("tokens", 0)
+            self.exact_match_before = state.get("exact_match_before")
+            last_ckpt = {"step": step, "uri": restored.uri}
+            log.info("resumed from %s (step %d)", restored.uri, step)
+            self.progress.update(resumed_from_step=step, last_checkpoint_step=step)
+        records = self.record_stream()
+        seqs = (
+            SequenceStream.restore(
+                records, self.encode, cfg.dataset.max_seq_length, cfg.dataset.packing, data_state
+            )
+            if data_state
+            else SequenceStream(records, self.encode, cfg.dataset.max_seq_length, cfg.dataset.packing)
+        )
+        mine = ((i, s) for i, s in seqs if i % self.dist.world == self.dist.rank)
+        held_out = self.eval_records() if self.dist.main else []
+        eval_set = self.encoded(held_out)
+        if not restored and held_out:
+            # the base model's score (LoRA B starts at zero, so this is the base model)
+            self.exact_match_before = self.exact_match(held_out, "before")
+        pad_id = self.tokenizer.pad_token_id
+        start_step, t_start, last_ckpt_time = step, time.monotonic(), time.monotonic()
+        rate, window_loss, window_steps = Rate(), 0.0, 0
+        self.ddp_model.train()
+        self.progress.update(phase="training", step=step, total_steps=t.max_steps)
+
+        while step < t.max_steps:
+            if self._should_stop(torch):
+                raise Preempted(step, self._stop_checkpoint(step, last_ckpt, seqs, history))
+            # one optimizer step: this rank's micro-batches, then the global loss-token count
+            micro = []
+            for _ in range(t.gradient_accumulation):
+                batch_seqs = [next(mine)[1] for _ in range(t.batch_size)]
+                micro.append((collate(batch_seqs, pad_id, cfg.dataset.packing), batch_seqs))
+            n_tokens = sum(label_tokens(b) for b, _ in micro)
+            global_tokens = self._all_sum(torch, n_tokens)
+            step_loss = 0.0
+            for i, (batch, _) in enumerate(micro):
+                batch = {k: v.to(self.device) for k, v in batch.items()}
+                sync = i == len(micro) - 1 or self.dist.world == 1
+                with contextlib.nullcontext() if sync else self.ddp_model.no_sync():
+                    loss = lm_loss(self.ddp_model, batch, global_tokens, self.sparse_logits)
+                    # DDP averages gradients over ranks; the loss is already global
+                    (loss * self.dist.world).backward()
+                step_loss += loss.item()
+            step_loss = self._all_sum(torch, step_loss)
+            torch.nn.utils.clip_grad_norm_(
+                [p for p in self.model.parameters() if p.requires_grad], t.max_grad_norm
+            )
+            self.optimizer.step()
+            self.scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            step += 1
+            self.tokens_seen += int(global_tokens)
+            self.progress.c_tokens.inc(int(global_tokens))
+            rate.add(sum(int((b["input_ids"] != pad_id).sum()) for b, _ in micro) * self.dist.world)
+            history.append([step, round(step_loss, 6)])
+            window_loss, window_steps = window_loss + step_loss, window_steps + 1
+            self._trace(step, micro)
+
+            if step % t.logging_steps == 0 or step == t.max_steps:
+                elapsed = time.monotonic() - t_start
+                fields = {
+                    "step": step,
+                    "total_steps": t.max_steps,
+                    "loss": round(window_loss / window_steps, 4),
+                    "learning_rate": self.scheduler.get_last_lr()[0],
+                    "tokens_per_second": round(rate.take(), 1),
+                    "epoch": records.state.epoch,
+                    "eta_seconds": eta_seconds(step, t.max_steps, start_step, elapsed),
+                }
+                self.progress.update(**fields)
+                if self.dist.main:
+                    log.info(json.dumps({"event": "train", **fields}))
+                window_loss, window_steps = 0.0, 0
+            if t.eval_steps and step % t.eval_steps == 0 and step < t.max_steps and eval_set:
+                self._evaluate(eval_set, pad_id, step)
+            due = step % cfg.checkpoint.every_steps == 0 or (
+                cfg.checkpoint.every_minutes is not None
+                and time.monotonic() - last_ckpt_time >= cfg.checkpoint.every_minutes * 60
+            )
+            if due and step < t.max_steps and self.dist.main:
+                last_ckpt = self.save_checkpoint(step, seqs.state(), history, wait=False)
+                last_ckpt_time = time.monotonic()
+
+        eval_loss = self._evaluate(eval_set, pad_id, step) if eval_set else None
+        after = self.exact_match(held_out, "after")
+        result = Result(step=step, metrics={"eval_loss": eval_loss, "history": history})
+        if after is not None:
+            result.metrics["exact_match"] = {"before": self.exact_match_before, "after": after}
+        if self.dist.main:
+            # a final checkpoint too: a retry after a failed export does not retrain
+            if last_ckpt is None or last_ckpt["step"] != step:
+                last_ckpt = self.save_checkpoint(step, seqs.state(), history, wait=True)
+            self.ckpts.wait()
+            result.checkpoint = last_ckpt
+        return result
+
+    def _stop_checkpoint(self, step, last_ckpt, seqs, history) -> dict | None:
+        """The SIGTERM checkpoint: nothing new to save if no step ran since the last one."""
+        if not self.dist.main:
+            return last_ckpt
+        self.ckpts.wait()
+        if (last_ckpt is not None and last_ckpt["step"] == step) or step == 0:
+            return last_ckpt
+        t0 = time.monotonic()
+        ckpt = self.save_checkpoint(step, seqs.state(), history, wait=True)
+        log.info(
+            "stop requested (%s): checkpoint of step %d committed in %.1f s",
+            self.stop.signal_name,
+            step,
+            time.monotonic() - t0,
+        )
+        return ckpt
+
+    def _should_stop(self, torch) -> bool:
+        """Every rank must stop at the same step, or the checkpoint would mix steps."""
+        flag = bool(self.stop)
+        if self.dist.world == 1:
+            return flag
+        t = torch.tensor([1.0 if flag else 0.0], device=self.device)
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+        return bool(t.item())
+
+    def _all_sum(self, torch, value):
+        if self.dist.world == 1:
+            return value
+        t = torch.tensor([float(value)], dtype=torch.float64, device=self.device)
+        torch.distributed.all_reduce(t)
+        return type(value)(t.item())
+
+    def _evaluate(self, examples, pad_id, step) -> float:
+        import torch
+
+        from kubetune_trainer.sequences import Sequence
+
+        self.model.eval()
+        total, count = 0.0, 0
+        bs = self.cfg.training.batch_size
+        with torch.no_grad():
+            for i in range(0, len(examples), bs):
+                seqs = []
+                for ex in examples[i : i + bs]:
+                    s = Sequence()
+                    s.add(ex)
+                    seqs.append(s)
+                batch = {k: v.to(self.device) for k, v in collate(seqs, pad_id, packing=False).items()}
+                n = label_tokens(batch)
+                loss = lm_loss(self.model, batch, n, self.sparse_logits)
+                total, count = total + loss.item() * n, count + n
+        self.model.train()
+        loss = total / max(count, 1)
+        self.progress.update(eval_loss=round(loss, 4))
+        log.info(
+            json.dumps(
+                {"event": "eval", "step": step, "eval_loss": round(loss, 4), "examples": len(examples)}
+            )
+        )
+        return loss
+
+    def _trace(self, step: int, micro) -> None:
+        if not self.trace_path:
+            return
+        ids = [sid for _, seqs in micro for s in seqs for sid in s.sample_ids]
+        with open(self.trace_path, "a") as f:
+            f.write(json.dumps({"step": step, "rank": self.dist.rank, "samples": ids}) + "\n")
