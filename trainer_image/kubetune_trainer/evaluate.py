@@ -21,7 +21,9 @@ def normalize(text: str) -> str:
 def exact_match_rate(predictions: list[str], references: list[str]) -> float:
     if not references:
         return 0.0
-    return sum(normalize(p) == normalize(r) for p, r in zip(predictions, references, strict=True)) / len(references)
+    return sum(normalize(p) == normalize(r) for p, r in zip(predictions, references, strict=True)) / len(
+        references
+    )
 
 
 def prompts_and_references(records: list[Record], dataset_cfg, tokenizer) -> tuple[list[str], list[str]]:
@@ -37,7 +39,9 @@ def prompts_and_references(records: list[Record], dataset_cfg, tokenizer) -> tup
     return prompts, refs
 
 
-def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 64, batch_size: int = 16) -> list[str]:
+def generate(
+    model, tokenizer, prompts: list[str], max_new_tokens: int = 64, batch_size: int = 64
+) -> list[str]:
     import torch
 
     device = next(model.parameters()).device
@@ -74,7 +78,13 @@ def exact_match(model, tokenizer, records: list[Record], dataset_cfg, label: str
     longest = max((len(tokenizer(r, add_special_tokens=False)["input_ids"]) for r in refs), default=0)
     preds = generate(model, tokenizer, prompts, max_new_tokens=longest + 8)
     rate = exact_match_rate(preds, refs)
-    log.info("exact match %s training: %.3f on %d held-out examples (%.0f s)", label, rate, len(refs), time.monotonic() - t0)
+    log.info(
+        "exact match %s training: %.3f on %d held-out examples (%.0f s)",
+        label,
+        rate,
+        len(refs),
+        time.monotonic() - t0,
+    )
     return {
         "exact_match": round(rate, 4),
         "examples": len(refs),

@@ -96,6 +96,7 @@ def export(cfg, model, tokenizer, result, workdir: Path, model_path: str) -> dic
         "final_loss": round(sum(loss for _, loss in tail) / len(tail), 4) if tail else None,
         "eval_loss": result.metrics.get("eval_loss"),
         "exact_match": result.metrics.get("exact_match"),
+        "train_seconds_this_attempt": result.metrics.get("train_seconds"),
         "history": history,
     }
     (out / "metrics.json").write_text(json.dumps(metrics))

@@ -137,7 +137,9 @@ def lm_loss(model, batch: dict, num_items, sparse_logits: bool):
     keep[:, :-1] = labels[:, 1:] != IGNORE
     targets = labels[:, 1:][keep[:, :-1]]
     logits = model(**inputs, logits_to_keep=keep, use_cache=False).logits
-    loss = torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets, reduction="sum")
+    loss = torch.nn.functional.cross_entropy(
+        logits.float().reshape(-1, logits.shape[-1]), targets, reduction="sum"
+    )
     return loss / num_items
 
 
@@ -169,6 +171,7 @@ class Trainer:
         self.workdir = Path(workdir or tempfile.mkdtemp(prefix="kubetune-train-"))
         self.cache = Path(environ.get("KUBETUNE_CACHE", self.workdir / "cache"))
         self.trace_path = environ.get("KUBETUNE_SAMPLE_TRACE")  # tests: which samples each step used
+        self.step_log: list[tuple[float, int]] = []  # (end time, this rank's non-padding tokens) per step
 
     # -- set-up --------------------------------------------------------------------------
     def setup(self) -> None:
@@ -376,7 +379,9 @@ class Trainer:
             step += 1
             self.tokens_seen += int(global_tokens)
             self.progress.c_tokens.inc(int(global_tokens))
-            rate.add(sum(int((b["input_ids"] != pad_id).sum()) for b, _ in micro) * self.dist.world)
+            real_tokens = sum(len(seq.input_ids) for _, seqs in micro for seq in seqs)
+            rate.add(real_tokens * self.dist.world)
+            self.step_log.append((time.monotonic(), real_tokens))
             history.append([step, round(step_loss, 6)])
             window_loss, window_steps = window_loss + step_loss, window_steps + 1
             self._trace(step, micro)
@@ -406,9 +411,12 @@ class Trainer:
                 last_ckpt = self.save_checkpoint(step, seqs.state(), history, wait=False)
                 last_ckpt_time = time.monotonic()
 
+        train_seconds = round(time.monotonic() - t_start, 1)
         eval_loss = self._evaluate(eval_set, pad_id, step) if eval_set else None
         after = self.exact_match(held_out, "after")
-        result = Result(step=step, metrics={"eval_loss": eval_loss, "history": history})
+        result = Result(
+            step=step, metrics={"eval_loss": eval_loss, "history": history, "train_seconds": train_seconds}
+        )
         if after is not None:
             result.metrics["exact_match"] = {"before": self.exact_match_before, "after": after}
         if self.dist.main:

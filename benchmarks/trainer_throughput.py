@@ -1,0 +1,193 @@
+"""Trainer throughput against TRL's SFTTrainer, in one run, on this machine's CPU.
+
+Same tiny random Llama (NF4 QLoRA, same LoRA config), same variable-length text-to-SQL
+data (examples/data/text-to-sql, shaped like sql-create-context), same micro-batch size:
+  (a) kubetune with its defaults (packing on, loss on responses) vs SFTTrainer as the
+      seed notebooks ran it (padding, no packing) — non-padding tokens/s;
+  (b) like for like: both unpacked;
+  (c) checkpoint overhead: a checkpoint every step vs none, per step.
+The first steps of every run are warm-up and not timed. Last line: ratio=<(a)>.
+Targets: (a) >= 1.5, (b) >= 0.95.
+
+    python benchmarks/trainer_throughput.py [--steps 40]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT / "examples" / "data" / "text-to-sql"
+WARMUP = 5
+BATCH = 4
+
+
+def records() -> list[dict]:
+    return [
+        json.loads(line)
+        for p in sorted((DATA / "train").glob("*.jsonl"))
+        for line in p.read_text().splitlines()
+    ]
+
+
+def make_model(dest: Path) -> Path:
+    from kubetune_trainer.local_models import tiny_llama
+
+    texts = [f"{r['question']}\n{r['context']}\n{r['answer']}" for r in records()]
+    return tiny_llama(dest, texts, vocab_size=2048, hidden=256, layers=4, heads=8)
+
+
+def config(model: Path, work: Path, steps: int, packing: bool, every: int) -> dict:
+    return {
+        "model": {"uri": f"file://{model}"},
+        "dataset": {
+            "uri": f"file://{DATA}/train/",
+            "template": "text-to-sql",
+            "maxSeqLength": 512,
+            "packing": packing,
+        },
+        "lora": {"r": 16, "alpha": 32, "dropout": 0.05},
+        "training": {
+            "maxSteps": steps,
+            "batchSize": BATCH,
+            "gradientAccumulation": 1,
+            "learningRate": 2e-4,
+            "loggingSteps": 1000,
+        },
+        "checkpoint": {"uri": f"file://{work}/ckpt", "everySteps": every, "everyMinutes": None, "keep": 2},
+        "output": {"uri": f"file://{work}/out"},
+    }
+
+
+def kubetune_run(
+    model: Path, steps: int, packing: bool, every: int, backend: str = "cpu", seq: int = 512
+) -> dict:
+    from kubetune_trainer.config import TrainingConfig
+    from kubetune_trainer.train import Trainer
+
+    with tempfile.TemporaryDirectory() as d:
+        raw = config(model, Path(d), steps, packing, every)
+        raw["dataset"]["maxSeqLength"] = seq
+        cfg = TrainingConfig.model_validate(raw)
+        trainer = Trainer(cfg, workdir=Path(d) / "work", environ={**os.environ, "KUBETUNE_BACKEND": backend})
+        trainer.run()
+        trainer.ckpts.close()
+        log = trainer.step_log
+    times = [t for t, _ in log]
+    tokens = sum(n for _, n in log[WARMUP:])
+    elapsed = times[-1] - times[WARMUP - 1]
+    return {"tokens_per_s": tokens / elapsed, "s_per_step": elapsed / (len(log) - WARMUP)}
+
+
+def trl_run(model_dir: Path, steps: int, backend: str = "cpu", seq: int = 512) -> dict:
+    """SFTTrainer as the seeds ran it: prompt/completion pairs, padded batches, no packing."""
+    from datasets import Dataset
+    from transformers import TrainerCallback
+    from trl import SFTConfig, SFTTrainer
+
+    from kubetune_trainer.config import TrainingConfig
+    from kubetune_trainer.model import load_model, load_tokenizer
+    from kubetune_trainer.templates import render
+
+    with tempfile.TemporaryDirectory() as d:
+        cfg = TrainingConfig.model_validate(config(model_dir, Path(d), steps, False, 1000))
+        tok = load_tokenizer(str(model_dir), cfg.model)
+        model = load_model(cfg, backend, str(model_dir))  # the same NF4 base and LoRA config
+        rows = []
+        for r in records():
+            prompt, answer = render(r, "text-to-sql", {}, None)
+            rows.append({"prompt": prompt, "completion": answer + tok.eos_token})
+        counted: list[int] = []
+        stamps: list[float] = []
+
+        class Stamp(TrainerCallback):
+            def on_step_end(self, args, state, control, **kw):
+                stamps.append(time.monotonic())
+
+        args = SFTConfig(
+            output_dir=d,
+            per_device_train_batch_size=BATCH,
+            gradient_accumulation_steps=1,
+            max_steps=steps,
+            learning_rate=2e-4,
+            lr_scheduler_type="cosine",
+            warmup_ratio=0.03,
+            packing=False,
+            max_length=seq,
+            completion_only_loss=True,
+            logging_steps=1000,
+            save_strategy="no",
+            report_to=[],
+            use_cpu=backend == "cpu",
+            bf16=backend != "cpu",
+            dataloader_num_workers=0,
+            disable_tqdm=True,
+        )
+        trainer = SFTTrainer(
+            model=model,
+            args=args,
+            train_dataset=Dataset.from_list(rows),
+            processing_class=tok,
+            callbacks=[Stamp()],
+        )
+        collate = trainer.data_collator
+
+        def counting(features):
+            batch = collate(features)
+            counted.append(
+                int(batch["attention_mask"].sum())
+                if "attention_mask" in batch
+                else batch["input_ids"].numel()
+            )
+            return batch
+
+        trainer.data_collator = counting
+        trainer.train()
+    tokens = sum(counted[WARMUP:steps])
+    elapsed = stamps[-1] - stamps[WARMUP - 1]
+    return {"tokens_per_s": tokens / elapsed, "s_per_step": elapsed / (len(stamps) - WARMUP)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--steps", type=int, default=40)
+    args = ap.parse_args()
+    import torch
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    with tempfile.TemporaryDirectory() as d:
+        model = make_model(Path(d) / "tiny")
+        trl = trl_run(model, args.steps)
+        packed = kubetune_run(model, args.steps, packing=True, every=10_000)
+        unpacked = kubetune_run(model, args.steps, packing=False, every=10_000)
+        ckpt_every_step = kubetune_run(model, args.steps, packing=True, every=1)
+    ratio_a = packed["tokens_per_s"] / trl["tokens_per_s"]
+    ratio_b = unpacked["tokens_per_s"] / trl["tokens_per_s"]
+    overhead = ckpt_every_step["s_per_step"] - packed["s_per_step"]
+    print(
+        f"machine: {os.cpu_count()} CPU threads, torch {torch.__version__}; {args.steps} steps, batch {BATCH}, first {WARMUP} untimed"
+    )
+    print(f"TRL SFTTrainer (padding, no packing): {trl['tokens_per_s']:.0f} non-padding tokens/s")
+    print(f"kubetune, defaults (packing):         {packed['tokens_per_s']:.0f} tokens/s")
+    print(
+        f"kubetune, unpacked (like for like):   {unpacked['tokens_per_s']:.0f} tokens/s  -> ratio (b) {ratio_b:.2f} (target >= 0.95)"
+    )
+    print(
+        f"checkpoint every step: {ckpt_every_step['s_per_step'] * 1000:.0f} ms/step vs {packed['s_per_step'] * 1000:.0f} ms "
+        f"-> {overhead * 1000:.0f} ms per checkpoint (uploaded in the background)"
+    )
+    print(
+        f"ratio (a) target >= 1.5: {'met' if ratio_a >= 1.5 else 'MISSED'}; ratio (b) target >= 0.95: {'met' if ratio_b >= 0.95 else 'MISSED'}"
+    )
+    print(f"ratio={ratio_a:.2f}")
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(ROOT / "trainer_image"))
+    main()

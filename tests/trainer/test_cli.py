@@ -1,0 +1,101 @@
+"""The trainer process contract, observed from outside: exit codes, the termination
+message, /progress and /metrics while it runs, and no credential anywhere."""
+
+from __future__ import annotations
+
+import json
+import urllib.request
+
+from tests.helpers import wait_for
+from tests.trainer.conftest import run_trainer, start_trainer, tiny_config
+
+
+def get(port: str, path: str) -> bytes:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=2) as r:
+        return r.read()
+
+
+def test_progress_and_metrics_while_training_and_no_secret_anywhere(tiny_model, minio, sql_bucket, tmp_path):
+    cfg = tiny_config(tiny_model, "progress", maxSteps=60, loggingSteps=2)
+    run = start_trainer(cfg, tmp_path, minio, "progress")
+    port = run.env["KUBETUNE_PROGRESS_PORT"]
+    progress = wait_for(
+        lambda: (p := json.loads(get(port, "/progress")))["step"] >= 4 and p,
+        120,
+        "progress at step 4",
+        procs=[run.watch()],
+    )
+    assert progress["totalSteps"] == 60 and progress["phase"] == "training"
+    assert progress["loss"] > 0 and progress["tokensPerSecond"] > 0 and progress["etaSeconds"] is not None
+    metrics = get(port, "/metrics").decode()
+    assert "kubetune_trainer_step " in metrics and "kubetune_trainer_total_steps 60.0" in metrics
+    assert run.wait(300) == 0
+    message = run.termination_message()
+    assert message["outcome"] == "completed" and message["step"] == 60
+    assert message["adapter"]["uri"] == "s3://runs/progress/out/" and len(message["adapter"]["sha256"]) == 64
+    # one structured line per logging step
+    lines = [
+        json.loads(line.split("kubetune.train: ", 1)[1])
+        for line in run.log_text().splitlines()
+        if '"event": "train"' in line
+    ]
+    assert [entry["step"] for entry in lines] == list(range(2, 61, 2))
+    for secret in (minio.secret_key, minio.access_key):
+        for where, text in [
+            ("log", run.log_text()),
+            ("termination message", run.termination.read_text()),
+            ("progress", json.dumps(progress)),
+            ("metrics", metrics),
+        ]:
+            assert secret not in text, f"a credential appears in the trainer's {where}"
+
+
+def test_invalid_config_exits_78_with_a_clear_message(tiny_model, minio, tmp_path):
+    cfg = tiny_config(tiny_model, "bad")
+    cfg["lora"]["r"] = 0
+    run = start_trainer(cfg, tmp_path, minio, "bad")
+    assert run.wait(60) == 78
+    msg = run.termination_message()
+    assert msg["outcome"] == "config-error" and "lora.r" in msg["error"]
+
+
+def test_a_dataset_prefix_without_shards_exits_65(tiny_model, minio, sql_bucket, tmp_path):
+    cfg = tiny_config(tiny_model, "empty")
+    cfg["dataset"]["uri"] = "s3://data/nothing-here/"
+    run = start_trainer(cfg, tmp_path, minio, "empty")
+    assert run.wait(120) == 65
+    assert (
+        "no .jsonl, .jsonl.gz, .jsonl.zst, .parquet shards under s3://data/nothing-here"
+        in run.termination_message()["error"]
+    )
+
+
+def test_output_is_a_peft_adapter_with_card_metrics_and_loss_curve(tiny_model, minio, sql_bucket, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    cfg = tiny_config(tiny_model, "export", maxSteps=12)
+    run_trainer(cfg, tmp_path, minio, "export")
+    s3 = minio.client()
+    keys = {
+        o["Key"].split("/", 2)[2] for o in s3.list_objects_v2(Bucket="runs", Prefix="export/out/")["Contents"]
+    }
+    assert {
+        "adapter_model.safetensors",
+        "adapter_config.json",
+        "tokenizer.json",
+        "metrics.json",
+        "loss_curve.png",
+        "README.md",
+    } <= keys
+    local = tmp_path / "adapter"
+    local.mkdir()
+    for k in keys:
+        s3.download_file("runs", f"export/out/{k}", str(local / k))
+    assert (local / "loss_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    metrics = json.loads((local / "metrics.json").read_text())
+    assert metrics["steps"] == 12 and len(metrics["history"]) == 12 and metrics["eval_loss"] > 0
+    assert "library_name: peft" in (local / "README.md").read_text()
+    # loads with peft onto the (unquantized) base model
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model), local)
+    assert any("lora_A" in n for n, _ in model.named_parameters())

@@ -1,0 +1,122 @@
+"""Pure pieces of the trainer: templates, checkpoint retention, the termination message
+(size, secrets), compute-dtype choice, ETA, config variables."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from kubetune_trainer.checkpoints import steps_in, to_prune
+from kubetune_trainer.config import expand_vars
+from kubetune_trainer.evaluate import exact_match_rate
+from kubetune_trainer.model import compute_dtype_name, lora_targets
+from kubetune_trainer.progress import Progress, eta_seconds
+from kubetune_trainer.signals import MAX_MESSAGE, redact, termination_message
+from kubetune_trainer.templates import RecordError, render
+
+SQL = {
+    "question": "How many heads are older than 56?",
+    "context": "CREATE TABLE head (age INTEGER)",
+    "answer": "SELECT COUNT(*) FROM head WHERE age > 56",
+}
+
+
+def test_text_to_sql_template_is_the_seed_prompt():
+    prompt, response = render(SQL, "text-to-sql", {}, None)
+    assert prompt == (
+        "### Input:\nHow many heads are older than 56?\n\n### Context:\nCREATE TABLE head (age INTEGER)\n\n### Response:\n"
+    )
+    assert response == SQL["answer"]
+
+
+def test_field_mapping_and_missing_fields():
+    rec = {"q": "a?", "ctx": "CREATE TABLE t (x INT)", "sql": "SELECT x FROM t"}
+    fields = {"input": "q", "context": "ctx", "output": "sql"}
+    assert render(rec, "text-to-sql", fields, None)[1] == "SELECT x FROM t"
+    with pytest.raises(RecordError, match="missing field 'answer'"):
+        render({"question": "a", "context": "b"}, "text-to-sql", {}, None)
+
+
+def test_alpaca_with_and_without_input():
+    p, r = render({"instruction": "Add", "input": "1 2", "output": "3"}, "alpaca", {}, None)
+    assert "### Instruction:\nAdd\n\n### Input:\n1 2\n\n### Response:\n" in p and r == "3"
+    p, _ = render({"instruction": "Say hi", "output": "hi"}, "alpaca", {}, None)
+    assert "### Input" not in p
+
+
+def test_completion_classification_and_custom():
+    assert render({"text": "<s>[INST] hi [/INST] yo"}, "completion", {}, None) == (
+        "",
+        "<s>[INST] hi [/INST] yo",
+    )
+    p, r = render({"text": "you idiot", "label": ["toxic", "insult"]}, "classification", {}, None)
+    assert p.endswith("### Label:\n") and r == "toxic, insult"
+    fmt = "### Wikipedia comment: {comment}\n### Classifications:\n{labels}"
+    p, r = render({"comment": "nice", "labels": "N/A"}, "custom", {"output": "labels"}, fmt)
+    assert (p, r) == ("### Wikipedia comment: nice\n### Classifications:\n", "N/A")
+
+
+def test_chat_uses_the_tokenizers_template():
+    class Tok:
+        chat_template = "x"
+
+        def apply_chat_template(self, messages, tokenize=False, add_generation_prompt=False):
+            text = "".join(f"<{m['role']}>{m['content']}</{m['role']}>" for m in messages)
+            return text + ("<assistant>" if add_generation_prompt else "")
+
+    msgs = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
+    p, r = render({"messages": msgs}, "chat", {}, None, Tok())
+    assert (p, r) == ("<user>hi</user><assistant>", "hello</assistant>")
+    with pytest.raises(RecordError, match="last message"):
+        render({"messages": msgs[:1]}, "chat", {}, None, Tok())
+
+
+def test_retention_keeps_newest_complete_and_a_newer_upload_in_progress():
+    assert to_prune(complete=[10, 20, 30, 40], all_steps=[10, 20, 30, 40], keep=2) == [10, 20]
+    # 35 has no manifest and is older than the newest complete: a dead upload, pruned
+    assert to_prune(complete=[10, 20, 40], all_steps=[10, 20, 35, 40], keep=3) == [35]
+    # 50 has no manifest and is newer: maybe still uploading, kept
+    assert to_prune(complete=[10, 20, 40], all_steps=[10, 20, 40, 50], keep=2) == [10]
+    assert to_prune(complete=[], all_steps=[5], keep=2) == []
+    assert steps_in(["step-00000010/a", "step-00000010/manifest.json", "junk/x", "step-12/a"]) == {
+        10: {"a", "manifest.json"}
+    }
+
+
+def test_termination_message_is_json_small_and_free_of_secrets(monkeypatch):
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s3cr3t-value-123")
+    text = termination_message("failed", step=3, error="boom with s3cr3t-value-123 inside " + "x" * 10000)
+    assert len(text) <= MAX_MESSAGE
+    body = json.loads(text)
+    assert body["outcome"] == "failed" and body["step"] == 3
+    assert "s3cr3t-value-123" not in text
+    assert redact("key=s3cr3t-value-123") == "key=***"
+
+
+def test_compute_dtype_auto():
+    assert compute_dtype_name("auto", "cpu") == "float32"
+    assert compute_dtype_name("auto", "cuda-bnb", (7, 5)) == "float16"  # T4
+    assert compute_dtype_name("auto", "cuda-bnb", (8, 0)) == "bfloat16"  # A100
+    assert compute_dtype_name("auto", "xpu-bnb") == "bfloat16"
+    assert compute_dtype_name("float16", "cpu") == "float16"
+    assert lora_targets(["all-linear"]) == "all-linear" and lora_targets(["q_proj"]) == ["q_proj"]
+
+
+def test_eta_and_progress_json():
+    assert eta_seconds(step=60, total=100, start_step=40, elapsed_s=10) == 20
+    assert eta_seconds(step=40, total=100, start_step=40, elapsed_s=10) is None
+    assert set(Progress().to_json()) >= {"step", "totalSteps", "loss", "evalLoss", "etaSeconds", "updatedAt"}
+
+
+def test_exact_match_ignores_whitespace_and_a_trailing_semicolon():
+    assert (
+        exact_match_rate(["SELECT  a FROM t;", "SELECT b FROM t"], ["SELECT a FROM t", "SELECT c FROM t"])
+        == 0.5
+    )
+
+
+def test_config_variables():
+    assert expand_vars("file://${HOME}/x", {"HOME": "/h"}) == "file:///h/x"
+    with pytest.raises(ValueError, match=r"\$\{NOPE\}"):
+        expand_vars("${NOPE}", {})
