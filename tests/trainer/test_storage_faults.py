@@ -3,6 +3,7 @@ proxy in front of MinIO) and a MinIO that is away for 20 s while a trainer runs.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import threading
@@ -52,6 +53,8 @@ class CuttingProxy:
             client.sendall(data)
             sent += len(data)
         for s in (client, upstream):
+            with contextlib.suppress(OSError):
+                s.shutdown(socket.SHUT_RDWR)  # a FIN now, whatever other threads hold
             s.close()
 
     @staticmethod
@@ -86,8 +89,9 @@ def test_a_body_cut_mid_stream_is_resumed_at_its_byte_offset(minio, monkeypatch)
     assert len(ranges) == 2, "one reopen after the cut"
     header = next(line for line in ranges[1].split(b"\r\n") if line.lower().startswith(b"range:"))
     offset = int(header.split(b"=")[1].split(b"-")[0])
-    # resumed where the bytes stopped (less the HTTP headers of the cut response), not from 0
-    assert (1 << 20) - 2048 < offset <= 1 << 20
+    # resumed after what had been read, not from 0 (a read cut mid-call discards its partial
+    # chunk, so the offset may sit a buffer below the cut)
+    assert 512 << 10 <= offset <= 1 << 20
 
 
 def test_training_survives_s3_being_down_for_20_seconds(minio, sql_bucket, tiny_model, tmp_path):

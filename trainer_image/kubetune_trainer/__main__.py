@@ -68,7 +68,9 @@ def main(argv: list[str] | None = None) -> int:
     port = args.progress_port
     if port is None and "KUBETUNE_PROGRESS_PORT" in os.environ:
         port = int(os.environ["KUBETUNE_PROGRESS_PORT"])
-    progress = ProgressServer(port if rank == 0 else None)
+    # on the pod's own IP when known (the dev cluster's pod runner gives every pod its
+    # own 127.0.0.N, so two trainers on one machine do not fight over the port)
+    progress = ProgressServer(port if rank == 0 else None, os.environ.get("POD_IP") or "0.0.0.0")
     t0 = time.monotonic()
     try:
         from kubetune_trainer.export import export

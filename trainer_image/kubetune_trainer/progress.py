@@ -45,7 +45,7 @@ def eta_seconds(step: int, total: int, start_step: int, elapsed_s: float) -> flo
 
 
 class ProgressServer:
-    def __init__(self, port: int | None) -> None:
+    def __init__(self, port: int | None, host: str = "0.0.0.0") -> None:
         self.progress = Progress()
         self.lock = threading.Lock()
         self.registry = CollectorRegistry()
@@ -64,7 +64,7 @@ class ProgressServer:
         self.c_ckpt = Counter("kubetune_trainer_checkpoints", "Checkpoints committed", registry=self.registry)
         self.server = None
         if port is not None:
-            self.server = ThreadingHTTPServer(("0.0.0.0", port), self._handler())
+            self.server = ThreadingHTTPServer((host, port), self._handler())
             self.server.daemon_threads = True
             threading.Thread(target=self.server.serve_forever, daemon=True, name="progress").start()
 
