@@ -7,7 +7,7 @@ export PYTHONPATH := $(CURDIR)/operator:$(CURDIR)/trainer_image
 export PATH := $(VENV)/bin:$(PATH)
 PYTEST_ARGS ?=
 
-.PHONY: deps tools lint generate test demo dev-up dev-down clean bench-startup bench-operator
+.PHONY: deps tools lint generate test demo dev-up dev-down clean bench-startup bench-operator bench-trainer bench-data bench-gpu
 
 deps:
 	@hack/ensure-env.sh >/dev/null
@@ -51,3 +51,12 @@ bench-startup: deps tools
 
 bench-operator: deps tools
 	$(PY) benchmarks/operator_scale.py
+
+bench-trainer: deps
+	$(PY) benchmarks/trainer_throughput.py
+
+bench-data: deps tools
+	$(PY) benchmarks/data_stream.py
+
+bench-gpu: deps
+	$(PY) benchmarks/gpu_qlora.py

@@ -172,6 +172,7 @@ class Trainer:
         self.cache = Path(environ.get("KUBETUNE_CACHE", self.workdir / "cache"))
         self.trace_path = environ.get("KUBETUNE_SAMPLE_TRACE")  # tests: which samples each step used
         self.step_log: list[tuple[float, int]] = []  # (end time, this rank's non-padding tokens) per step
+        self.checkpoint_pauses: list[float] = []  # seconds the loop stood still for each periodic checkpoint
 
     # -- set-up --------------------------------------------------------------------------
     def setup(self) -> None:
@@ -408,8 +409,10 @@ class Trainer:
                 and time.monotonic() - last_ckpt_time >= cfg.checkpoint.every_minutes * 60
             )
             if due and step < t.max_steps and self.dist.main:
+                t_ckpt = time.monotonic()
                 last_ckpt = self.save_checkpoint(step, seqs.state(), history, wait=False)
                 last_ckpt_time = time.monotonic()
+                self.checkpoint_pauses.append(last_ckpt_time - t_ckpt)
 
         train_seconds = round(time.monotonic() - t_start, 1)
         eval_loss = self._evaluate(eval_set, pad_id, step) if eval_set else None
