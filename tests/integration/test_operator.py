@@ -15,6 +15,7 @@ import yaml
 from kubernetes.client.rest import ApiException
 
 from kubetune.api import GROUP, PLURAL, VERSION
+from kubetune.devcluster.cluster import REPO_ROOT
 from kubetune.devcluster.nodes import GKE_SPOT_LABEL, RUNNER_LABEL
 from tests.helpers import wait_for
 
@@ -285,20 +286,40 @@ def test_active_deadline_fails_the_job_and_ttl_deletes_it(operator, core, custom
     wait_for(job_gone, 30, "ttlSecondsAfterFinished to delete the job")
 
 
-def test_application_failures_use_up_backoff_limit(operator, custom, namespace):
-    """On runner nodes the trainer really runs; a dataset that does not exist makes it fail."""
+def test_application_failures_use_up_backoff_limit(operator, custom, namespace, tmp_path):
+    """On runner nodes the trainer really runs; a model folder with a broken config.json
+    makes it fail (exit 1, an application failure), twice."""
+    broken = tmp_path / "broken-model"
+    broken.mkdir()
+    (broken / "config.json").write_text("{not json")
     job = minimal_job(
         "fails",
         backoffLimit=1,
         podOverrides=RUNNER_OVERRIDES,
         resources={"accelerator": "cpu", "cpu": "1", "memory": "1Gi"},
-        dataset={"uri": "file:///nonexistent/kubetune-test-data/"},
+        model={"uri": f"file://{broken}"},
+        dataset={"uri": f"file://{REPO_ROOT}/examples/data/text-to-sql/train/", "template": "text-to-sql"},
     )
     create(custom, namespace, job)
-    st = wait_phase(custom, namespace, "fails", "Failed", timeout_s=60)
+    st = wait_phase(custom, namespace, "fails", "Failed", timeout_s=180)
     assert st["reason"] == "BackoffLimitExceeded"
     assert st["failures"] == 2 and st["preemptions"] == 0 and st["attempt"] == 2
     assert "fails-a2-w0" in st["message"]
+
+
+def test_a_config_error_fails_at_once_without_retries(operator, custom, namespace):
+    """Exit 65 (no data under the prefix) is permanent: one attempt, the trainer's message."""
+    job = minimal_job(
+        "nodata",
+        backoffLimit=3,
+        podOverrides=RUNNER_OVERRIDES,
+        resources={"accelerator": "cpu", "cpu": "1", "memory": "1Gi"},
+        dataset={"uri": "file:///nonexistent/kubetune-test-data/"},
+    )
+    create(custom, namespace, job)
+    st = wait_phase(custom, namespace, "nodata", "Failed", timeout_s=120)
+    assert st["attempt"] == 1 and st["failures"] <= 1
+    assert "no .jsonl, .jsonl.gz, .jsonl.zst, .parquet shards under file:///nonexistent" in st["message"]
 
 
 def test_events_and_kubectl_columns(operator, custom, core, namespace, dev_cluster):

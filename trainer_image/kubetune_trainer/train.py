@@ -25,7 +25,7 @@ from pathlib import Path
 
 from kubetune_trainer.checkpoints import CheckpointStore, Restored
 from kubetune_trainer.config import TrainingConfig
-from kubetune_trainer.data import RecordStream, in_validation
+from kubetune_trainer.data import RecordStream, in_validation, list_shards
 from kubetune_trainer.progress import ProgressServer, Rate, eta_seconds
 from kubetune_trainer.sequences import IGNORE, SequenceStream, collate, label_tokens, make_encoder
 from kubetune_trainer.signals import StopFlag
@@ -185,6 +185,8 @@ class Trainer:
         self.progress.update(phase="loading", total_steps=cfg.training.max_steps)
         if self.dist.world > 1:
             self._init_process_group(torch)
+        # the data first: a wrong prefix fails in a second, not after loading a 7B model
+        list_shards(open_store(cfg.dataset.uri))
         path = model_dir(cfg.model, self.cache)
         self.tokenizer = load_tokenizer(path, cfg.model)
         seed_everything(cfg.training.seed)  # LoRA init is drawn from it
