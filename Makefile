@@ -7,7 +7,7 @@ export PYTHONPATH := $(CURDIR)/operator:$(CURDIR)/trainer_image
 export PATH := $(VENV)/bin:$(PATH)
 PYTEST_ARGS ?=
 
-.PHONY: deps tools lint generate test demo dev-up dev-down clean bench-startup bench-operator bench-trainer bench-data bench-gpu
+.PHONY: deps tools lint generate test demo dev-up dev-down clean bench-startup bench-operator bench-trainer bench-data bench-gpu bench-recovery
 
 deps:
 	@hack/ensure-env.sh >/dev/null
@@ -60,3 +60,6 @@ bench-data: deps tools
 
 bench-gpu: deps
 	$(PY) benchmarks/gpu_qlora.py
+
+bench-recovery: deps tools
+	$(PY) benchmarks/recovery.py

@@ -39,6 +39,7 @@ class OperatorProcess:
                 "--standalone",
                 f"--metrics-port={self.metrics_port}",
                 "--metrics-address=127.0.0.1",
+                "--progress-interval=1",
             ],
             env=env,
             stdout=log,

@@ -38,7 +38,9 @@ def _run(args: argparse.Namespace) -> int:
         logging.getLogger(noisy).setLevel(logging.INFO if args.verbose else logging.WARNING)
     if args.metrics_port:
         metrics.serve(args.metrics_port, args.metrics_address)
-    handlers.register(workers=args.workers, namespaces=args.namespace)
+    handlers.register(
+        workers=args.workers, namespaces=args.namespace, progress_interval_s=args.progress_interval
+    )
     kopf.run(
         clusterwide=not args.namespace,
         namespaces=args.namespace or (),
@@ -129,6 +131,12 @@ def main(argv: list[str] | None = None) -> None:
     run.add_argument("--health-port", type=int, default=0, help="liveness /healthz port (0: off)")
     run.add_argument("--standalone", action="store_true", help="no peering between operator replicas")
     run.add_argument("--peering", default=None, help="kopf peering object name (for replicas > 1)")
+    run.add_argument(
+        "--progress-interval",
+        type=float,
+        default=10.0,
+        help="seconds between polls of running trainers' /progress",
+    )
     run.add_argument("-v", "--verbose", action="store_true")
     run.set_defaults(func=_run)
 

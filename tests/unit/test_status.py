@@ -9,7 +9,7 @@ import datetime as dt
 
 import pytest
 
-from kubetune.status import classify_loss, decide, merge_patch
+from kubetune.status import classify_loss, decide, format_eta, merge_patch, progress_from_trainer
 
 T0 = dt.datetime(2026, 11, 23, 12, 0, tzinfo=dt.timezone.utc)
 
@@ -51,9 +51,9 @@ class World:
         self.now = T0
         self.plans = []
 
-    def reconcile(self, times=1):
+    def reconcile(self, times=1, progress=None):
         for _ in range(times):
-            plan = decide(self.job, list(self.pods.values()), self.now)
+            plan = decide(self.job, list(self.pods.values()), self.now, progress=progress)
             self.plans.append(plan)
             for pod in plan.create:
                 self.pods.setdefault(pod["metadata"]["name"], copy.deepcopy(pod))
@@ -293,3 +293,50 @@ def test_merge_patch_removes_with_null_and_keeps_unchanged_out():
         "b": {"d": None},
     }
     assert merge_patch({"x": 1}, {"x": 1}) == {}
+
+
+def test_polled_progress_reaches_status_only_from_the_current_rank0():
+    w = World(job())
+    w.reconcile()
+    w.set_pod("j-a1-w0", "Running", podIP="10.0.0.5")
+    w.reconcile()
+    body = {
+        "step": 30,
+        "totalSteps": 120,
+        "loss": 0.41234567,
+        "etaSeconds": 3725,
+        "updatedAt": "2026-01-01T00:00:10Z",
+    }
+    st = w.reconcile(progress=("j-a1-w0", body))
+    assert st["progress"] == {
+        "step": 30,
+        "totalSteps": 120,
+        "summary": "30/120 (25%)",
+        "loss": 0.4123,
+        "eta": "1h2m",
+        "updatedAt": "2026-01-01T00:00:10Z",
+    }
+    # an older answer, or one from another pod (a previous attempt), changes nothing
+    assert (
+        w.reconcile(progress=("j-a1-w0", {**body, "step": 10, "updatedAt": "2026-01-01T00:00:05Z"}))[
+            "progress"
+        ]["step"]
+        == 30
+    )
+    assert (
+        w.reconcile(progress=("j-a0-w0", {**body, "step": 99, "updatedAt": "2026-01-01T00:01:00Z"}))[
+            "progress"
+        ]["step"]
+        == 30
+    )
+
+
+def test_progress_formatting():
+    assert (
+        format_eta(None) is None
+        and format_eta(42) == "42s"
+        and format_eta(125) == "2m5s"
+        and format_eta(7260) == "2h1m"
+    )
+    p = progress_from_trainer({"step": 5, "totalSteps": 10, "loss": "bad", "evalLoss": 1.5})
+    assert p == {"step": 5, "totalSteps": 10, "summary": "5/10 (50%)", "evalLoss": 1.5}

@@ -34,9 +34,11 @@ log = logging.getLogger("kubetune.trainer")
 def setup_logging(rank: int) -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.addFilter(RedactingFilter())
-    handler.setFormatter(
-        logging.Formatter(f"%(asctime)s %(levelname)s rank{rank} %(name)s: %(message)s", "%Y-%m-%dT%H:%M:%S")
+    formatter = logging.Formatter(
+        f"%(asctime)s.%(msecs)03d %(levelname)s rank{rank} %(name)s: %(message)s", "%Y-%m-%dT%H:%M:%S"
     )
+    formatter.converter = time.gmtime  # UTC, like every Kubernetes timestamp
+    handler.setFormatter(formatter)
     logging.basicConfig(level=logging.INFO, handlers=[handler], force=True)
     for noisy in ("botocore", "boto3", "urllib3", "s3transfer", "httpx"):
         logging.getLogger(noisy).setLevel(logging.WARNING)

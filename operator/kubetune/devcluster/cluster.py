@@ -118,6 +118,18 @@ class DevCluster:
     def __exit__(self, *exc) -> None:
         self.stop()
 
+    def s3_client(self):
+        import boto3
+
+        ep = self.endpoints
+        return boto3.client(
+            "s3",
+            endpoint_url=ep.s3,
+            aws_access_key_id=ep.s3_access_key,
+            aws_secret_access_key=ep.s3_secret_key,
+            region_name=S3_REGION,
+        )
+
     def env(self) -> dict[str, str]:
         """What a client of this cluster needs: kubeconfig and the S3 endpoint and keys."""
         ep = self.endpoints

@@ -515,6 +515,7 @@ class PodRunner:
                 for m in c.get("volumeMounts") or []
                 if m["name"] in volumes
             ]
+            binds += self._image_binds([dst for _, dst in binds])
             argv = self._in_mount_ns(binds, cwd, argv, cwd_first=not c.get("workingDir"))
         elif c.get("workingDir"):
             Path(cwd).mkdir(parents=True, exist_ok=True)
@@ -533,6 +534,17 @@ class PodRunner:
             rp.ip,
             shlex.join(argv[-3:]),
         )
+
+    def _image_binds(self, mount_points: list[str]) -> list[tuple[Path, str]]:
+        """What stands in for the image (the tree's packages on PYTHONPATH, the venv) must
+        stay visible when a volume is mounted over a folder holding it — e.g. an emptyDir on
+        /tmp while the checkout lives under /tmp: bind it back on top, at the same path."""
+        paths = [p for p in self.base_env.get("PYTHONPATH", "").split(os.pathsep) if p] + [sys.prefix]
+        out = []
+        for p in dict.fromkeys(paths):
+            if Path(p).is_dir() and any(p == m or p.startswith(m.rstrip("/") + "/") for m in mount_points):
+                out.append((Path(p), p))
+        return out
 
     @staticmethod
     def _in_mount_ns(binds: list[tuple[Path, str]], cwd: str, argv: list[str], cwd_first: bool) -> list[str]:

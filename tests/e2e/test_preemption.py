@@ -1,0 +1,322 @@
+"""Spot preemption end to end: the real operator, real trainer processes on the pod
+runner's nodes, data, model and checkpoints in the dev cluster's MinIO. A worker is taken
+away mid-training; the job resumes from its checkpoint and ends with the adapter an
+uninterrupted run produces."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+
+import pytest
+from kubernetes import client
+
+from kubetune.api import GROUP, PLURAL, VERSION
+from kubetune.devcluster.nodes import GKE_SPOT_LABEL, RUNNER_LABEL
+from tests.helpers import wait_for
+from tests.trainer.conftest import SQL_DATA, max_abs_diff
+
+pytestmark = pytest.mark.cluster
+
+RUNNER = {
+    "nodeSelector": {RUNNER_LABEL: "true"},
+    "tolerations": [{"key": RUNNER_LABEL, "operator": "Exists", "effect": "NoSchedule"}],
+}
+STEPS, EVERY = 80, 10
+
+
+@pytest.fixture(scope="module")
+def tiny_model_in_s3(s3, tmp_path_factory):
+    from kubetune_trainer.local_models import tiny_llama
+
+    texts = []
+    for shard in sorted((SQL_DATA / "train").glob("*.jsonl")):
+        for line in shard.read_text().splitlines():
+            r = json.loads(line)
+            texts.append(f"{r['question']}\n{r['context']}\n{r['answer']}")
+    model = tiny_llama(tmp_path_factory.mktemp("e2e-model") / "tiny", texts)
+    for bucket in ("e2e-models", "e2e-data", "e2e-runs"):
+        s3.create_bucket(Bucket=bucket)
+    for f in model.iterdir():
+        if f.is_file() and not f.name.startswith("."):
+            s3.upload_file(str(f), "e2e-models", f"tiny/{f.name}")
+    for f in sorted(SQL_DATA.rglob("*.jsonl")):
+        s3.upload_file(str(f), "e2e-data", f"sql/{f.relative_to(SQL_DATA).as_posix()}")
+    return "s3://e2e-models/tiny/"
+
+
+@pytest.fixture
+def s3_secret(core, namespace, dev_cluster):
+    ep = dev_cluster.endpoints
+    core.create_namespaced_secret(
+        namespace,
+        client.V1Secret(
+            metadata=client.V1ObjectMeta(name="s3"),
+            string_data={"AWS_ACCESS_KEY_ID": ep.s3_access_key, "AWS_SECRET_ACCESS_KEY": ep.s3_secret_key},
+        ),
+    )
+    return "s3"
+
+
+def finetune_job(name: str, namespace: str, model_uri: str, endpoint: str, **spec) -> dict:
+    body = {
+        "model": {"uri": model_uri},
+        "dataset": {
+            "uri": "s3://e2e-data/sql/train/",
+            "template": "text-to-sql",
+            "maxSeqLength": 256,
+            "validation": {"uri": "s3://e2e-data/sql/eval/"},
+        },
+        "lora": {"r": 8, "alpha": 16, "dropout": 0.1},
+        "training": {
+            "maxSteps": STEPS,
+            "batchSize": 4,
+            "gradientAccumulation": 2,
+            "learningRate": 1e-3,
+            "loggingSteps": 1,
+        },
+        "checkpoint": {
+            "uri": f"s3://e2e-runs/{namespace}/{name}/ckpt/",
+            "everySteps": EVERY,
+            "keep": 2,
+            "everyMinutes": None,
+        },
+        "output": {"uri": f"s3://e2e-runs/{namespace}/{name}/out/"},
+        "resources": {"accelerator": "cpu", "cpu": "500m", "memory": "2Gi"},
+        "spot": {"enabled": True},
+        "storage": {"secretRef": {"name": "s3"}, "endpoint": endpoint},
+        "podOverrides": RUNNER,
+        "terminationGracePeriodSeconds": 30,
+        **spec,
+    }
+    return {
+        "apiVersion": f"{GROUP}/{VERSION}",
+        "kind": "FineTuneJob",
+        "metadata": {"name": name},
+        "spec": body,
+    }
+
+
+def status(custom, ns, name) -> dict:
+    return custom.get_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, name).get("status") or {}
+
+
+def wait_status(custom, ns, name, pred, timeout_s, what) -> dict:
+    return wait_for(
+        lambda: (st := status(custom, ns, name)) and pred(st) and st, timeout_s, what, interval_s=0.2
+    )
+
+
+def pod_log(dev_cluster, ns: str, pod: str) -> str:
+    logs = sorted((dev_cluster.workdir / "pods").glob(f"{ns}_{pod}_*/trainer.log"))
+    assert logs, f"no log for pod {pod}"
+    return logs[-1].read_text()
+
+
+def adapter(s3, ns: str, name: str) -> dict:
+    from safetensors.torch import load
+
+    body = s3.get_object(Bucket="e2e-runs", Key=f"{ns}/{name}/out/adapter_model.safetensors")["Body"].read()
+    return load(body)
+
+
+def evict(core, ns: str, pod: str) -> str:
+    """kubectl drain, for one pod: cordon its node, then the Eviction API (grace period kept)."""
+    node = core.read_namespaced_pod(pod, ns).spec.node_name
+    core.patch_node(node, {"spec": {"unschedulable": True}})
+    core.create_namespaced_pod_eviction(
+        pod, ns, client.V1Eviction(metadata=client.V1ObjectMeta(name=pod, namespace=ns))
+    )
+    return node
+
+
+@pytest.fixture
+def uncordon(core):
+    yield
+    for node in core.list_node(label_selector=RUNNER_LABEL).items:
+        if node.spec.unschedulable:
+            core.patch_node(node.metadata.name, {"spec": {"unschedulable": False}})
+
+
+def test_graceful_eviction_resumes_exactly_and_nothing_leaks(
+    operator, custom, core, namespace, s3, s3_secret, tiny_model_in_s3, dev_cluster, uncordon
+):
+    ep = dev_cluster.endpoints.s3
+    # the same job twice: one left alone, one evicted mid-training
+    for name in ("calm", "evicted"):
+        custom.create_namespaced_custom_object(
+            GROUP, VERSION, namespace, PLURAL, finetune_job(name, namespace, tiny_model_in_s3, ep)
+        )
+    st = wait_status(
+        custom, namespace, "evicted", lambda s: (s.get("progress") or {}).get("step", 0) >= 12, 240, "step 12"
+    )
+    # kubectl get ftj while it runs: phase, step/total, loss, preemptions
+    out = subprocess.run(
+        [
+            "kubectl",
+            "--kubeconfig",
+            str(dev_cluster.endpoints.kubeconfig),
+            "-n",
+            namespace,
+            "get",
+            "ftj",
+            "evicted",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.splitlines()
+    cols = out[1].split()
+    assert (
+        cols[1] == "Running" and cols[2].split("/")[1] == str(STEPS) and float(cols[4]) > 0 and cols[5] == "0"
+    ), out
+    node = evict(core, namespace, "evicted-a1-w0")
+
+    st = wait_status(
+        custom,
+        namespace,
+        "evicted",
+        lambda s: s.get("phase") in ("Succeeded", "Failed"),
+        300,
+        "evicted to finish",
+    )
+    assert st["phase"] == "Succeeded", st
+    assert (st["preemptions"], st["failures"], st["attempt"]) == (1, 0, 2)
+    first = (
+        json.loads(
+            core.read_namespaced_pod("evicted-a1-w0", namespace)
+            .status.container_statuses[0]
+            .state.terminated.message
+        )
+        if _exists(core, namespace, "evicted-a1-w0")
+        else None
+    )
+    second_log = pod_log(dev_cluster, namespace, "evicted-a2-w0")
+    stopped = int(second_log.split("resumed from ")[1].split("(step ")[1].split(")")[0])
+    first_log = pod_log(dev_cluster, namespace, "evicted-a1-w0")
+    # lost steps = 0: attempt 2 starts at the step attempt 1's SIGTERM checkpoint recorded
+    assert f"checkpoint of step {stopped} committed" in first_log
+    assert (
+        f'"step": {stopped},' in [line for line in first_log.splitlines() if '"event": "train"' in line][-1]
+    )
+    if first:
+        assert first["outcome"] == "preempted" and first["step"] == stopped
+    assert core.read_namespaced_pod("evicted-a2-w0", namespace).spec.node_name != node
+
+    calm = wait_status(
+        custom, namespace, "calm", lambda s: s.get("phase") in ("Succeeded", "Failed"), 300, "calm to finish"
+    )
+    assert calm["phase"] == "Succeeded" and calm["preemptions"] == 0
+    diff = max_abs_diff(adapter(s3, namespace, "evicted"), adapter(s3, namespace, "calm"))
+    assert diff <= 1e-5, f"the evicted job's adapter differs from the uninterrupted one's by {diff}"
+    assert st["adapter"]["sha256"] and st["adapter"]["uri"].endswith(f"{namespace}/evicted/out/")
+
+    # the S3 secret appears nowhere
+    secret = dev_cluster.endpoints.s3_secret_key
+    job = custom.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, "evicted")
+    events = [e.message for e in core.list_namespaced_event(namespace).items]
+    terminations = [
+        cs.state.terminated.message or ""
+        for p in core.list_namespaced_pod(namespace).items
+        for cs in (p.status.container_statuses or [])
+        if cs.state.terminated
+    ]
+    operator_log = (dev_cluster.workdir / "logs" / "operator.log").read_text()
+    trainer_logs = [
+        pod_log(dev_cluster, namespace, p) for p in ("calm-a1-w0", "evicted-a1-w0", "evicted-a2-w0")
+    ]
+    for where, text in [
+        ("FineTuneJob", json.dumps(job)),
+        ("events", "\n".join(events)),
+        ("termination messages", "\n".join(terminations)),
+        ("operator log", operator_log),
+        ("trainer logs", "\n".join(trainer_logs)),
+    ]:
+        assert secret not in text, f"the S3 secret leaked into the {where}"
+
+
+def _exists(core, ns, pod) -> bool:
+    try:
+        core.read_namespaced_pod(pod, ns)
+        return True
+    except client.ApiException:
+        return False
+
+
+def test_hard_loss_resumes_from_the_last_periodic_checkpoint(
+    operator, custom, core, namespace, s3, s3_secret, tiny_model_in_s3, dev_cluster
+):
+    custom.create_namespaced_custom_object(
+        GROUP,
+        VERSION,
+        namespace,
+        PLURAL,
+        finetune_job("hard", namespace, tiny_model_in_s3, dev_cluster.endpoints.s3),
+    )
+    wait_status(
+        custom,
+        namespace,
+        "hard",
+        lambda s: (s.get("progress") or {}).get("step", 0) >= EVERY + 3,
+        240,
+        "a checkpoint and 3 steps",
+    )
+    # no grace: the pod runner SIGKILLs the trainer at once, as a vanished VM would
+    core.delete_namespaced_pod("hard-a1-w0", namespace, grace_period_seconds=0)
+    st = wait_status(
+        custom, namespace, "hard", lambda s: s.get("phase") in ("Succeeded", "Failed"), 300, "hard to finish"
+    )
+    assert st["phase"] == "Succeeded" and (st["preemptions"], st["failures"]) == (1, 0)
+    first = [
+        json.loads(x.split("kubetune.train: ", 1)[1])
+        for x in pod_log(dev_cluster, namespace, "hard-a1-w0").splitlines()
+        if '"event": "train"' in x
+    ]
+    killed_at = first[-1]["step"]
+    resumed = int(
+        pod_log(dev_cluster, namespace, "hard-a2-w0")
+        .split("resumed from ")[1]
+        .split("(step ")[1]
+        .split(")")[0]
+    )
+    assert resumed % EVERY == 0 and 0 <= killed_at - resumed <= EVERY, (killed_at, resumed)
+
+
+def test_after_on_demand_after_preemptions_the_next_attempt_runs_on_demand(
+    operator, custom, core, namespace, s3, s3_secret, tiny_model_in_s3, dev_cluster, uncordon
+):
+    job = finetune_job(
+        "hopper",
+        namespace,
+        tiny_model_in_s3,
+        dev_cluster.endpoints.s3,
+        spot={"enabled": True, "onDemandAfterPreemptions": 3},
+    )
+    job["spec"]["training"]["maxSteps"] = 400  # outlives five evictions
+    custom.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, job)
+    nodes = {}
+    for attempt in range(1, 6):
+        wait_status(
+            custom,
+            namespace,
+            "hopper",
+            lambda s, a=attempt: s.get("attempt") == a and s.get("phase") == "Running",
+            180,
+            f"attempt {attempt} running",
+        )
+        pod = f"hopper-a{attempt}-w0"
+        node = core.read_namespaced_pod(pod, namespace).spec.node_name
+        nodes[attempt] = core.read_node(node).metadata.labels.get(GKE_SPOT_LABEL) == "true"
+        core.delete_namespaced_pod(pod, namespace)  # a graceful loss, like a reclaim notice
+    st = wait_status(
+        custom,
+        namespace,
+        "hopper",
+        lambda s: s.get("attempt") == 6 and s.get("phase") == "Running",
+        180,
+        "attempt 6",
+    )
+    assert st["preemptions"] == 5 and st["failures"] == 0
+    assert nodes[1] and nodes[2] and nodes[3], "the first attempts prefer spot nodes"
+    assert not nodes[4] and not nodes[5], "after 3 preemptions the attempts run on on-demand capacity"
+    custom.delete_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, "hopper")
