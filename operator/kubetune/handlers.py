@@ -253,22 +253,27 @@ class Controller:
     def poll_progress(self, interval_s: float, stopping: threading.Event, loop) -> None:
         """GET /progress from every running job's rank-0 pod; a changed answer queues a
         reconcile, which folds it into status.progress (one status write, as always)."""
+        # concurrent GETs: one slow or unreachable pod (2 s timeout) must not hold up the rest
+        pool = concurrent.futures.ThreadPoolExecutor(PROGRESS_FETCHERS, thread_name_prefix="progress")
+
+        def poll(key, pod):
+            body = fetch_progress(pod["status"]["podIP"])
+            seen = (pod["metadata"]["name"], body)
+            if body is not None and self.progress.get(key) != seen:
+                self.progress[key] = seen
+                loop.call_soon_threadsafe(self.queue.add, key)
+
         while not stopping.wait(interval_s):
+            targets = []
             for key, job in list(self.jobs.items()):
-                if (job.get("status") or {}).get("phase") != "Running":
-                    continue
-                pod = running_rank0(list(self.pods.get(key, {}).values()), job["status"].get("attempt"))
-                if pod is None:
-                    continue
-                body = fetch_progress(pod["status"]["podIP"])
-                if body is None:
-                    continue
-                seen = (pod["metadata"]["name"], body)
-                if self.progress.get(key) != seen:
-                    self.progress[key] = seen
-                    loop.call_soon_threadsafe(self.queue.add, key)
+                if (job.get("status") or {}).get("phase") == "Running":
+                    pod = running_rank0(list(self.pods.get(key, {}).values()), job["status"].get("attempt"))
+                    if pod is not None:
+                        targets.append((key, pod))
+            list(pool.map(lambda t: poll(*t), targets))
 
 
+PROGRESS_FETCHERS = 16
 CONTROLLER: Controller | None = None
 STOPPING = threading.Event()
 

@@ -356,3 +356,23 @@ def test_s3_put_and_get(s3):
     assert s3.get_object(Bucket=bucket, Key="data/shard-0.jsonl")["Body"].read() == b'{"q": "select 1"}\n'
     keys = [o["Key"] for o in s3.list_objects_v2(Bucket=bucket, Prefix="data/")["Contents"]]
     assert keys == ["data/shard-0.jsonl"]
+
+
+def test_mount_namespace_keeps_sources_that_a_volume_covers(tmp_path):
+    """A volume mounted on /tmp must not hide what is bound after it from under /tmp (the
+    checkout, in CI clones): sources are opened first and mounted without canonicalizing."""
+    import subprocess
+
+    from kubetune.devcluster.podrunner import PodRunner, can_use_mount_namespaces
+
+    if not can_use_mount_namespaces():
+        pytest.skip("no mount namespaces here")
+    assert str(tmp_path).startswith("/tmp/")
+    volume, tree = tmp_path / "volume", tmp_path / "tree"
+    volume.mkdir()
+    tree.mkdir()
+    (tree / "marker.txt").write_text("still here")
+    binds = [(volume, "/tmp"), (tree, str(tree))]
+    argv = PodRunner._in_mount_ns(binds, "/", ["cat", str(tree / "marker.txt")], cwd_first=False)
+    out = subprocess.run(argv, capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout == "still here", out.stderr

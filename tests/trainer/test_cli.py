@@ -75,6 +75,7 @@ def test_output_is_a_peft_adapter_with_card_metrics_and_loss_curve(tiny_model, m
     from transformers import AutoModelForCausalLM
 
     cfg = tiny_config(tiny_model, "export", maxSteps=12)
+    cfg["output"]["mergedModel"] = True
     run_trainer(cfg, tmp_path, minio, "export")
     s3 = minio.client()
     keys = {
@@ -91,6 +92,7 @@ def test_output_is_a_peft_adapter_with_card_metrics_and_loss_curve(tiny_model, m
     local = tmp_path / "adapter"
     local.mkdir()
     for k in keys:
+        (local / k).parent.mkdir(parents=True, exist_ok=True)
         s3.download_file("runs", f"export/out/{k}", str(local / k))
     assert (local / "loss_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     metrics = json.loads((local / "metrics.json").read_text())
@@ -99,3 +101,12 @@ def test_output_is_a_peft_adapter_with_card_metrics_and_loss_curve(tiny_model, m
     # loads with peft onto the (unquantized) base model
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model), local)
     assert any("lora_A" in n for n, _ in model.named_parameters())
+    # and the merged model (mergedModel: true) is a plain model with the adapter folded in
+    import torch
+
+    merged = AutoModelForCausalLM.from_pretrained(local / "merged")
+    ids = torch.tensor([[1, 5, 9, 13, 17]])
+    with torch.no_grad():
+        want = model(input_ids=ids).logits
+        got = merged(input_ids=ids).logits
+    assert float((want - got).abs().max()) < 1e-4

@@ -563,7 +563,9 @@ class PodRunner:
                 lines.append(f"mkdir -p {d}")
             else:
                 lines.append(f'mkdir -p "$(dirname {d})"; [ -e {d} ] || : > {d}')
-            lines.append(f"mount --bind /proc/self/fd/{fd} {d}")
+            # --no-canonicalize: mount(8) would otherwise resolve /proc/self/fd/N to the path
+            # it names, which the mounts made so far may already cover
+            lines.append(f"mount --no-canonicalize --bind /proc/self/fd/{fd} {d}")
             lines.append(f"exec {fd}<&-")
         if not cwd_first:
             lines.append(f"mkdir -p {shlex.quote(cwd)}; cd {shlex.quote(cwd)}")
