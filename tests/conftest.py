@@ -51,16 +51,7 @@ def namespace(core):
 
 @pytest.fixture(scope="session")
 def s3(dev_cluster):
-    import boto3
-
-    ep = dev_cluster.endpoints
-    return boto3.client(
-        "s3",
-        endpoint_url=ep.s3,
-        aws_access_key_id=ep.s3_access_key,
-        aws_secret_access_key=ep.s3_secret_key,
-        region_name="us-east-1",
-    )
+    return dev_cluster.s3_client()
 
 
 def pytest_terminal_summary(terminalreporter):

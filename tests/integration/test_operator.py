@@ -15,7 +15,6 @@ import yaml
 from kubernetes.client.rest import ApiException
 
 from kubetune.api import GROUP, PLURAL, VERSION
-from kubetune.devcluster.cluster import REPO_ROOT
 from kubetune.devcluster.nodes import GKE_SPOT_LABEL, RUNNER_LABEL
 from tests.helpers import wait_for
 
@@ -286,23 +285,36 @@ def test_active_deadline_fails_the_job_and_ttl_deletes_it(operator, core, custom
     wait_for(job_gone, 30, "ttlSecondsAfterFinished to delete the job")
 
 
-def test_application_failures_use_up_backoff_limit(operator, custom, namespace, tmp_path):
-    """On runner nodes the trainer really runs; a model folder with a broken config.json
-    makes it fail (exit 1, an application failure), twice."""
-    broken = tmp_path / "broken-model"
-    broken.mkdir()
-    (broken / "config.json").write_text("{not json")
+def test_application_failures_use_up_backoff_limit(operator, custom, core, namespace, s3, dev_cluster):
+    """On runner nodes the trainer really runs; a model folder in S3 with a broken
+    config.json makes it fail (exit 1, an application failure), twice. (Pods do not see
+    the host's files: everything they read comes from the dev cluster's MinIO.)"""
+    from kubernetes import client
+
+    bucket = f"it-{namespace}"
+    s3.create_bucket(Bucket=bucket)
+    s3.put_object(Bucket=bucket, Key="broken-model/config.json", Body=b"{not json")
+    s3.put_object(Bucket=bucket, Key="data/a.jsonl", Body=b'{"text": "hello"}\n')
+    ep = dev_cluster.endpoints
+    core.create_namespaced_secret(
+        namespace,
+        client.V1Secret(
+            metadata=client.V1ObjectMeta(name="s3"),
+            string_data={"AWS_ACCESS_KEY_ID": ep.s3_access_key, "AWS_SECRET_ACCESS_KEY": ep.s3_secret_key},
+        ),
+    )
     job = minimal_job(
         "fails",
         backoffLimit=1,
         podOverrides=RUNNER_OVERRIDES,
         resources={"accelerator": "cpu", "cpu": "1", "memory": "1Gi"},
-        model={"uri": f"file://{broken}"},
-        dataset={"uri": f"file://{REPO_ROOT}/examples/data/text-to-sql/train/", "template": "text-to-sql"},
+        model={"uri": f"s3://{bucket}/broken-model/"},
+        dataset={"uri": f"s3://{bucket}/data/"},
+        storage={"secretRef": {"name": "s3"}, "endpoint": ep.s3},
     )
     create(custom, namespace, job)
     st = wait_phase(custom, namespace, "fails", "Failed", timeout_s=180)
-    assert st["reason"] == "BackoffLimitExceeded"
+    assert st["reason"] == "BackoffLimitExceeded", st
     assert st["failures"] == 2 and st["preemptions"] == 0 and st["attempt"] == 2
     assert "fails-a2-w0" in st["message"]
 

@@ -16,6 +16,7 @@ from kubetune.devcluster.cluster import REPO_ROOT
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)  # about 10 minutes of training and 1 of evaluation on 2 cores
 def test_smollm2_text_to_sql_exact_match_rises_to_0_8(tmp_path):
     env = {
         **os.environ,

@@ -20,7 +20,7 @@ import yaml
 
 from . import procs
 from .certs import CertPaths, write_dev_certs
-from .minio import S3_REGION, minio_command, minio_env
+from .minio import S3_REGION, minio_command, minio_env, s3_client
 from .nodes import NodeSpec, default_nodes, node_manifest
 
 REPO_ROOT = Path(__file__).resolve().parents[3]
@@ -119,16 +119,8 @@ class DevCluster:
         self.stop()
 
     def s3_client(self):
-        import boto3
-
         ep = self.endpoints
-        return boto3.client(
-            "s3",
-            endpoint_url=ep.s3,
-            aws_access_key_id=ep.s3_access_key,
-            aws_secret_access_key=ep.s3_secret_key,
-            region_name=S3_REGION,
-        )
+        return s3_client(ep.s3, ep.s3_access_key, ep.s3_secret_key)
 
     def env(self) -> dict[str, str]:
         """What a client of this cluster needs: kubeconfig and the S3 endpoint and keys."""

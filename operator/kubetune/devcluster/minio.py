@@ -38,6 +38,19 @@ def minio_env(home: Path, access_key: str, secret_key: str) -> dict[str, str]:
     }
 
 
+def s3_client(endpoint: str, access_key: str, secret_key: str):
+    """A boto3 client for a local MinIO (tests, benchmarks, the demo)."""
+    import boto3
+
+    return boto3.client(
+        "s3",
+        endpoint_url=endpoint,
+        aws_access_key_id=access_key,
+        aws_secret_access_key=secret_key,
+        region_name=S3_REGION,
+    )
+
+
 class MinioServer:
     """start() / stop() / start() again keeps the port, keys and data: a restart is an
     outage as a client sees it, not a new server."""
@@ -62,15 +75,7 @@ class MinioServer:
         }
 
     def client(self):
-        import boto3
-
-        return boto3.client(
-            "s3",
-            endpoint_url=self.endpoint,
-            aws_access_key_id=self.access_key,
-            aws_secret_access_key=self.secret_key,
-            region_name=S3_REGION,
-        )
+        return s3_client(self.endpoint, self.access_key, self.secret_key)
 
     def start(self, timeout_s: float = 60) -> MinioServer:
         from kubetune.devcluster.cluster import _http_ok
