@@ -146,8 +146,12 @@ class Controller:
             return
         key = (meta["namespace"], job)
         pods = self.pods.setdefault(key, {})
-        if kind == "DELETED":
+        if kind == "DELETED" and not terminated_container(body):
             pods.pop(meta["name"], None)
+        elif kind == "DELETED":
+            # kept as its last state: an evicted trainer's exit code and termination message
+            # (its checkpoint) must reach the reconcile even though the pod object is gone
+            pods[meta["name"]] = body
         elif _newer(body, pods.get(meta["name"])):
             pods[meta["name"]] = body
         self.queue.add_after(key, POD_SETTLE_S)
@@ -276,6 +280,13 @@ class Controller:
 PROGRESS_FETCHERS = 16
 CONTROLLER: Controller | None = None
 STOPPING = threading.Event()
+
+
+def terminated_container(pod: dict) -> bool:
+    return any(
+        "terminated" in (cs.get("state") or {})
+        for cs in (pod.get("status") or {}).get("containerStatuses") or []
+    )
 
 
 def running_rank0(pods: list[dict], attempt: int | None) -> dict | None:

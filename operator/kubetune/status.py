@@ -437,11 +437,13 @@ def _observe_progress(c: Ctx, rank0: dict | None) -> None:
     """The trainer's own progress, when it comes from this attempt's rank 0."""
     if rank0 is None or not c.progress or c.progress[0] != rank0["metadata"]["name"]:
         return
+    if c.progress[1].get("phase") in ("starting", "loading"):
+        return  # a resumed trainer reports step 0 until its checkpoint is loaded
     new = progress_from_trainer(c.progress[1])
     old = c.st.get("progress") or {}
     if new.get("updatedAt") and new["updatedAt"] >= (old.get("updatedAt") or ""):
-        # fields the trainer has not reported yet (loss before the first log) are dropped
-        c.st["progress"] = {k: new.get(k) for k in {*old, *new}}
+        # what the trainer has not reported yet (the loss right after a resume) stays as it was
+        c.st["progress"] = {**old, **new}
 
 
 def _observe_running(c: Ctx, pods: list[dict], workers: int) -> None:
