@@ -21,13 +21,13 @@ class OperatorProcess:
         import os
         import subprocess
         import sys
-        from pathlib import Path
 
-        root = Path(__file__).resolve().parents[1]
+        from kubetune.devcluster.cluster import repo_pythonpath
+
         env = {
             **os.environ,
             "KUBECONFIG": str(self.kubeconfig),
-            "PYTHONPATH": f"{root / 'operator'}:{root / 'trainer_image'}",
+            "PYTHONPATH": repo_pythonpath(),
         }
         log = open(self.log_path, "ab")  # noqa: SIM115 - owned by the process
         self.proc = subprocess.Popen(

@@ -22,7 +22,7 @@ import yaml
 
 from kubetune.api import GROUP, PLURAL, VERSION
 from kubetune.crd import CRD_FILE
-from kubetune.devcluster.cluster import REPO_ROOT, DevCluster
+from kubetune.devcluster.cluster import REPO_ROOT, DevCluster, repo_pythonpath
 from kubetune.devcluster.nodes import GKE_SPOT_LABEL, NVIDIA_GPU, RUNNER_LABEL
 from kubetune.devcluster.procs import spawn, stop_group, wait_for
 
@@ -75,7 +75,7 @@ def run(workdir: Path | None = None) -> int:
         env = {
             **cluster.env(),
             "PATH": "/usr/bin:/bin",
-            "PYTHONPATH": f"{REPO_ROOT / 'operator'}:{REPO_ROOT / 'trainer_image'}",
+            "PYTHONPATH": repo_pythonpath(),
         }
         for secret in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
             env.pop(secret)  # the operator never needs S3 credentials

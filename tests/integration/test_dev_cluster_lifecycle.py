@@ -13,10 +13,10 @@ import pytest
 import yaml
 from kubernetes import client, config
 
+from kubetune.devcluster.cluster import repo_pythonpath
 from tests.helpers import wait_for
 
 pytestmark = pytest.mark.cluster
-ROOT = Path(__file__).resolve().parents[2]
 
 
 def descendants(pid: int) -> set[int]:
@@ -48,7 +48,7 @@ def alive(pids: set[int]) -> set[int]:
 
 
 def kubetune(*args, workdir: Path, check=True):
-    env = {**os.environ, "PYTHONPATH": f"{ROOT / 'operator'}:{ROOT / 'trainer_image'}"}
+    env = {**os.environ, "PYTHONPATH": repo_pythonpath()}
     return subprocess.run(
         [sys.executable, "-m", "kubetune", "dev", *args, "--workdir", str(workdir)],
         env=env,

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from kubetune.devcluster.cluster import REPO_ROOT
+from kubetune.devcluster.cluster import REPO_ROOT, repo_pythonpath
 from kubetune.devcluster.procs import free_port
 
 SQL_DATA = REPO_ROOT / "examples" / "data" / "text-to-sql"
@@ -131,7 +131,7 @@ def start_trainer(config: dict, workdir: Path, minio, name: str, extra_env: dict
     env = {
         **os.environ,
         **minio.env(),
-        "PYTHONPATH": os.pathsep.join([str(REPO_ROOT / "operator"), str(REPO_ROOT / "trainer_image")]),
+        "PYTHONPATH": repo_pythonpath(),
         "KUBETUNE_SAMPLE_TRACE": str(trace),
         "KUBETUNE_TERMINATION_LOG": str(term),
         "KUBETUNE_PROGRESS_PORT": str(free_port()),

@@ -12,7 +12,7 @@ import sys
 
 import pytest
 
-from kubetune.devcluster.cluster import REPO_ROOT
+from kubetune.devcluster.cluster import REPO_ROOT, repo_pythonpath
 
 
 @pytest.mark.slow
@@ -20,7 +20,7 @@ from kubetune.devcluster.cluster import REPO_ROOT
 def test_smollm2_text_to_sql_exact_match_rises_to_0_8(tmp_path):
     env = {
         **os.environ,
-        "PYTHONPATH": os.pathsep.join([str(REPO_ROOT / "operator"), str(REPO_ROOT / "trainer_image")]),
+        "PYTHONPATH": repo_pythonpath(),
         "PWD": str(tmp_path),
     }
     proc = subprocess.run(

@@ -272,7 +272,7 @@ class DevCluster:
                     f"--workdir={w / 'pods'}",
                     f"--nodes-file={nodes_file}",
                 ],
-                env={**os.environ, "PYTHONPATH": _pythonpath()},
+                env={**os.environ, "PYTHONPATH": repo_pythonpath()},
             )
 
         from kubernetes import client, config  # lazily: cluster code runs before deps exist
@@ -299,7 +299,8 @@ class DevCluster:
         (w / "env").write_text("".join(f"export {k}={v}\n" for k, v in self.env().items()))
 
 
-def _pythonpath() -> str:
+def repo_pythonpath() -> str:
+    """The tree's packages first: what every process started from the tree imports."""
     parts = [str(REPO_ROOT / "operator"), str(REPO_ROOT / "trainer_image")]
     if os.environ.get("PYTHONPATH"):
         parts.append(os.environ["PYTHONPATH"])
