@@ -18,17 +18,15 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-for p in ("operator", "trainer_image"):
+for p in ("operator", "trainer_image", ""):
     sys.path.insert(0, str(ROOT / p))
 
 from kubetune.devcluster.minio import MinioServer  # noqa: E402
 from kubetune_trainer.config import Dataset  # noqa: E402
 from kubetune_trainer.data import Record, RecordStream  # noqa: E402
-from kubetune_trainer.local_models import tiny_llama  # noqa: E402
 from kubetune_trainer.sequences import make_encoder  # noqa: E402
 from kubetune_trainer.storage import S3Store, s3_client  # noqa: E402
-
-DATA = ROOT / "examples" / "data" / "text-to-sql" / "train"
+from tests.helpers import sql_records, tiny_sql_llama  # noqa: E402
 
 
 def main() -> None:
@@ -36,7 +34,7 @@ def main() -> None:
     ap.add_argument("--shards", type=int, default=8)
     ap.add_argument("--records", type=int, default=5000, help="per shard")
     args = ap.parse_args()
-    base = [json.loads(line) for p in sorted(DATA.glob("*.jsonl")) for line in p.read_text().splitlines()]
+    base = sql_records()
     with tempfile.TemporaryDirectory() as d, MinioServer(Path(d) / "minio") as minio:
         s3 = minio.client()
         s3.create_bucket(Bucket="bench")
@@ -50,11 +48,7 @@ def main() -> None:
             body = ("\n".join(lines) + "\n").encode()
             total_bytes += len(body)
             s3.put_object(Bucket="bench", Key=f"sql/part-{shard:04d}.jsonl", Body=body)
-        tok_dir = tiny_llama(
-            Path(d) / "tok",
-            [f"{r['question']}\n{r['context']}\n{r['answer']}" for r in base],
-            vocab_size=2048,
-        )
+        tok_dir = tiny_sql_llama(Path(d) / "tok", vocab_size=2048)
         from transformers import AutoTokenizer
 
         tok = AutoTokenizer.from_pretrained(tok_dir)

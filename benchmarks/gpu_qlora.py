@@ -16,24 +16,18 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-for p in ("operator", "trainer_image", "benchmarks"):
+for p in ("operator", "trainer_image", "benchmarks", ""):
     sys.path.insert(0, str(ROOT / p))
 
 
 def llama_1b(dest: Path) -> Path:
     import torch
-    from trainer_throughput import records
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from kubetune_trainer.local_models import tiny_llama
+    from tests.helpers import tiny_sql_llama
 
     # the tokenizer: trained on the data, like the tiny model's
-    tiny = tiny_llama(
-        dest.parent / "tok",
-        [f"{r['question']}\n{r['context']}\n{r['answer']}" for r in records()],
-        vocab_size=4096,
-    )
-    tok = AutoTokenizer.from_pretrained(tiny)
+    tok = AutoTokenizer.from_pretrained(tiny_sql_llama(dest.parent / "tok", vocab_size=4096))
     cfg = LlamaConfig(
         vocab_size=32000,
         hidden_size=2048,

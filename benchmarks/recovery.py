@@ -37,11 +37,9 @@ from kubetune.api import GROUP, PLURAL, VERSION  # noqa: E402
 from kubetune.crd import CRD_FILE  # noqa: E402
 from kubetune.devcluster.cluster import DevCluster  # noqa: E402
 from kubetune.devcluster.procs import free_port, wait_for  # noqa: E402
-from kubetune_trainer.local_models import tiny_llama  # noqa: E402
-from tests.e2e.test_preemption import RUNNER, finetune_job  # noqa: E402
-from tests.helpers import OperatorProcess, install_crd  # noqa: E402
+from tests.e2e.test_preemption import RUNNER, finetune_job, upload_tiny_model_and_data  # noqa: E402
+from tests.helpers import OperatorProcess, install_crd, tiny_sql_llama  # noqa: E402
 
-DATA = ROOT / "examples" / "data" / "text-to-sql"
 NS = "default"
 
 
@@ -68,30 +66,9 @@ def main() -> None:
         core, custom = client.CoreV1Api(api), client.CustomObjectsApi(api)
         install_crd(api, CRD_FILE)
         s3 = cluster.s3_client()
-        for bucket in ("e2e-models", "e2e-data", "e2e-runs"):
-            s3.create_bucket(Bucket=bucket)
-        texts = [
-            f"{r['question']}\n{r['context']}\n{r['answer']}"
-            for f in sorted((DATA / "train").glob("*.jsonl"))
-            for r in map(json.loads, f.read_text().splitlines())
-        ]
-        model = tiny_llama(Path(d) / "tiny", texts)
-        for f in model.iterdir():
-            if f.is_file() and not f.name.startswith("."):
-                s3.upload_file(str(f), "e2e-models", f"tiny/{f.name}")
-        for f in sorted(DATA.rglob("*.jsonl")):
-            s3.upload_file(str(f), "e2e-data", f"sql/{f.relative_to(DATA).as_posix()}")
+        model_uri = upload_tiny_model_and_data(s3, tiny_sql_llama(Path(d) / "tiny"))
         ep = cluster.endpoints
-        core.create_namespaced_secret(
-            NS,
-            client.V1Secret(
-                metadata=client.V1ObjectMeta(name="s3"),
-                string_data={
-                    "AWS_ACCESS_KEY_ID": ep.s3_access_key,
-                    "AWS_SECRET_ACCESS_KEY": ep.s3_secret_key,
-                },
-            ),
-        )
+        core.create_namespaced_secret(NS, cluster.s3_secret("s3"))
         op = OperatorProcess(ep.kubeconfig, Path(d) / "operator.log", free_port())
         op.start()
         marks: dict[str, float] = {}
@@ -116,7 +93,7 @@ def main() -> None:
                     return
 
         try:
-            job = finetune_job("bench", NS, "s3://e2e-models/tiny/", ep.s3)
+            job = finetune_job("bench", NS, model_uri, ep.s3)
             job["spec"]["podOverrides"] = RUNNER
             job["spec"]["training"]["maxSteps"] = 400
             created = time.time()

@@ -15,7 +15,6 @@ Targets: (a) >= 1.5, (b) >= 0.95.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tempfile
@@ -23,24 +22,18 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-DATA = ROOT / "examples" / "data" / "text-to-sql"
+for p in ("operator", "trainer_image", ""):
+    sys.path.insert(0, str(ROOT / p))
+
+from tests.helpers import SQL_DATA as DATA  # noqa: E402
+from tests.helpers import sql_records, tiny_sql_llama  # noqa: E402
+
 WARMUP = 5
 BATCH = 4
 
 
-def records() -> list[dict]:
-    return [
-        json.loads(line)
-        for p in sorted((DATA / "train").glob("*.jsonl"))
-        for line in p.read_text().splitlines()
-    ]
-
-
 def make_model(dest: Path) -> Path:
-    from kubetune_trainer.local_models import tiny_llama
-
-    texts = [f"{r['question']}\n{r['context']}\n{r['answer']}" for r in records()]
-    return tiny_llama(dest, texts, vocab_size=2048, hidden=256, layers=4, heads=8)
+    return tiny_sql_llama(dest, vocab_size=2048, hidden=256, layers=4, heads=8)
 
 
 def config(model: Path, work: Path, steps: int, packing: bool, every: int) -> dict:
@@ -104,7 +97,7 @@ def trl_run(model_dir: Path, steps: int, backend: str = "cpu", seq: int = 512) -
         tok = load_tokenizer(str(model_dir), cfg.model)
         model = load_model(cfg, backend, str(model_dir))  # the same NF4 base and LoRA config
         rows = []
-        for r in records():
+        for r in sql_records():
             prompt, answer = render(r, "text-to-sql", {}, None)
             rows.append({"prompt": prompt, "completion": answer + tok.eos_token})
         counted: list[int] = []
@@ -194,5 +187,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(ROOT / "trainer_image"))
     main()

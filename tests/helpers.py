@@ -3,9 +3,31 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import uuid
+from pathlib import Path
 
+from kubetune.devcluster.cluster import REPO_ROOT
 from kubetune.devcluster.procs import wait_for  # the one poll-until helper, for tests too
+
+SQL_DATA = REPO_ROOT / "examples" / "data" / "text-to-sql"
+
+
+def sql_records(split: str = "train") -> list[dict]:
+    """The shipped text-to-SQL records (examples/data/text-to-sql/<split>/)."""
+    return [
+        json.loads(line)
+        for shard in sorted((SQL_DATA / split).glob("*.jsonl"))
+        for line in shard.read_text().splitlines()
+    ]
+
+
+def tiny_sql_llama(dest: Path, **kw) -> Path:
+    """A tiny random Llama whose tokenizer is trained on the shipped text-to-SQL data."""
+    from kubetune_trainer.local_models import tiny_llama
+
+    texts = [f"{r['question']}\n{r['context']}\n{r['answer']}" for r in sql_records()]
+    return tiny_llama(dest, texts, **kw)
 
 
 class OperatorProcess:

@@ -23,6 +23,7 @@ import yaml
 from kubetune.api import GROUP, PLURAL, VERSION
 from kubetune.crd import CRD_FILE
 from kubetune.devcluster.cluster import REPO_ROOT, DevCluster, repo_pythonpath
+from kubetune.devcluster.minio import upload_tree
 from kubetune.devcluster.nodes import GKE_SPOT_LABEL, NVIDIA_GPU, RUNNER_LABEL
 from kubetune.devcluster.procs import spawn, stop_group, wait_for
 
@@ -39,14 +40,6 @@ EVICT_AT_STEP = 23  # between two periodic checkpoints: the SIGTERM checkpoint i
 
 def say(text: str) -> None:
     print(text, flush=True)
-
-
-def upload_tree(s3, bucket: str, prefix: str, folder: Path) -> int:
-    n = 0
-    for path in sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith(".")):
-        s3.upload_file(str(path), bucket, f"{prefix}/{path.relative_to(folder).as_posix()}")
-        n += 1
-    return n
 
 
 def run(workdir: Path | None = None) -> int:
@@ -162,13 +155,7 @@ def finetune(cluster, core, custom, kubectl, model_dir: Path) -> None:
         f"  uploaded to MinIO: s3://models/SmolLM2-135M-Instruct/ ({n} files), s3://datasets/text-to-sql/ ({m} shards)"
     )
     ep = cluster.endpoints
-    core.create_namespaced_secret(
-        "default",
-        client.V1Secret(
-            metadata=client.V1ObjectMeta(name="s3-credentials"),
-            string_data={"AWS_ACCESS_KEY_ID": ep.s3_access_key, "AWS_SECRET_ACCESS_KEY": ep.s3_secret_key},
-        ),
-    )
+    core.create_namespaced_secret("default", cluster.s3_secret("s3-credentials"))
     job = yaml.safe_load((REPO_ROOT / "examples" / "quickstart.yaml").read_text())
     job["spec"]["storage"]["endpoint"] = ep.s3
     custom.create_namespaced_custom_object(GROUP, VERSION, "default", PLURAL, job)

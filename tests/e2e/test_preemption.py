@@ -7,14 +7,16 @@ from __future__ import annotations
 
 import json
 import subprocess
+from pathlib import Path
 
 import pytest
 from kubernetes import client
 
 from kubetune.api import GROUP, PLURAL, VERSION
+from kubetune.devcluster.minio import upload_tree
 from kubetune.devcluster.nodes import GKE_SPOT_LABEL, RUNNER_LABEL
-from tests.helpers import wait_for
-from tests.trainer.conftest import SQL_DATA, max_abs_diff
+from tests.helpers import SQL_DATA, tiny_sql_llama, wait_for
+from tests.trainer.conftest import max_abs_diff
 
 pytestmark = pytest.mark.cluster
 
@@ -25,36 +27,23 @@ RUNNER = {
 STEPS, EVERY = 80, 10
 
 
-@pytest.fixture(scope="module")
-def tiny_model_in_s3(s3, tmp_path_factory):
-    from kubetune_trainer.local_models import tiny_llama
-
-    texts = []
-    for shard in sorted((SQL_DATA / "train").glob("*.jsonl")):
-        for line in shard.read_text().splitlines():
-            r = json.loads(line)
-            texts.append(f"{r['question']}\n{r['context']}\n{r['answer']}")
-    model = tiny_llama(tmp_path_factory.mktemp("e2e-model") / "tiny", texts)
+def upload_tiny_model_and_data(s3, model: Path) -> str:
+    """The tiny model and the shipped text-to-SQL data into the dev cluster's MinIO."""
     for bucket in ("e2e-models", "e2e-data", "e2e-runs"):
         s3.create_bucket(Bucket=bucket)
-    for f in model.iterdir():
-        if f.is_file() and not f.name.startswith("."):
-            s3.upload_file(str(f), "e2e-models", f"tiny/{f.name}")
-    for f in sorted(SQL_DATA.rglob("*.jsonl")):
-        s3.upload_file(str(f), "e2e-data", f"sql/{f.relative_to(SQL_DATA).as_posix()}")
+    upload_tree(s3, "e2e-models", "tiny", model)
+    upload_tree(s3, "e2e-data", "sql", SQL_DATA)
     return "s3://e2e-models/tiny/"
+
+
+@pytest.fixture(scope="module")
+def tiny_model_in_s3(s3, tmp_path_factory):
+    return upload_tiny_model_and_data(s3, tiny_sql_llama(tmp_path_factory.mktemp("e2e-model") / "tiny"))
 
 
 @pytest.fixture
 def s3_secret(core, namespace, dev_cluster):
-    ep = dev_cluster.endpoints
-    core.create_namespaced_secret(
-        namespace,
-        client.V1Secret(
-            metadata=client.V1ObjectMeta(name="s3"),
-            string_data={"AWS_ACCESS_KEY_ID": ep.s3_access_key, "AWS_SECRET_ACCESS_KEY": ep.s3_secret_key},
-        ),
-    )
+    core.create_namespaced_secret(namespace, dev_cluster.s3_secret("s3"))
     return "s3"
 
 

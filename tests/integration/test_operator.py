@@ -289,20 +289,12 @@ def test_application_failures_use_up_backoff_limit(operator, custom, core, names
     """On runner nodes the trainer really runs; a model folder in S3 with a broken
     config.json makes it fail (exit 1, an application failure), twice. (Pods do not see
     the host's files: everything they read comes from the dev cluster's MinIO.)"""
-    from kubernetes import client
-
     bucket = f"it-{namespace}"
     s3.create_bucket(Bucket=bucket)
     s3.put_object(Bucket=bucket, Key="broken-model/config.json", Body=b"{not json")
     s3.put_object(Bucket=bucket, Key="data/a.jsonl", Body=b'{"text": "hello"}\n')
     ep = dev_cluster.endpoints
-    core.create_namespaced_secret(
-        namespace,
-        client.V1Secret(
-            metadata=client.V1ObjectMeta(name="s3"),
-            string_data={"AWS_ACCESS_KEY_ID": ep.s3_access_key, "AWS_SECRET_ACCESS_KEY": ep.s3_secret_key},
-        ),
-    )
+    core.create_namespaced_secret(namespace, dev_cluster.s3_secret("s3"))
     job = minimal_job(
         "fails",
         backoffLimit=1,

@@ -13,10 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from kubetune.devcluster.cluster import REPO_ROOT, repo_pythonpath
+from kubetune.devcluster.cluster import repo_pythonpath
 from kubetune.devcluster.procs import free_port
-
-SQL_DATA = REPO_ROOT / "examples" / "data" / "text-to-sql"
+from tests.helpers import SQL_DATA, tiny_sql_llama
 
 
 @pytest.fixture(scope="session")
@@ -30,14 +29,7 @@ def minio(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> Path:
-    from kubetune_trainer.local_models import tiny_llama
-
-    texts = []
-    for shard in sorted((SQL_DATA / "train").glob("*.jsonl")):
-        for line in shard.read_text().splitlines():
-            r = json.loads(line)
-            texts.append(f"{r['question']}\n{r['context']}\n{r['answer']}")
-    return tiny_llama(tmp_path_factory.mktemp("models") / "tiny-llama", texts)
+    return tiny_sql_llama(tmp_path_factory.mktemp("models") / "tiny-llama")
 
 
 @pytest.fixture(scope="session")

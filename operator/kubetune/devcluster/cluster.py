@@ -122,6 +122,16 @@ class DevCluster:
         ep = self.endpoints
         return s3_client(ep.s3, ep.s3_access_key, ep.s3_secret_key)
 
+    def s3_secret(self, name: str) -> dict:
+        """A Secret with this MinIO's keys, as a FineTuneJob's storage.secretRef expects."""
+        ep = self.endpoints
+        return {
+            "apiVersion": "v1",
+            "kind": "Secret",
+            "metadata": {"name": name},
+            "stringData": {"AWS_ACCESS_KEY_ID": ep.s3_access_key, "AWS_SECRET_ACCESS_KEY": ep.s3_secret_key},
+        }
+
     def env(self) -> dict[str, str]:
         """What a client of this cluster needs: kubeconfig and the S3 endpoint and keys."""
         ep = self.endpoints

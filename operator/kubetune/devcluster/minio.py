@@ -51,6 +51,15 @@ def s3_client(endpoint: str, access_key: str, secret_key: str):
     )
 
 
+def upload_tree(s3, bucket: str, prefix: str, folder: Path) -> int:
+    """Every file under folder (but hidden ones, like .complete markers) to bucket/prefix/."""
+    n = 0
+    for path in sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith(".")):
+        s3.upload_file(str(path), bucket, f"{prefix}/{path.relative_to(folder).as_posix()}")
+        n += 1
+    return n
+
+
 class MinioServer:
     """start() / stop() / start() again keeps the port, keys and data: a restart is an
     outage as a client sees it, not a new server."""
