@@ -91,7 +91,6 @@ class CheckpointStore:
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.uploader = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="ckpt-upload")
         self.in_flight: concurrent.futures.Future | None = None
-        self.last_committed: tuple[int, str, float] | None = None  # step, uri, unix time
 
     def uri(self, step: int) -> str:
         return f"{self.store.uri.rstrip('/')}/{step_dir(step)}/"
@@ -135,7 +134,6 @@ class CheckpointStore:
             self.store.put_file(folder / name, join(prefix, name))
         # last: only now does the checkpoint exist for a reader
         self.store.put_bytes(join(prefix, MANIFEST), json.dumps(manifest, indent=1).encode())
-        self.last_committed = (step, self.uri(step), time.time())
         size = sum(f["size"] for f in manifest["files"].values())
         log.info(
             "checkpoint step %d committed to %s (%.1f MB in %.1f s)",

@@ -9,7 +9,7 @@ import logging
 from pathlib import Path
 
 from kubetune_trainer.checkpoints import sha256_file
-from kubetune_trainer.storage import join, open_store
+from kubetune_trainer.storage import open_store
 
 log = logging.getLogger("kubetune.export")
 
@@ -136,4 +136,4 @@ def _merge(cfg, out: Path, model_path: str) -> None:
     )
     merged = PeftModel.from_pretrained(base, str(out)).merge_and_unload()
     merged.save_pretrained(str(out / "merged"), safe_serialization=True)
-    log.info("merged model written (%s)", join("merged"))
+    log.info("merged model written to %s", out / "merged")

@@ -66,7 +66,6 @@ class Dist:
 @dataclass
 class Result:
     step: int
-    adapter: dict | None = None
     checkpoint: dict | None = None
     metrics: dict = field(default_factory=dict)
 
