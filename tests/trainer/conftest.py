@@ -113,7 +113,14 @@ class TrainerRun:
         return self.log.read_text()
 
 
-def start_trainer(config: dict, workdir: Path, minio, name: str, extra_env: dict | None = None) -> TrainerRun:
+def start_trainer(
+    config: dict,
+    workdir: Path,
+    minio,
+    name: str,
+    extra_env: dict | None = None,
+    module: str = "kubetune_trainer",
+) -> TrainerRun:
     workdir.mkdir(parents=True, exist_ok=True)
     cfg_path = workdir / f"{name}.json"
     cfg_path.write_text(json.dumps(config))
@@ -136,7 +143,7 @@ def start_trainer(config: dict, workdir: Path, minio, name: str, extra_env: dict
             [
                 sys.executable,
                 "-m",
-                "kubetune_trainer",
+                module,
                 str(cfg_path),
                 "--workdir",
                 str(workdir / f"{name}-work"),

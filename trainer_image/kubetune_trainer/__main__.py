@@ -84,6 +84,7 @@ def main(argv: list[str] | None = None) -> int:
             result = trainer.run()
         except Preempted as p:
             trainer.ckpts.close()
+            trainer.close()
             return finish(EXIT_PREEMPTED, "preempted", step=p.step, checkpoint=p.checkpoint)
         result.metrics["tokens"] = trainer.tokens_seen
         adapter = None
@@ -98,6 +99,7 @@ def main(argv: list[str] | None = None) -> int:
                 model_dir(cfg.model, trainer.cache),
             )
         trainer.ckpts.close()
+        trainer.close()
         progress.update(phase="done")
         log.info("done: %d steps in %.0f s", result.step, time.monotonic() - t0)
         return finish(EXIT_OK, "completed", step=result.step, checkpoint=result.checkpoint, adapter=adapter)

@@ -84,6 +84,8 @@ def termination_message(outcome: str, **fields) -> str:
 
 
 def write_termination_message(text: str, environ=os.environ) -> Path | None:
+    if int(environ.get("LOCAL_RANK", 0)) != 0:
+        return None  # one message per pod: its first process's (kubetune_trainer.launch)
     path = Path(environ.get(TERMINATION_LOG_ENV, DEFAULT_TERMINATION_LOG))
     try:
         if path.parent.is_dir() and (path.exists() or TERMINATION_LOG_ENV in environ):

@@ -12,6 +12,7 @@ change the result (only the summation order)."""
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import logging
 import math
@@ -61,6 +62,19 @@ class Dist:
     @property
     def main(self) -> bool:
         return self.rank == 0
+
+
+def deal(seqs, world: int, rank: int):
+    """Deal the global sequence stream round-robin: each rank keeps one sequence of every
+    `world` in a row and reads past the others, so after every deal all ranks stand at
+    the same point of the stream. Ranks never overlap, nothing is skipped, and one data
+    state (rank 0's) is every rank's: a checkpoint resumes any world size exactly."""
+    it = iter(seqs)
+    while True:
+        group = list(itertools.islice(it, world))
+        if len(group) < world:
+            return
+        yield group[rank][1]
 
 
 @dataclass
@@ -340,7 +354,7 @@ class Trainer:
             if data_state
             else SequenceStream(records, self.encode, cfg.dataset.max_seq_length, cfg.dataset.packing)
         )
-        mine = ((i, s) for i, s in seqs if i % self.dist.world == self.dist.rank)
+        mine = deal(seqs, self.dist.world, self.dist.rank)
         held_out = self.eval_records() if self.dist.main else []
         eval_set = self.encoded(held_out)
         if not restored and held_out:
@@ -354,11 +368,13 @@ class Trainer:
 
         while step < t.max_steps:
             if self._should_stop(torch):
-                raise Preempted(step, self._stop_checkpoint(step, last_ckpt, seqs, history))
+                ckpt = self._stop_checkpoint(step, last_ckpt, seqs, history)
+                # every rank waits for rank 0's commit and names the same checkpoint
+                raise Preempted(step, self._from_rank0(ckpt))
             # one optimizer step: this rank's micro-batches, then the global loss-token count
             micro = []
             for _ in range(t.gradient_accumulation):
-                batch_seqs = [next(mine)[1] for _ in range(t.batch_size)]
+                batch_seqs = [next(mine) for _ in range(t.batch_size)]
                 micro.append((collate(batch_seqs, pad_id, cfg.dataset.packing), batch_seqs))
             n_tokens = sum(label_tokens(b) for b, _ in micro)
             global_tokens = self._all_sum(torch, n_tokens)
@@ -456,6 +472,22 @@ class Trainer:
         t = torch.tensor([1.0 if flag else 0.0], device=self.device)
         torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
         return bool(t.item())
+
+    def _from_rank0(self, value):
+        if self.dist.world == 1:
+            return value
+        import torch
+
+        box = [value]
+        torch.distributed.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def close(self) -> None:
+        """Leave the process group (once training, export and checkpoints are done)."""
+        import torch
+
+        if self.dist.world > 1 and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
 
     def _all_sum(self, torch, value):
         if self.dist.world == 1:
