@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import datetime as dt
 import json
 import logging
@@ -18,9 +19,10 @@ from kubernetes.client.rest import ApiException
 
 from kubetune import metrics
 from kubetune.api import GROUP, PLURAL, VERSION
+from kubetune.gang import gang_fit, gated, without_gang_gate
 from kubetune.kube import Kube, watch_pods
 from kubetune.manifests import ATTEMPT_LABEL, JOB_LABEL, PROGRESS_PORT, RANK_LABEL, build_service
-from kubetune.status import decide, iso, merge_patch
+from kubetune.status import decide, iso, merge_patch, pod_attempt
 
 log = logging.getLogger("kubetune")
 RESYNC_S = 30.0  # a running job is looked at again at least this often
@@ -118,6 +120,8 @@ class Controller:
         self.task: asyncio.Task | None = None
         # (pod name, GET /progress body) of each running job's rank 0, polled
         self.progress: dict[tuple[str, str], tuple[str, dict]] = {}
+        # one gang is checked and released at a time: two must not share free capacity
+        self.gang_lock = threading.Lock()
 
     # -- watch side (event loop) ----------------------------------------------------------
 
@@ -183,12 +187,26 @@ class Controller:
         now = dt.datetime.now(dt.timezone.utc)
         pods = list(self.pods.get(key, {}).values())
         progress = self.progress.get(key)
-        plan = decide(job, pods, now, progress=progress)
-        if any(loss.reason == "PodDeleted" for loss in plan.losses):
-            # a pod missing from the cache may only be not seen yet: ask the API server
-            pods = self.kube.list_pods(key[0], f"{JOB_LABEL}={key[1]}")
-            self.pods[key] = {p["metadata"]["name"]: p for p in pods}
-            plan = decide(job, pods, now, progress=progress)
+        attempt = (job.get("status") or {}).get("attempt")
+        waiting = [p for p in pods if gated(p) and pod_attempt(p) == attempt]
+        with self.gang_lock if waiting else contextlib.nullcontext():
+            gang = None
+            if waiting:
+                # the scheduler's view, read fresh: nodes and the pods holding their capacity
+                gang = gang_fit(
+                    waiting[0], len(waiting), self.kube.list_nodes(), self.kube.list_active_pods()
+                )
+            plan = decide(job, pods, now, progress=progress, gang=gang)
+            if any(loss.reason == "PodDeleted" for loss in plan.losses):
+                # a pod missing from the cache may only be not seen yet: ask the API server
+                pods = self.kube.list_pods(key[0], f"{JOB_LABEL}={key[1]}")
+                self.pods[key] = {p["metadata"]["name"]: p for p in pods}
+                plan = decide(job, pods, now, progress=progress, gang=gang)
+            for name in plan.ungate:
+                gates = without_gang_gate(self.pods[key][name]) or None
+                released = self.kube.patch_pod(key[0], name, {"spec": {"schedulingGates": gates}})
+                if _newer(released, self.pods[key].get(name)):
+                    self.pods[key][name] = released
         try:
             self._apply(key, job, plan, now)
             log.debug(

@@ -111,6 +111,22 @@ class Kube:
             "GET", f"/api/v1/namespaces/{namespace}/pods", query={"labelSelector": label_selector}
         )["items"]
 
+    def list_nodes(self) -> list[dict]:
+        return self.call("GET", "/api/v1/nodes")["items"]
+
+    def list_active_pods(self) -> list[dict]:
+        """Every pod in the cluster that is not finished: what holds node capacity."""
+        query = {"fieldSelector": "status.phase!=Succeeded,status.phase!=Failed"}
+        return self.call("GET", "/api/v1/pods", query=query)["items"]
+
+    def patch_pod(self, namespace: str, name: str, patch: dict) -> dict:
+        return self.call(
+            "PATCH",
+            f"/api/v1/namespaces/{namespace}/pods/{name}",
+            patch,
+            content_type="application/merge-patch+json",
+        )
+
     def get_job(self, namespace: str, name: str) -> dict | None:
         try:
             return self.call("GET", f"{JOBS.format(ns=namespace)}/{name}")

@@ -4,9 +4,11 @@ operator creates. No I/O; names are deterministic so creation is idempotent."""
 from __future__ import annotations
 
 import json
+import zlib
 
 from kubetune import __version__
 from kubetune.api import GROUP, KIND, VERSION, Accelerator, FineTuneJobSpec
+from kubetune.gang import GANG_GATE
 from kubetune.placement import place
 from kubetune_trainer.config import CONFIG_ENV, TrainingConfig
 
@@ -23,6 +25,19 @@ TRAINER_IMAGES = {
 # the trainer images' user (trainer_image/Dockerfile.*)
 TRAINER_UID = 10001
 SECRET_ENV = (("AWS_ACCESS_KEY_ID", False), ("AWS_SECRET_ACCESS_KEY", False), ("AWS_SESSION_TOKEN", True))
+
+
+def master_port(uid: str) -> int:
+    """The rendezvous port of a job: fixed per job, and different between jobs, so that
+    workers sharing a network namespace (hostNetwork pods for RDMA, the dev cluster's pod
+    runner) never collide. Below the Linux ephemeral range (32768+)."""
+    return 20000 + zlib.crc32(uid.encode()) % 10000
+
+
+def master_addr(job: str) -> str:
+    """Worker 0's name through the job's headless Service (hostname w0, subdomain <job>);
+    the pods' DNS search path adds <namespace>.svc.<cluster domain>."""
+    return f"w0.{job}"
 
 
 def pod_name(job: str, attempt: int, rank: int) -> str:
@@ -52,7 +67,7 @@ def training_config_json(spec: FineTuneJobSpec) -> str:
     return json.dumps(config, sort_keys=True)
 
 
-def trainer_env(spec: FineTuneJobSpec, job: str, attempt: int, rank: int) -> list[dict]:
+def trainer_env(spec: FineTuneJobSpec, job: str, attempt: int, rank: int, uid: str = "") -> list[dict]:
     env = [
         {"name": CONFIG_ENV, "value": training_config_json(spec)},
         {"name": "KUBETUNE_JOB", "value": job},
@@ -65,6 +80,21 @@ def trainer_env(spec: FineTuneJobSpec, job: str, attempt: int, rank: int) -> lis
         {"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
         {"name": "AWS_REGION", "value": spec.storage.region},
     ]
+    procs = max(spec.resources.gpus, 1)
+    if spec.workers * procs > 1:
+        # torchrun's static rendezvous: rank from the pod index, worker 0 hosts the store
+        env += [
+            {"name": "MASTER_ADDR", "value": master_addr(job)},
+            {"name": "MASTER_PORT", "value": str(master_port(uid))},
+        ]
+    if procs == 1:
+        # one process per pod is the trainer itself, with the environment torchrun would give
+        env += [
+            {"name": "RANK", "value": str(rank)},
+            {"name": "WORLD_SIZE", "value": str(spec.workers)},
+            {"name": "LOCAL_RANK", "value": "0"},
+            {"name": "LOCAL_WORLD_SIZE", "value": "1"},
+        ]
     if spec.storage.endpoint:
         env.append({"name": "AWS_ENDPOINT_URL", "value": spec.storage.endpoint})
     if spec.storage.secret_ref:
@@ -95,8 +125,13 @@ def build_pod(name: str, uid: str, spec: FineTuneJobSpec, attempt: int, rank: in
     container = {
         "name": "trainer",
         "image": overrides.image or TRAINER_IMAGES[spec.resources.accelerator],
-        "command": ["python", "-m", "kubetune_trainer"],
-        "env": trainer_env(spec, name, attempt, rank),
+        # several processes (one per GPU): kubetune_trainer.launch starts them
+        "command": [
+            "python",
+            "-m",
+            "kubetune_trainer" if spec.resources.gpus <= 1 else "kubetune_trainer.launch",
+        ],
+        "env": trainer_env(spec, name, attempt, rank, uid),
         "ports": [{"name": "metrics", "containerPort": PROGRESS_PORT, "protocol": "TCP"}],
         "resources": {"requests": placement.requests, "limits": placement.limits},
         "terminationMessagePolicy": "FallbackToLogsOnError",
@@ -142,10 +177,13 @@ def build_pod(name: str, uid: str, spec: FineTuneJobSpec, attempt: int, rank: in
         "ownerReferences": [owner_reference(name, uid)],
     }
     if spec.queue_name:
-        # Kueue plain pod groups: admitted all or none
+        # Kueue plain pod groups: Kueue gates the pods itself and admits all or none
         labels["kueue.x-k8s.io/queue-name"] = spec.queue_name
         labels["kueue.x-k8s.io/pod-group-name"] = f"{name}-a{attempt}"
         metadata["annotations"]["kueue.x-k8s.io/pod-group-total-count"] = str(spec.workers)
+    elif spec.workers > 1:
+        # no worker is scheduled (and holds a GPU) until the operator finds room for all
+        pod_spec["schedulingGates"] = [{"name": GANG_GATE}]
     return {"apiVersion": "v1", "kind": "Pod", "metadata": metadata, "spec": pod_spec}
 
 

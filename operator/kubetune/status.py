@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pydantic import ValidationError
 
 from kubetune.api import FineTuneJobSpec, Phase
+from kubetune.gang import Fit, gated
 from kubetune.manifests import ATTEMPT_LABEL, RANK_LABEL, build_pods, pod_name
 
 # Condition types and reasons (CamelCase constants, as Kubernetes does).
@@ -25,6 +26,8 @@ BACKOFF_LIMIT_EXCEEDED = "BackoffLimitExceeded"
 TOO_MANY_PREEMPTIONS = "TooManyPreemptions"
 DEADLINE_EXCEEDED = "DeadlineExceeded"
 CONFIG_ERROR = "ConfigError"
+WAITING_FOR_CAPACITY = "WaitingForCapacity"
+GANG_RECHECK_S = 5.0  # capacity frees up without touching the job: look again this often
 
 EX_TEMPFAIL = 75  # the trainer stopped on request after committing a checkpoint
 PERMANENT_EXIT_CODES = range(64, 79)  # sysexits: usage/config errors, never retried (75 aside)
@@ -53,6 +56,7 @@ class Plan:
     status: dict
     create: list[dict] = field(default_factory=list)
     delete: list[str] = field(default_factory=list)  # pod names, deleted with their grace period
+    ungate: list[str] = field(default_factory=list)  # pod names whose gang gate is lifted
     events: list[tuple[str, str, str]] = field(default_factory=list)  # (type, reason, message)
     losses: list[Loss] = field(default_factory=list)
     delete_job: bool = False
@@ -263,6 +267,7 @@ class Ctx:
         self.plan = Plan(status=copy.deepcopy(job.get("status") or {}))
         self.st = self.plan.status
         self.progress: tuple | None = None
+        self.gang: Fit | None = None
 
     def transition(self, phase: str, reason: str, message: str, event_type: str = "Normal") -> None:
         if self.st.get("phase") != phase or self.st.get("reason") != reason:
@@ -297,12 +302,19 @@ class Ctx:
 
 
 def decide(
-    job: dict, pods: list[dict], now: dt.datetime, problems: list[str] = (), progress: tuple | None = None
+    job: dict,
+    pods: list[dict],
+    now: dt.datetime,
+    problems: list[str] = (),
+    progress: tuple | None = None,
+    gang: Fit | None = None,
 ) -> Plan:
     """What to do about one job now. Pure: same inputs, same plan. `progress` is the last
-    (pod name, GET /progress body) polled from a trainer."""
+    (pod name, GET /progress body) polled from a trainer; `gang` whether the gated workers
+    of the current attempt fit on the nodes now (kubetune.gang)."""
     c = Ctx(job, pods, now)
     c.progress = progress
+    c.gang = gang
     st = c.st
     try:
         spec = FineTuneJobSpec.model_validate(job.get("spec") or {})
@@ -429,8 +441,32 @@ def _attempt(c: Ctx, spec: FineTuneJobSpec) -> None:
     problem = config_error(pods)
     if problem:
         return c.fail(INVALID_SPEC, problem)
+    waiting = sorted(p["metadata"]["name"] for p in pods if gated(p))
+    if waiting:
+        return _admit_gang(c, waiting, spec.workers)
     _observe_running(c, pods, spec.workers)
     _observe_progress(c, rank0)
+
+
+def _admit_gang(c: Ctx, waiting: list[str], workers: int) -> None:
+    """Lift the gang gate of every worker at once, or none while they do not all fit."""
+    if c.gang is None:  # not checked yet (the handler checks when it sees gated pods)
+        c.plan.requeue_after = 1.0
+        return
+    if c.gang.ok:
+        c.plan.ungate = waiting
+        c.cond(SCHEDULED, False, "GangAdmitted", f"all {workers} workers released to the scheduler")
+        c.plan.events.append(("Normal", "GangAdmitted", f"attempt {c.st['attempt']}: {c.gang.message}"))
+        return
+    c.cond(SCHEDULED, False, WAITING_FOR_CAPACITY, c.gang.message)
+    if c.st.get("phase") != Phase.preempted.value:
+        c.transition(
+            Phase.pending.value,
+            WAITING_FOR_CAPACITY,
+            f"no worker starts until all {workers} can be placed: {c.gang.message}",
+            "Warning",
+        )
+    c.plan.requeue_after = GANG_RECHECK_S
 
 
 def _observe_progress(c: Ctx, rank0: dict | None) -> None:

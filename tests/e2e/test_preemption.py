@@ -15,7 +15,7 @@ from kubernetes import client
 from kubetune.api import GROUP, PLURAL, VERSION
 from kubetune.devcluster.minio import upload_tree
 from kubetune.devcluster.nodes import GKE_SPOT_LABEL, RUNNER_LABEL
-from tests.helpers import SQL_DATA, tiny_sql_llama, wait_for
+from tests.helpers import SQL_DATA, wait_for
 from tests.trainer.conftest import max_abs_diff
 
 pytestmark = pytest.mark.cluster
@@ -34,17 +34,6 @@ def upload_tiny_model_and_data(s3, model: Path) -> str:
     upload_tree(s3, "e2e-models", "tiny", model)
     upload_tree(s3, "e2e-data", "sql", SQL_DATA)
     return "s3://e2e-models/tiny/"
-
-
-@pytest.fixture(scope="module")
-def tiny_model_in_s3(s3, tmp_path_factory):
-    return upload_tiny_model_and_data(s3, tiny_sql_llama(tmp_path_factory.mktemp("e2e-model") / "tiny"))
-
-
-@pytest.fixture
-def s3_secret(core, namespace, dev_cluster):
-    core.create_namespaced_secret(namespace, dev_cluster.s3_secret("s3"))
-    return "s3"
 
 
 def finetune_job(name: str, namespace: str, model_uri: str, endpoint: str, **spec) -> dict:
@@ -117,14 +106,6 @@ def evict(core, ns: str, pod: str) -> str:
         pod, ns, client.V1Eviction(metadata=client.V1ObjectMeta(name=pod, namespace=ns))
     )
     return node
-
-
-@pytest.fixture
-def uncordon(core):
-    yield
-    for node in core.list_node(label_selector=RUNNER_LABEL).items:
-        if node.spec.unschedulable:
-            core.patch_node(node.metadata.name, {"spec": {"unschedulable": False}})
 
 
 def test_graceful_eviction_resumes_exactly_and_nothing_leaks(

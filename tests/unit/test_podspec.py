@@ -130,3 +130,13 @@ def test_terminated_state_and_fallback_message():
     log = "\n".join(f"line {i}" for i in range(200))
     msg = podspec.fallback_message(log)
     assert msg.endswith("line 199") and "line 119" not in msg and len(msg.encode()) <= 2048
+
+
+def test_pods_with_hostname_and_subdomain_get_their_service_names_in_hosts():
+    pod = {"metadata": {"namespace": "ns"}, "spec": {"hostname": "w0", "subdomain": "job"}}
+    names = podspec.hosts_names(pod)
+    assert names[0] == "w0.job.ns.svc.cluster.local" and "w0.job" in names
+    assert podspec.hosts_names({"metadata": {"namespace": "ns"}, "spec": {"hostname": "w0"}}) == []
+    text = podspec.hosts_file("127.0.0.1 localhost\n", {"127.0.0.12": names, "127.0.0.13": []})
+    assert text.splitlines()[0] == "127.0.0.1 localhost"
+    assert "127.0.0.12\tw0.job.ns.svc.cluster.local" in text and "127.0.0.13" not in text

@@ -9,6 +9,7 @@ import datetime as dt
 
 import pytest
 
+from kubetune.gang import GANG_GATE, Fit
 from kubetune.status import classify_loss, decide, format_eta, merge_patch, progress_from_trainer
 
 T0 = dt.datetime(2026, 11, 23, 12, 0, tzinfo=dt.timezone.utc)
@@ -50,13 +51,23 @@ class World:
         self.pods: dict[str, dict] = {}
         self.now = T0
         self.plans = []
+        self.gang = Fit(True, "room for all")  # what the handler found on the nodes
 
     def reconcile(self, times=1, progress=None):
         for _ in range(times):
-            plan = decide(self.job, list(self.pods.values()), self.now, progress=progress)
+            gated = any(p["spec"].get("schedulingGates") for p in self.pods.values())
+            plan = decide(
+                self.job,
+                list(self.pods.values()),
+                self.now,
+                progress=progress,
+                gang=self.gang if gated else None,
+            )
             self.plans.append(plan)
             for pod in plan.create:
                 self.pods.setdefault(pod["metadata"]["name"], copy.deepcopy(pod))
+            for name in plan.ungate:
+                self.pods[name]["spec"].pop("schedulingGates")
             for name in plan.delete:
                 self.pods[name]["metadata"]["deletionTimestamp"] = "x"
             self.job["status"] = apply_merge(self.job["status"], merge_patch(self.job["status"], plan.status))
@@ -83,7 +94,37 @@ def test_first_reconcile_creates_attempt_one_and_repeats_are_idempotent():
     for name in ("j-a1-w0", "j-a1-w1"):
         w.set_pod(name, "Running")
     assert w.reconcile()["phase"] == "Running"
-    assert [e[1] for p in w.plans for e in p.events] == ["Created", "Running"]
+    assert [e[1] for p in w.plans for e in p.events] == ["Created", "GangAdmitted", "Running"]
+
+
+def test_workers_wait_at_the_gang_gate_until_all_fit_then_are_released_together():
+    w = World(job(workers=2))
+    w.gang = Fit(False, "room for 1 of 2 workers")
+    w.reconcile()
+    assert all(p["spec"]["schedulingGates"] == [{"name": GANG_GATE}] for p in w.pods.values())
+    st = w.reconcile(2)
+    assert not any(p.ungate for p in w.plans)
+    assert (st["phase"], st["reason"]) == ("Pending", "WaitingForCapacity")
+    assert "room for 1 of 2 workers" in st["message"]
+    assert next(c for c in st["conditions"] if c["type"] == "Scheduled")["reason"] == "WaitingForCapacity"
+    assert w.plans[-1].requeue_after == 5.0  # capacity frees up without an event on the job
+    assert [e[1] for p in w.plans for e in p.events].count("WaitingForCapacity") == 1
+    w.gang = Fit(True, "room for all 2 workers")
+    w.reconcile()
+    assert sorted(w.plans[-1].ungate) == ["j-a1-w0", "j-a1-w1"]
+    assert not any(p["spec"].get("schedulingGates") for p in w.pods.values())
+
+
+def test_single_workers_and_kueue_gangs_get_no_gate_of_ours():
+    w = World(job())
+    w.reconcile()
+    assert "schedulingGates" not in w.pods["j-a1-w0"]["spec"]
+    w = World(job(workers=3, queueName="team-a"))
+    w.reconcile()
+    pod = w.pods["j-a1-w2"]
+    assert "schedulingGates" not in pod["spec"]  # Kueue's webhook adds its own
+    assert pod["metadata"]["labels"]["kueue.x-k8s.io/pod-group-name"] == "j-a1"
+    assert pod["metadata"]["annotations"]["kueue.x-k8s.io/pod-group-total-count"] == "3"
 
 
 def test_a_preemption_is_counted_once_and_the_next_attempt_waits_for_the_old_pods():

@@ -126,6 +126,29 @@ class RunnerPod:
         self.signal_all(signal.SIGKILL)
 
 
+class Hosts:
+    """The /etc/hosts every pod sees (bind-mounted over its own): the host's, plus the
+    headless-Service names of the pods running now. Rewritten in place — a bind mount
+    holds the inode — new content first, then truncated, so a reader never sees it empty."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.base = Path("/etc/hosts").read_text() if Path("/etc/hosts").exists() else "127.0.0.1 localhost\n"
+        self.entries: dict[str, list[str]] = {}
+        self.lock = threading.Lock()
+        self.path.write_text(podspec.hosts_file(self.base, {}))
+
+    def set(self, ip: str, names: list[str] | None) -> None:
+        with self.lock:
+            if names:
+                self.entries[ip] = names
+            elif self.entries.pop(ip, None) is None:
+                return
+            with open(self.path, "r+") as f:
+                f.write(podspec.hosts_file(self.base, self.entries))
+                f.truncate()
+
+
 class PodRunner:
     def __init__(self, api: client.ApiClient, nodes: list[dict], workdir: Path) -> None:
         self.api = api
@@ -138,6 +161,8 @@ class PodRunner:
         self.lock = threading.Lock()
         self.ips = IpPool()
         self.mount_ns = can_use_mount_namespaces()
+        workdir.mkdir(parents=True, exist_ok=True)
+        self.hosts = Hosts(workdir / "hosts")
         self.stopping = threading.Event()
         self.base_env = {k: os.environ[k] for k in BASE_ENV_KEYS if k in os.environ}
         self.base_env["PATH"] = os.pathsep.join(
@@ -373,6 +398,7 @@ class PodRunner:
             rp.finished.set()
             if rp.deleting:
                 self._remove(pod)
+            self.hosts.set(rp.ip, None)
             self.ips.give(rp.ip)
 
     def _live(self, rp: RunnerPod, pod: dict) -> None:
@@ -398,6 +424,7 @@ class PodRunner:
             "startTime": started,
         }
         containers = spec["containers"]
+        self.hosts.set(rp.ip, podspec.hosts_names(pod))
 
         argvs = self._resolve_until_ok(rp, pod, base)
         if argvs is None:
@@ -509,7 +536,10 @@ class PodRunner:
         term_file.write_text("")
         cwd = c.get("workingDir") or str(rp.dir)
         if self.mount_ns:
-            binds = [(term_file, c.get("terminationMessagePath") or "/dev/termination-log")]
+            binds = [
+                (term_file, c.get("terminationMessagePath") or "/dev/termination-log"),
+                (self.hosts.path, "/etc/hosts"),
+            ]
             binds += [
                 (volumes[m["name"]] / (m.get("subPath") or ""), m["mountPath"])
                 for m in c.get("volumeMounts") or []

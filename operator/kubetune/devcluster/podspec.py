@@ -165,3 +165,24 @@ def fallback_message(log_text: str, max_lines: int = 80, max_bytes: int = 2048) 
     """FallbackToLogsOnError: the last lines of the log, capped like the kubelet does."""
     tail = "\n".join(log_text.splitlines()[-max_lines:])
     return tail.encode()[-max_bytes:].decode(errors="replace")
+
+
+CLUSTER_DOMAIN = "cluster.local"
+
+
+def hosts_names(pod: dict) -> list[str]:
+    """The DNS names a pod with hostname and subdomain gets through its headless Service
+    (<hostname>.<subdomain>.<ns>.svc.<domain>), plus the short form a pod's search path
+    resolves (<hostname>.<subdomain>). No DNS server here: these go into /etc/hosts."""
+    spec, ns = pod["spec"], pod["metadata"]["namespace"]
+    host, sub = spec.get("hostname"), spec.get("subdomain")
+    if not host or not sub:
+        return []
+    return [f"{host}.{sub}.{ns}.svc.{CLUSTER_DOMAIN}", f"{host}.{sub}.{ns}.svc", f"{host}.{sub}"]
+
+
+def hosts_file(base: str, entries: dict[str, list[str]]) -> str:
+    """The host's /etc/hosts plus one line per pod IP with its names."""
+    lines = [base.rstrip("\n"), "# pods of the dev cluster's runner nodes"]
+    lines += [f"{ip}\t{' '.join(names)}" for ip, names in sorted(entries.items()) if names]
+    return "\n".join(lines) + "\n"
