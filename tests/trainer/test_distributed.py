@@ -165,3 +165,34 @@ def test_pod_launcher_runs_one_rank_per_process(two_ranks, tiny_model, minio, tm
     assert "rank0 " in log and "rank1 " in log
     assert pod.termination_message()["outcome"] == "completed"
     assert max_abs_diff(adapter_tensors(minio, cfg["output"]["uri"]), two_adapter) <= 1e-5
+
+
+def lora_config(tiny_model, run: str, batch_size: int, strategy: str) -> dict:
+    """Plain LoRA (no 4-bit weights: FSDP cannot split bitsandbytes' CPU NF4 tensors)."""
+    cfg = config(tiny_model, run, batch_size)
+    cfg["method"] = "lora"
+    cfg["training"]["strategy"] = strategy
+    return cfg
+
+
+def test_fsdp_shards_the_model_and_resumes_exactly(one_rank, tiny_model, minio, tmp_path):
+    """FSDP (the strategy for base models too big for one GPU) on CPU with gloo: 2 ranks
+    train what 1 rank with the whole batch trains; a stop on rank 1 gathers one checkpoint
+    from the shards, and the resumed run ends with the uninterrupted run's adapter."""
+    single = run_trainer(lora_config(tiny_model, "fsdp-one", 4, "ddp"), tmp_path, minio, "single")
+    whole = start_ranks(lora_config(tiny_model, "fsdp-two", 2, "fsdp"), tmp_path, minio, "whole")
+    assert [r.wait(300) for r in whole] == [0, 0], whole[0].log_text()[-3000:]
+    sharded = adapter_tensors(minio, "s3://runs/fsdp-two/out/")
+    assert max_abs_diff(sharded, adapter_tensors(minio, "s3://runs/fsdp-one/out/")) <= 1e-4
+    assert per_step([single]) == per_step(whole)
+
+    cfg = lora_config(tiny_model, "fsdp-stop", 2, "fsdp")
+    first = start_ranks(cfg, tmp_path, minio, "first")
+    wait_for(lambda: first[1].last_step() >= 5, 180, "step 5", procs=[r.watch() for r in first])
+    first[1].signal(signal.SIGTERM)
+    assert [r.wait(120) for r in first] == [75, 75], first[0].log_text()[-3000:]
+    stopped = first[0].termination_message()["checkpoint"]["step"]
+    second = start_ranks(cfg, tmp_path, minio, "second")
+    assert [r.wait(300) for r in second] == [0, 0], second[0].log_text()[-3000:]
+    assert f"(step {stopped})" in second[1].log_text()
+    assert max_abs_diff(adapter_tensors(minio, cfg["output"]["uri"]), sharded) <= 1e-5

@@ -82,11 +82,14 @@ def model_card(cfg, metrics: dict) -> str:
     return "\n".join(lines)
 
 
-def export(cfg, model, tokenizer, result, workdir: Path, model_path: str) -> dict:
-    """Write everything locally, upload it, return status.adapter {uri, sha256, sizeBytes}."""
+def export(
+    cfg, model, tokenizer, result, workdir: Path, model_path: str, weights: dict | None = None
+) -> dict:
+    """Write everything locally, upload it, return status.adapter {uri, sha256, sizeBytes}.
+    `weights`: the LoRA weights gathered whole when the model is sharded (fsdp)."""
     out = workdir / "output"
     out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(str(out))
+    model.save_pretrained(str(out), state_dict=weights)
     tokenizer.save_pretrained(str(out))
     history = result.metrics.get("history", [])
     tail = history[-10:]

@@ -137,6 +137,21 @@ def load_model(cfg, backend: str, path: str, local_rank: int = 0):
     return get_peft_model(model, lora)
 
 
+def shard_model(model) -> None:
+    """FSDP2 (fully_shard): each decoder block is its own unit, then the rest of the
+    model. For QLoRA the 4-bit weights are stored in the compute dtype
+    (bnb_4bit_quant_storage, see load_model) so that they can be flattened and split."""
+    from torch.distributed.fsdp import fully_shard
+
+    blocks = set(getattr(model.get_base_model(), "_no_split_modules", None) or [])
+    if not blocks:
+        raise ValueError(f"{type(model.get_base_model()).__name__} names no decoder blocks to shard by")
+    for module in model.modules():
+        if type(module).__name__ in blocks:
+            fully_shard(module)
+    fully_shard(model)
+
+
 def _load_ipex_llm(cfg, path, dtype, device, common):
     """The seed notebooks' stack, imported only in its own image."""
     try:

@@ -216,7 +216,14 @@ class Trainer:
             trainable / 1e6,
         )
         self.ddp_model = self.model
-        if self.dist.world > 1:
+        # fsdp: the base model's weights are split over the ranks; collectives then also
+        # run in checkpoints, evaluation and export, so every rank takes part in those
+        self.sharded = self.dist.world > 1 and cfg.training.strategy == "fsdp"
+        if self.sharded:
+            from kubetune_trainer.model import shard_model
+
+            shard_model(self.model)
+        elif self.dist.world > 1:
             self.ddp_model = torch.nn.parallel.DistributedDataParallel(self.model)
         t = cfg.training
         params = [p for p in self.model.parameters() if p.requires_grad]
@@ -291,15 +298,42 @@ class Trainer:
         return exact_match(self.model, self.tokenizer, records[:n], self.cfg.dataset, label)
 
     # -- checkpoints ---------------------------------------------------------------------
+    def trainable_state(self) -> dict | None:
+        """Under fsdp, the LoRA weights gathered whole under the model's own parameter
+        names (a collective; rank 0 gets them). None otherwise: read the model itself."""
+        if not self.sharded:
+            return None
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
+        full = get_model_state_dict(self.model, options=options)
+        return full if self.dist.main else None
+
+    def optimizer_state(self) -> dict | None:
+        if not self.sharded:
+            return self.optimizer.state_dict()
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        full = get_optimizer_state_dict(self.model, self.optimizer, options=options)
+        return full if self.dist.main else None
+
     def save_checkpoint(self, step: int, data_state: dict, history: list, wait: bool) -> dict:
+        """Rank 0 writes and commits; under fsdp every rank calls this (the gathers are
+        collectives). Every rank returns the same reference."""
         import torch
         from peft import get_peft_model_state_dict
         from safetensors.torch import save_file
 
+        ref = {"step": step, "uri": self.ckpts.uri(step)}
+        trainable, optimizer = self.trainable_state(), self.optimizer_state()
+        if not self.dist.main:
+            return ref
         folder = self.ckpts.local_dir(step)
-        weights = {k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(self.model).items()}
+        adapter = get_peft_model_state_dict(self.model, state_dict=trainable)
+        weights = {k: v.detach().cpu().contiguous() for k, v in adapter.items()}
         save_file(weights, str(folder / ADAPTER_FILE))
-        torch.save(self.optimizer.state_dict(), folder / "optimizer.pt")
+        torch.save(optimizer, folder / "optimizer.pt")
         torch.save(self.scheduler.state_dict(), folder / "scheduler.pt")
         torch.save(rng_state(), folder / "rng.pt")
         state = {
@@ -314,15 +348,31 @@ class Trainer:
         self.ckpts.commit(step, folder, wait=wait)
         self.progress.update(last_checkpoint_step=step)
         self.progress.c_ckpt.inc()
-        return {"step": step, "uri": self.ckpts.uri(step)}
+        return ref
 
     def restore(self, restored: Restored) -> dict:
         import torch
         from peft import set_peft_model_state_dict
         from safetensors.torch import load_file
 
-        set_peft_model_state_dict(self.model, load_file(str(restored.folder / ADAPTER_FILE)))
-        self.optimizer.load_state_dict(torch.load(restored.folder / "optimizer.pt", weights_only=False))
+        weights = load_file(str(restored.folder / ADAPTER_FILE))
+        optimizer = torch.load(restored.folder / "optimizer.pt", weights_only=False)
+        if self.sharded:
+            # every rank read the whole checkpoint; each keeps its own shard of it
+            from peft.utils.save_and_load import _insert_adapter_name_into_state_dict
+            from torch.distributed.checkpoint.state_dict import (
+                StateDictOptions,
+                set_model_state_dict,
+                set_optimizer_state_dict,
+            )
+
+            named = _insert_adapter_name_into_state_dict(weights, "default", "lora_")
+            options = StateDictOptions(full_state_dict=True, strict=False)
+            set_model_state_dict(self.model, named, options=options)
+            set_optimizer_state_dict(self.model, self.optimizer, optimizer, options=options)
+        else:
+            set_peft_model_state_dict(self.model, weights)
+            self.optimizer.load_state_dict(optimizer)
         self.scheduler.load_state_dict(torch.load(restored.folder / "scheduler.pt", weights_only=False))
         set_rng_state(torch.load(restored.folder / "rng.pt", weights_only=False))
         state = json.loads((restored.folder / STATE_FILE).read_text())
@@ -355,7 +405,8 @@ class Trainer:
             else SequenceStream(records, self.encode, cfg.dataset.max_seq_length, cfg.dataset.packing)
         )
         mine = deal(seqs, self.dist.world, self.dist.rank)
-        held_out = self.eval_records() if self.dist.main else []
+        # evaluation is rank 0's, or everyone's under fsdp (a forward pass is a collective)
+        held_out = self.eval_records() if self.dist.main or self.sharded else []
         eval_set = self.encoded(held_out)
         if not restored and held_out:
             # the base model's score (LoRA B starts at zero, so this is the base model)
@@ -381,7 +432,7 @@ class Trainer:
             step_loss = 0.0
             for i, (batch, _) in enumerate(micro):
                 batch = {k: v.to(self.device) for k, v in batch.items()}
-                sync = i == len(micro) - 1 or self.dist.world == 1
+                sync = i == len(micro) - 1 or self.dist.world == 1 or self.sharded
                 with contextlib.nullcontext() if sync else self.ddp_model.no_sync():
                     loss = lm_loss(self.ddp_model, batch, global_tokens, self.sparse_logits)
                     # DDP averages gradients over ranks; the loss is already global
@@ -425,7 +476,9 @@ class Trainer:
                 cfg.checkpoint.every_minutes is not None
                 and time.monotonic() - last_ckpt_time >= cfg.checkpoint.every_minutes * 60
             )
-            if due and step < t.max_steps and self.dist.main:
+            if self.sharded:
+                due = self._all_sum(torch, int(due)) > 0  # clocks differ: agree, or the gather hangs
+            if due and step < t.max_steps and (self.dist.main or self.sharded):
                 t_ckpt = time.monotonic()
                 last_ckpt = self.save_checkpoint(step, seqs.state(), history, wait=False)
                 last_ckpt_time = time.monotonic()
@@ -439,19 +492,23 @@ class Trainer:
         )
         if after is not None:
             result.metrics["exact_match"] = {"before": self.exact_match_before, "after": after}
-        if self.dist.main:
+        if self.dist.main or self.sharded:
             # a final checkpoint too: a retry after a failed export does not retrain
             if last_ckpt is None or last_ckpt["step"] != step:
                 last_ckpt = self.save_checkpoint(step, seqs.state(), history, wait=True)
-            self.ckpts.wait()
+            if self.dist.main:
+                self.ckpts.wait()
             result.checkpoint = last_ckpt
+        # what export writes as the adapter (a gather under fsdp, so every rank's call)
+        self.final_weights = self.trainable_state()
         return result
 
     def _stop_checkpoint(self, step, last_ckpt, seqs, history) -> dict | None:
         """The SIGTERM checkpoint: nothing new to save if no step ran since the last one."""
-        if not self.dist.main:
+        if not (self.dist.main or self.sharded):
             return last_ckpt
-        self.ckpts.wait()
+        if self.dist.main:
+            self.ckpts.wait()
         if (last_ckpt is not None and last_ckpt["step"] == step) or step == 0:
             return last_ckpt
         t0 = time.monotonic()
