@@ -188,6 +188,11 @@ class Training(ApiModel):
     max_grad_norm: float = Field(1.0, gt=0)
     optimizer: Literal["adamw", "paged_adamw_8bit", "paged_adamw_32bit", "adamw_8bit"] = "adamw"
     gradient_checkpointing: bool = Field(False, description="Trade compute for activation memory.")
+    strategy: Literal["ddp", "fsdp"] = Field(
+        "ddp",
+        description="Data parallelism across ranks: ddp keeps the whole (quantized) base model on every "
+        "device; fsdp shards it across devices (FSDP-QLoRA), for base models too big for one GPU.",
+    )
     seed: int = Field(42, ge=0, le=2**32 - 1)
     logging_steps: int = Field(10, ge=1)
     eval_steps: int | None = Field(None, ge=1, description="Evaluate every N steps (default: at the end).")
