@@ -7,9 +7,9 @@ The training part is the trainer's own TrainingConfig, so both read one model.""
 from __future__ import annotations
 
 from enum import Enum
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import ConfigDict, Field, model_validator
+from pydantic import ConfigDict, Field, PlainValidator, WithJsonSchema, model_validator
 
 from kubetune_trainer.config import ApiModel, TrainingConfig
 
@@ -22,6 +22,25 @@ SHORT_NAME = "ftj"
 MAX_NAME_LENGTH = 48
 
 QUANTITY_PATTERN = r"^[0-9]+(\.[0-9]+)?(m|k|Ki|M|Mi|G|Gi|T|Ti)?$"
+
+
+AUTO = "auto"
+
+
+def _gpu_memory_mib(value: object) -> int | str:
+    # bool is an int to Python, not to the API server; "16384" is a string to both
+    if value == AUTO or (type(value) is int and value >= 0):
+        return value
+    raise ValueError('must be "auto" or a whole number of MiB (0: any GPU)')
+
+
+# An int-or-string, the Kubernetes way (like a Deployment's maxSurge): old specs' numbers
+# keep their meaning, and the schema stays structural (no anyOf).
+GpuMemoryMiB = Annotated[
+    int | Literal["auto"],
+    PlainValidator(_gpu_memory_mib),
+    WithJsonSchema({"x-kubernetes-int-or-string": True}),
+]
 
 
 class Accelerator(str, Enum):
@@ -37,6 +56,11 @@ class Resources(ApiModel):
     intel_resource: Literal["i915", "xe"] = Field(
         "i915", description="Intel device-plugin resource: gpu.intel.com/i915 or gpu.intel.com/xe."
     )
+    intel_stack: Literal["xpu", "ipex-llm"] = Field(
+        "xpu",
+        description="Intel software stack: xpu (stock PyTorch XPU with bitsandbytes 4-bit, maintained) or "
+        "ipex-llm (bigdl-llm/ipex-llm with intel-extension-for-pytorch, as the seed notebooks ran it; own image).",
+    )
     gpus_per_worker: int | None = Field(
         None, ge=0, le=16, description="GPUs per worker pod (default 1 on GPUs; must be 0 or unset on cpu)."
     )
@@ -44,11 +68,23 @@ class Resources(ApiModel):
         default_factory=list,
         description="Acceptable GPU products, as the GPU Feature Discovery / Intel product label spells them.",
     )
-    min_gpu_memory_mib: int = Field(
-        0,
-        ge=0,
+    min_gpu_memory_mib: GpuMemoryMiB = Field(
+        AUTO,
         alias="minGpuMemoryMiB",
-        description="Only nodes whose GPUs have at least this much memory (nvidia.com/gpu.memory).",
+        description="Only nodes whose GPUs have at least this much memory, in MiB. auto: the job's estimated "
+        "need per GPU (`kubetune render` prints it; the model, quantization, LoRA rank, sequence length, batch "
+        "and gradient checkpointing set it), and no constraint for a model the estimate does not know; nodes "
+        "that publish no GPU memory label stay eligible. A number: nodes must publish enough (0: any GPU). "
+        "Labels: nvidia.com/gpu.memory (GPU Feature Discovery, per GPU); on Intel gpu.intel.com/memory.max, "
+        "the node's total, which must cover gpusPerWorker GPUs.",
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                {
+                    "rule": "type(self) == int ? self >= 0 : self == 'auto'",
+                    "message": 'must be "auto" or a whole number of MiB (0: any GPU)',
+                }
+            ]
+        },
     )
     cpu: str = Field("4", pattern=QUANTITY_PATTERN, description="CPU request per worker pod.")
     memory: str = Field(
@@ -106,32 +142,51 @@ class Storage(ApiModel):
     endpoint: str | None = Field(
         None, pattern=r"^https?://[^\s/]+(/.*)?$", description="S3-compatible endpoint (MinIO, GCS, R2...)."
     )
-    region: str = Field("us-east-1", min_length=1, max_length=64)
+    region: str = Field("us-east-1", min_length=1, max_length=64, description="S3 region.")
 
 
 class Toleration(ApiModel):
-    key: str | None = None
-    operator: Literal["Exists", "Equal"] | None = None
-    value: str | None = None
-    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = None
-    toleration_seconds: int | None = None
+    key: str | None = Field(None, description="Taint key; unset with operator Exists tolerates every taint.")
+    operator: Literal["Exists", "Equal"] | None = Field(
+        None, description="Exists: any value; Equal (the default): the taint's value must match."
+    )
+    value: str | None = Field(None, description="Taint value, for operator Equal.")
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = Field(
+        None, description="Taint effect; unset tolerates every effect."
+    )
+    toleration_seconds: int | None = Field(
+        None, description="How long a NoExecute taint is tolerated before eviction; unset: for ever."
+    )
 
 
 class PodOverrides(ApiModel):
     image: str | None = Field(None, min_length=1, description="Trainer image (default: by accelerator).")
-    service_account_name: str | None = None
-    priority_class_name: str | None = None
-    node_selector: dict[str, str] = Field(default_factory=dict)
-    tolerations: list[Toleration] = Field(default_factory=list)
-    labels: dict[str, str] = Field(default_factory=dict)
-    annotations: dict[str, str] = Field(default_factory=dict)
+    service_account_name: str | None = Field(
+        None,
+        description="ServiceAccount of the worker pods (default: no token mounted; the trainer needs none).",
+    )
+    priority_class_name: str | None = Field(None, description="PriorityClass of the worker pods.")
+    node_selector: dict[str, str] = Field(
+        default_factory=dict, description="Added to the worker pods' node selector."
+    )
+    tolerations: list[Toleration] = Field(
+        default_factory=list, description="Added to the worker pods' tolerations."
+    )
+    labels: dict[str, str] = Field(default_factory=dict, description="Added to the worker pods' labels.")
+    annotations: dict[str, str] = Field(
+        default_factory=dict, description="Added to the worker pods' annotations."
+    )
 
 
 class FineTuneJobSpec(TrainingConfig):
-    resources: Resources = Field(default_factory=Resources)
+    resources: Resources = Field(
+        default_factory=Resources, description="What each worker pod runs on and asks for."
+    )
     workers: int = Field(1, ge=1, le=256, description="Worker pods; each runs gpusPerWorker processes.")
-    spot: Spot = Field(default_factory=Spot)
-    storage: Storage = Field(default_factory=Storage)
+    spot: Spot = Field(default_factory=Spot, description="Spot (preemptible) capacity and its limits.")
+    storage: Storage = Field(
+        default_factory=Storage, description="S3 access for the dataset, model, checkpoints and adapter."
+    )
     backoff_limit: int = Field(
         3, ge=0, le=100, description="Application failures retried; preemptions are counted separately."
     )
@@ -146,7 +201,9 @@ class FineTuneJobSpec(TrainingConfig):
     queue_name: str | None = Field(
         None, description="Kueue LocalQueue; pods then carry Kueue pod-group labels."
     )
-    pod_overrides: PodOverrides = Field(default_factory=PodOverrides)
+    pod_overrides: PodOverrides = Field(
+        default_factory=PodOverrides, description="Settings added to the worker pods the operator creates."
+    )
 
 
 class Phase(str, Enum):
@@ -159,53 +216,57 @@ class Phase(str, Enum):
 
 
 class Condition(ApiModel):
-    type: str
-    status: Literal["True", "False", "Unknown"]
-    reason: str
-    message: str = ""
-    last_transition_time: str
-    observed_generation: int | None = None
+    type: str = Field(description="Scheduled, Running, Suspended, Succeeded or Failed.")
+    status: Literal["True", "False", "Unknown"] = Field(description="Whether the condition holds.")
+    reason: str = Field(description="Why, in CamelCase.")
+    message: str = Field("", description="Why, in words.")
+    last_transition_time: str = Field(description="When status last changed (RFC 3339).")
+    observed_generation: int | None = Field(None, description="The spec generation it was computed from.")
 
 
 class Progress(ApiModel):
     summary: str | None = Field(None, description="step/total (percent), for kubectl get.")
-    step: int = 0
-    total_steps: int = 0
-    epoch: float | None = None
-    loss: float | None = None
-    eval_loss: float | None = None
-    tokens_per_second: float | None = None
+    step: int = Field(0, description="Optimizer steps done.")
+    total_steps: int = Field(0, description="Optimizer steps in all (training.maxSteps).")
+    epoch: float | None = Field(None, description="Passes over the dataset so far.")
+    loss: float | None = Field(None, description="Training loss at the last logged step.")
+    eval_loss: float | None = Field(None, description="Validation loss at the last evaluation.")
+    tokens_per_second: float | None = Field(None, description="Training throughput.")
     eta: str | None = Field(None, description="Estimated time left, e.g. 1h2m.")
-    updated_at: str | None = None
+    updated_at: str | None = Field(None, description="When the trainer last reported progress.")
 
 
 class CheckpointRef(ApiModel):
-    step: int
-    uri: str
-    time: str | None = None
+    step: int = Field(description="The optimizer step it holds.")
+    uri: str = Field(description="Its folder, <checkpoint.uri>/step-NNNNNNNN/.")
+    time: str | None = Field(None, description="When it was committed.")
 
 
 class AdapterRef(ApiModel):
-    uri: str
-    sha256: str | None = None
-    size_bytes: int | None = None
+    uri: str = Field(description="Where the adapter was uploaded.")
+    sha256: str | None = Field(None, description="SHA-256 of the adapter's weights file.")
+    size_bytes: int | None = Field(None, description="Size of the adapter's weights file.")
 
 
 class FineTuneJobStatus(ApiModel):
-    phase: Phase | None = None
+    phase: Phase | None = Field(None, description="Where the job is: Preempted waits for the next attempt.")
     reason: str | None = Field(None, description="Why the job is in its phase (CamelCase).")
-    message: str | None = None
-    conditions: list[Condition] = Field(default_factory=list)
-    progress: Progress | None = None
+    message: str | None = Field(None, description="Why, in words.")
+    conditions: list[Condition] = Field(
+        default_factory=list, description="Kubernetes-style conditions, one per type."
+    )
+    progress: Progress | None = Field(None, description="The trainer's progress, polled from rank 0.")
     attempt: int = Field(0, description="Current attempt number (1 based); 0 before the first.")
-    preemptions: int = 0
-    failures: int = 0
-    last_checkpoint: CheckpointRef | None = None
-    adapter: AdapterRef | None = None
-    start_time: str | None = None
+    preemptions: int = Field(0, description="Attempts lost to preemption (limit: spot.maxPreemptions).")
+    failures: int = Field(0, description="Attempts lost to application failures (limit: backoffLimit).")
+    last_checkpoint: CheckpointRef | None = Field(
+        None, description="The newest checkpoint the trainer committed."
+    )
+    adapter: AdapterRef | None = Field(None, description="The uploaded adapter, once the job succeeded.")
+    start_time: str | None = Field(None, description="When the first attempt's pods were created.")
     attempt_start_time: str | None = Field(None, description="When the current attempt's pods were created.")
-    completion_time: str | None = None
-    observed_generation: int | None = None
+    completion_time: str | None = Field(None, description="When the job succeeded or failed.")
+    observed_generation: int | None = Field(None, description="The spec generation this status reflects.")
 
 
 class FineTuneJob(ApiModel):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import random
 import sys
 from pathlib import Path
 
@@ -41,7 +42,12 @@ def _run(args: argparse.Namespace) -> int:
     handlers.register(
         workers=args.workers, namespaces=args.namespace, progress_interval_s=args.progress_interval
     )
+    priority = args.priority
+    if priority is None:
+        # kopf pauses every peer that ties with another: replicas must never tie
+        priority = random.randint(1, 2**31 - 1) if args.peering else 0
     kopf.run(
+        priority=priority,
         clusterwide=not args.namespace,
         namespaces=args.namespace or (),
         standalone=args.standalone,
@@ -57,6 +63,7 @@ def _render(args: argparse.Namespace) -> int:
 
     from kubetune.api import FineTuneJobSpec
     from kubetune.manifests import build_pods, build_service
+    from kubetune.placement import gpu_memory_note
     from kubetune.status import validation_messages
 
     docs = [
@@ -64,7 +71,7 @@ def _render(args: argparse.Namespace) -> int:
         for d in yaml.safe_load_all(Path(args.file).read_text() if args.file != "-" else sys.stdin.read())
         if d
     ]
-    out = []
+    out, text = [], ""
     for doc in docs:
         if doc.get("kind") != "FineTuneJob":
             continue
@@ -84,10 +91,13 @@ def _render(args: argparse.Namespace) -> int:
         for obj in objects:
             obj["metadata"]["namespace"] = meta.get("namespace", "default")
         out += objects
+        # as YAML comments: the output stays something `kubectl apply -f -` takes
+        text += "".join(f"# FineTuneJob {name}: {line}\n" for line in gpu_memory_note(spec))
+        text += yaml.safe_dump_all(objects, sort_keys=False, explicit_start=True)
     if not out:
         print(f"{args.file}: no FineTuneJob found", file=sys.stderr)
         return EXIT_USAGE
-    sys.stdout.write(yaml.safe_dump_all(out, sort_keys=False))
+    sys.stdout.write(text)
     return 0
 
 
@@ -124,6 +134,12 @@ def main(argv: list[str] | None = None) -> None:
     run.add_argument("--health-port", type=int, default=0, help="liveness /healthz port (0: off)")
     run.add_argument("--standalone", action="store_true", help="no peering between operator replicas")
     run.add_argument("--peering", default=None, help="kopf peering object name (for replicas > 1)")
+    run.add_argument(
+        "--priority",
+        type=int,
+        default=None,
+        help="kopf peering priority: the highest works, the rest stand by (default: random with --peering)",
+    )
     run.add_argument(
         "--progress-interval",
         type=float,

@@ -6,7 +6,7 @@ inlined, Optional fields plain (the API server prunes nulls of non-nullable fiel
 titles dropped, exclusive bounds in OpenAPI v3.0 form, `default: {}` on nested objects
 so server-side defaulting reaches their fields.
 
-    python -m kubetune.crd            write crds/ and the chart copy
+    python -m kubetune.crd            write crds/, the chart copy and the README's reference
     python -m kubetune.crd --check    fail if they differ from what api.py gives
 """
 
@@ -19,11 +19,12 @@ from pathlib import Path
 
 import yaml
 
-from kubetune import api
+from kubetune import api, reference
 
 ROOT = Path(__file__).resolve().parents[2]
 CRD_FILE = ROOT / "crds" / f"{api.GROUP}_{api.PLURAL}.yaml"
 CHART_CRD_FILE = ROOT / "charts" / "kubetune" / "templates" / "crds" / f"{api.PLURAL}.yaml"
+README_FILE = ROOT / "README.md"
 HEADER = "# Generated from operator/kubetune/api.py by `python -m kubetune.crd`. Do not edit.\n"
 
 PRINTER_COLUMNS = [
@@ -159,8 +160,14 @@ def render() -> str:
     return HEADER + yaml.safe_dump(crd(), sort_keys=False, width=120)
 
 
+# helm uninstall must not take every FineTuneJob (and its pods) with the CRD
+CHART_CRD_ANNOTATIONS = {"helm.sh/resource-policy": "keep"}
+
+
 def chart_render() -> str:
-    body = yaml.safe_dump(crd(), sort_keys=False, width=120)
+    doc = crd()
+    doc["metadata"]["annotations"] = dict(CHART_CRD_ANNOTATIONS)
+    body = yaml.safe_dump(doc, sort_keys=False, width=120)
     return (
         HEADER.replace("# ", "{{- /* ", 1).rstrip()
         + " */}}\n{{- if .Values.crds.enabled }}\n"
@@ -174,6 +181,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--check", action="store_true", help="fail on drift instead of writing")
     args = ap.parse_args(argv)
     wanted = {CRD_FILE: render(), CHART_CRD_FILE: chart_render()}
+    if README_FILE.exists():
+        wanted[README_FILE] = reference.with_reference(
+            README_FILE.read_text(), spec_schema(), status_schema()
+        )
     drift = [p for p, text in wanted.items() if not p.exists() or p.read_text() != text]
     if args.check:
         for p in drift:

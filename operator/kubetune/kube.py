@@ -38,8 +38,13 @@ class Kube:
         cfg = self.api.configuration
         if cfg.refresh_api_key_hook is not None:
             cfg.refresh_api_key_hook(cfg)
-        token = cfg.get_api_key_with_prefix("authorization")
-        return {"Accept": "application/json", **({"Authorization": token} if token else {})}
+        headers = {"Accept": "application/json"}
+        # the client's own view of its credentials (the key a token is kept under changed
+        # between client versions: "authorization", now "BearerToken")
+        for auth in cfg.auth_settings().values():
+            if auth.get("in") == "header" and auth.get("value"):
+                headers[auth["key"]] = auth["value"]
+        return headers
 
     def call(self, method: str, path: str, body=None, query=None, content_type: str | None = None) -> dict:
         """One request through the client's connection pool and credentials. Bodies are

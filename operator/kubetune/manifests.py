@@ -4,6 +4,7 @@ operator creates. No I/O; names are deterministic so creation is idempotent."""
 from __future__ import annotations
 
 import json
+import os
 import zlib
 
 from kubetune import __version__
@@ -16,11 +17,28 @@ JOB_LABEL = f"{GROUP}/job"
 ATTEMPT_LABEL = f"{GROUP}/attempt"
 RANK_LABEL = f"{GROUP}/rank"
 PROGRESS_PORT = 9090
+# Trainer image per backend (trainer_image/Dockerfile.*); the chart sets the env vars.
 TRAINER_IMAGES = {
-    Accelerator.nvidia.value: f"ghcr.io/kubetune/trainer-cuda:{__version__}",
-    Accelerator.intel.value: f"ghcr.io/kubetune/trainer-xpu:{__version__}",
-    Accelerator.cpu.value: f"ghcr.io/kubetune/trainer-cpu:{__version__}",
+    "cuda": f"ghcr.io/kubetune/trainer-cuda:{__version__}",
+    "xpu": f"ghcr.io/kubetune/trainer-xpu:{__version__}",
+    "ipex-llm": f"ghcr.io/kubetune/trainer-ipex-llm:{__version__}",
+    "cpu": f"ghcr.io/kubetune/trainer-cpu:{__version__}",
 }
+TRAINER_IMAGE_ENV = "KUBETUNE_TRAINER_IMAGE_"  # + CUDA, XPU, IPEX_LLM, CPU
+
+
+def trainer_image(spec: FineTuneJobSpec, environ=os.environ) -> str:
+    """podOverrides.image, else the image of the job's backend as the operator was
+    configured (KUBETUNE_TRAINER_IMAGE_<BACKEND>), else the default of this version."""
+    if spec.pod_overrides.image:
+        return spec.pod_overrides.image
+    res = spec.resources
+    backend = {Accelerator.nvidia.value: "cuda", Accelerator.cpu.value: "cpu"}.get(
+        res.accelerator, res.intel_stack
+    )
+    return environ.get(TRAINER_IMAGE_ENV + backend.upper().replace("-", "_")) or TRAINER_IMAGES[backend]
+
+
 # Where the Secret's keys go in the trainer's environment (boto3's own names).
 # the trainer images' user (trainer_image/Dockerfile.*)
 TRAINER_UID = 10001
@@ -124,7 +142,7 @@ def build_pod(name: str, uid: str, spec: FineTuneJobSpec, attempt: int, rank: in
     }
     container = {
         "name": "trainer",
-        "image": overrides.image or TRAINER_IMAGES[spec.resources.accelerator],
+        "image": trainer_image(spec),
         # several processes (one per GPU): kubetune_trainer.launch starts them
         "command": [
             "python",

@@ -11,6 +11,7 @@ import yaml
 from kubetune.crd import CRD_FILE
 from kubetune.devcluster.cluster import tool_dirs
 
+CRD_FILE_NAME = yaml.safe_load(CRD_FILE.read_text())["metadata"]["name"]
 CHART = Path(__file__).resolve().parents[2] / "charts" / "kubetune"
 
 
@@ -25,10 +26,20 @@ def helm_template(*flags: str) -> list[dict]:
     return [d for d in yaml.safe_load_all(out) if d]
 
 
+def crds(docs: list[dict]) -> list[dict]:
+    return [d for d in docs if d["kind"] == "CustomResourceDefinition"]
+
+
 def test_chart_renders_the_generated_crd():
-    docs = helm_template()
-    assert docs == [yaml.safe_load(CRD_FILE.read_text())]
+    (chart_crd,) = crds(helm_template())
+    # kept on helm uninstall: removing the CRD would delete every job
+    assert chart_crd["metadata"].pop("annotations") == {"helm.sh/resource-policy": "keep"}
+    assert chart_crd == yaml.safe_load(CRD_FILE.read_text())
 
 
 def test_chart_can_leave_the_crd_out():
-    assert helm_template("--set", "crds.enabled=false") == []
+    assert crds(helm_template("--set", "crds.enabled=false")) == []
+    # kopf's peering CRDs (more than one replica) are CRDs too
+    assert crds(helm_template("--set", "crds.enabled=false,replicaCount=2")) == []
+    names = {d["metadata"]["name"] for d in crds(helm_template("--set", "replicaCount=2"))}
+    assert names == {CRD_FILE_NAME, "clusterkopfpeerings.kopf.dev", "kopfpeerings.kopf.dev"}

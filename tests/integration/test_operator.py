@@ -127,6 +127,48 @@ def test_example_pods_land_on_the_nodes_they_ask_for(operator, core, custom, nam
         assert svc.spec.cluster_ip == "None"
 
 
+def example_files() -> list[str]:
+    """Every example that is a Kubernetes object (local-*.yaml are `kubetune train` configs)."""
+    return sorted(
+        f.name
+        for f in EXAMPLES.glob("*.yaml")
+        if all("apiVersion" in d for d in yaml.safe_load_all(f.read_text()) if d)
+    )
+
+
+@pytest.mark.parametrize("example", example_files())
+def test_every_example_passes_a_server_side_dry_run(dev_cluster, crd_installed, namespace, example):
+    out = subprocess.run(
+        [
+            "kubectl",
+            "--kubeconfig",
+            str(dev_cluster.endpoints.kubeconfig),
+            "-n",
+            namespace,
+            "apply",
+            "--dry-run=server",
+            "-f",
+            str(EXAMPLES / example),
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert out.returncode == 0, out.stderr
+    assert "(server dry run)" in out.stdout
+
+
+def test_every_gpu_example_is_placed_by_a_test():
+    gpu = {
+        name
+        for name in example_files()
+        for d in yaml.safe_load_all((EXAMPLES / name).read_text())
+        if d
+        and d["kind"] == "FineTuneJob"
+        and d["spec"].get("resources", {}).get("accelerator", "nvidia") != "cpu"
+    }
+    assert gpu == set(PLACEMENT)
+
+
 def test_a_job_that_fits_nowhere_shows_the_schedulers_reason(operator, core, custom, namespace):
     create(
         custom, namespace, minimal_job("too-big", resources={"accelerator": "nvidia", "gpusPerWorker": 16})

@@ -122,7 +122,9 @@ class Dataset(ApiModel):
         description="For template custom: a Python format string over record fields; "
         "the response follows the last '{output}'-free prefix.",
     )
-    validation: Validation | None = None
+    validation: Validation | None = Field(
+        None, description="Held-out data for the validation loss (and generate); none by default."
+    )
     max_seq_length: int = Field(512, ge=16, le=131072, description="Tokens per training sequence.")
     packing: bool = Field(True, description="Pack several examples into each sequence (no padding waste).")
     shuffle: bool = Field(
@@ -161,7 +163,7 @@ class Method(str, Enum):
 class Lora(ApiModel):
     r: int = Field(16, ge=1, le=1024, description="LoRA rank.")
     alpha: float = Field(32, gt=0, description="LoRA scaling numerator (scale = alpha / r).")
-    dropout: float = Field(0.05, ge=0, lt=1)
+    dropout: float = Field(0.05, ge=0, lt=1, description="Dropout probability on each adapter's input.")
     target_modules: list[str] = Field(
         default_factory=lambda: ["all-linear"],
         min_length=1,
@@ -170,7 +172,9 @@ class Lora(ApiModel):
 
 
 class Quantization(ApiModel):
-    type: Literal["nf4", "fp4"] = "nf4"
+    type: Literal["nf4", "fp4"] = Field(
+        "nf4", description="4-bit data type of the frozen base weights: nf4 (QLoRA's NormalFloat) or fp4."
+    )
     double_quant: bool = Field(True, description="Quantize the quantization constants too.")
     compute_dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="auto: bfloat16 on Ampere+ and Intel GPUs, float16 on older GPUs, float32 on CPU."
@@ -178,29 +182,43 @@ class Quantization(ApiModel):
 
 
 class Training(ApiModel):
-    learning_rate: float = Field(2e-4, gt=0, le=1)
+    learning_rate: float = Field(2e-4, gt=0, le=1, description="Peak learning rate.")
     batch_size: int = Field(4, ge=1, le=4096, description="Sequences per device per micro-step.")
-    gradient_accumulation: int = Field(4, ge=1, le=4096)
+    gradient_accumulation: int = Field(4, ge=1, le=4096, description="Micro-steps per optimizer step.")
     max_steps: int = Field(300, ge=1, le=10_000_000, description="Optimizer steps.")
-    scheduler: Literal["cosine", "linear", "constant"] = "cosine"
-    warmup_ratio: float = Field(0.03, ge=0, lt=1)
-    weight_decay: float = Field(0.0, ge=0)
-    max_grad_norm: float = Field(1.0, gt=0)
-    optimizer: Literal["adamw", "paged_adamw_8bit", "paged_adamw_32bit", "adamw_8bit"] = "adamw"
-    gradient_checkpointing: bool = Field(False, description="Trade compute for activation memory.")
+    scheduler: Literal["cosine", "linear", "constant"] = Field(
+        "cosine", description="Learning-rate schedule after the warmup."
+    )
+    warmup_ratio: float = Field(
+        0.03, ge=0, lt=1, description="Fraction of maxSteps over which the learning rate rises from 0."
+    )
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    max_grad_norm: float = Field(1.0, gt=0, description="Gradients are clipped to this norm.")
+    optimizer: Literal["adamw", "paged_adamw_8bit", "paged_adamw_32bit", "adamw_8bit"] = Field(
+        "adamw",
+        description="adamw: PyTorch's, 32-bit states; the others are bitsandbytes': 8-bit states take a "
+        "quarter of the memory, paged ones move to CPU memory when the GPU runs short.",
+    )
+    gradient_checkpointing: bool = Field(
+        False,
+        description="Keep only each decoder block's input and recompute the rest in the backward pass: "
+        "far less activation memory for about a third more compute.",
+    )
     strategy: Literal["ddp", "fsdp"] = Field(
         "ddp",
         description="Data parallelism across ranks: ddp keeps the whole (quantized) base model on every "
         "device; fsdp shards it across devices (FSDP-QLoRA), for base models too big for one GPU.",
     )
-    seed: int = Field(42, ge=0, le=2**32 - 1)
-    logging_steps: int = Field(10, ge=1)
+    seed: int = Field(
+        42, ge=0, le=2**32 - 1, description="Seeds the adapters' initialisation, dropout and data order."
+    )
+    logging_steps: int = Field(10, ge=1, description="Log the loss every this many optimizer steps.")
     eval_steps: int | None = Field(None, ge=1, description="Evaluate every N steps (default: at the end).")
 
 
 class Checkpoint(ApiModel):
     uri: Uri = Field(description="Checkpoints go to <uri>/step-NNNNNNNN/.")
-    every_steps: int = Field(50, ge=1)
+    every_steps: int = Field(50, ge=1, description="Checkpoint every this many optimizer steps.")
     every_minutes: float | None = Field(10, gt=0, description="Also checkpoint after this much wall time.")
     keep: int = Field(3, ge=1, le=1000, description="Newest verified checkpoints kept.")
 
@@ -213,14 +231,23 @@ class Output(ApiModel):
 class TrainingConfig(ApiModel):
     """Everything the trainer needs, nothing about pods."""
 
-    model: ModelSource
-    dataset: Dataset
-    method: Method = Method.qlora
-    lora: Lora = Field(default_factory=Lora)
-    quantization: Quantization = Field(default_factory=Quantization)
-    training: Training = Field(default_factory=Training)
-    checkpoint: Checkpoint
-    output: Output
+    model: ModelSource = Field(description="The base model: a Hub id or an HF-format folder.")
+    dataset: Dataset = Field(
+        description="The training data and how a record becomes a prompt and a response."
+    )
+    method: Method = Field(
+        Method.qlora,
+        description="qlora: the frozen base model in 4 bits (see quantization); lora: in the compute dtype.",
+    )
+    lora: Lora = Field(default_factory=Lora, description="The trained low-rank adapters.")
+    quantization: Quantization = Field(
+        default_factory=Quantization, description="How the base model is quantized (method qlora)."
+    )
+    training: Training = Field(default_factory=Training, description="The optimization.")
+    checkpoint: Checkpoint = Field(
+        description="Where and how often checkpoints go; every attempt resumes from the newest verified one."
+    )
+    output: Output = Field(description="Where the trained adapter goes.")
 
 
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")

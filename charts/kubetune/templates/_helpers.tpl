@@ -1,0 +1,115 @@
+{{/* Names, labels and the pieces several templates share. */}}
+
+{{- define "kubetune.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "kubetune.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/* Cluster-scoped objects (ClusterRole, ClusterRoleBinding) carry the release namespace:
+two releases of the same name in different namespaces must not share them. */}}
+{{- define "kubetune.clusterName" -}}
+{{- printf "%s-%s" .Release.Namespace (include "kubetune.fullname" .) }}
+{{- end }}
+
+{{- define "kubetune.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "kubetune.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/component: operator
+{{- end }}
+
+{{- define "kubetune.labels" -}}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{ include "kubetune.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: kubetune
+{{- end }}
+
+{{- define "kubetune.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create }}
+{{- default (include "kubetune.fullname" .) .Values.serviceAccount.name }}
+{{- else }}
+{{- required "serviceAccount.name is required when serviceAccount.create is false" .Values.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{/* An image reference from {repository, tag, digest}; the tag defaults to the chart's
+appVersion, a digest wins over the tag. Call with (list $image $). */}}
+{{- define "kubetune.image" -}}
+{{- $image := index . 0 }}
+{{- $root := index . 1 }}
+{{- if $image.digest }}
+{{- printf "%s@%s" $image.repository $image.digest }}
+{{- else }}
+{{- printf "%s:%s" $image.repository (default $root.Chart.AppVersion $image.tag) }}
+{{- end }}
+{{- end }}
+
+{{/* More than one replica: the replicas coordinate through a kopf peering object. */}}
+{{- define "kubetune.peering" -}}
+{{- if gt (int .Values.replicaCount) 1 }}true{{ end }}
+{{- end }}
+
+{{- define "kubetune.peeringName" -}}
+{{- default (include "kubetune.fullname" .) .Values.peering.name }}
+{{- end }}
+
+{{/* What the operator does in each namespace it watches (a Role there, or the
+ClusterRole when it watches every namespace). */}}
+{{- define "kubetune.namespacedRules" -}}
+# The FineTuneJobs: kopf lists and watches them; the operator reads them, patches them
+# (kopf's annotations) and deletes finished ones (ttlSecondsAfterFinished).
+- apiGroups: [kubetune.io]
+  resources: [finetunejobs]
+  verbs: [get, list, watch, patch, delete]
+- apiGroups: [kubetune.io]
+  resources: [finetunejobs/status]
+  verbs: [get, patch, update]
+# Children carry ownerReferences with blockOwnerDeletion, which clusters that enforce
+# owner-reference permissions (OwnerReferencesPermissionEnforcement) allow only to whoever
+# may update the owner's finalizers.
+- apiGroups: [kubetune.io]
+  resources: [finetunejobs/finalizers]
+  verbs: [update]
+# The trainer pods: created, watched, deleted, and patched to lift their scheduling gates.
+- apiGroups: [""]
+  resources: [pods]
+  verbs: [get, list, watch, create, delete, patch]
+# The headless Service of a multi-worker job (rendezvous of the workers).
+- apiGroups: [""]
+  resources: [services]
+  verbs: [get, create, delete]
+- apiGroups: [""]
+  resources: [events]
+  verbs: [create, patch]
+- apiGroups: [events.k8s.io]
+  resources: [events]
+  verbs: [create, patch]
+{{- end }}
+
+{{/* kopf's peering objects, for the given resource (kopfpeerings in a namespace,
+clusterkopfpeerings cluster-wide): every peering object is listed and watched, only the
+release's own is read and patched (keep-alives). Call with (list "kopfpeerings" $). */}}
+{{- define "kubetune.peeringRules" -}}
+{{- $resource := index . 0 }}
+{{- $root := index . 1 }}
+- apiGroups: [kopf.dev]
+  resources: [{{ $resource }}]
+  verbs: [list, watch]
+- apiGroups: [kopf.dev]
+  resources: [{{ $resource }}]
+  resourceNames: [{{ include "kubetune.peeringName" $root | quote }}]
+  verbs: [get, patch]
+{{- end }}

@@ -1,0 +1,606 @@
+"""The Helm chart: lint, render with default and non-default values, validate every
+manifest against the Kubernetes 1.34 schemas, check the RBAC rules and the Deployment;
+then install it into the dev cluster and run the operator with the chart's ServiceAccount
+token: its RBAC is enough to take a job to Succeeded, and Secrets stay out of reach."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import urllib.request
+import uuid
+from pathlib import Path
+
+import kubernetes_validate
+import pytest
+import yaml
+
+from kubetune.api import GROUP, PLURAL, VERSION
+from kubetune.crd import CRD_FILE
+from kubetune.devcluster.cluster import REPO_ROOT, repo_pythonpath, tool_dirs
+from kubetune.devcluster.procs import free_port
+from tests.helpers import install_crd, make_namespace, wait_for
+
+CHART = REPO_ROOT / "charts" / "kubetune"
+K8S_VERSION = "1.34.4"
+RELEASE_NS = "kubetune-system"
+CRD_NAME = f"{PLURAL}.{GROUP}"
+DIGEST = "sha256:" + "ab" * 32
+
+# Value sets the chart must render (and lint, and validate) with.
+VALUES = {
+    "default": {},
+    "namespaced-ha": {
+        "replicaCount": 3,
+        "watch": {"namespaces": ["team-a", "team-b"]},
+        "image": {"digest": DIGEST, "pullPolicy": "Always"},
+        "imagePullSecrets": [{"name": "ghcr"}],
+        "trainerImages": {"cuda": {"tag": "0.2.0"}, "ipexLlm": {"digest": DIGEST}},
+        "operator": {"workers": 16, "verbose": True, "extraArgs": ["--progress-interval=5"]},
+        "metrics": {
+            "serviceMonitor": {"enabled": True, "scrapeTimeout": "10s", "labels": {"release": "prom"}}
+        },
+        "podAnnotations": {"example.com/team": "ml"},
+        "priorityClassName": "system-cluster-critical",
+        "nodeSelector": {"kubernetes.io/os": "linux"},
+        "tolerations": [{"key": "dedicated", "operator": "Equal", "value": "ops", "effect": "NoSchedule"}],
+    },
+    "cluster-wide-ha-shared-kopf": {"replicaCount": 2, "crds": {"kopfPeering": False}},
+    "bare": {
+        "crds": {"enabled": False},
+        "rbac": {"create": False},
+        "serviceAccount": {"create": False, "name": "kubetune"},
+        "metrics": {"service": {"enabled": False}},
+        "fullnameOverride": "ops",
+    },
+}
+
+# What the operator may do in a namespace it watches: (group, resource, verb).
+NAMESPACED = {
+    *((GROUP, "finetunejobs", v) for v in ("get", "list", "watch", "patch", "delete")),
+    *((GROUP, "finetunejobs/status", v) for v in ("get", "patch", "update")),
+    (GROUP, "finetunejobs/finalizers", "update"),
+    *(("", "pods", v) for v in ("get", "list", "watch", "create", "delete", "patch")),
+    *(("", "services", v) for v in ("get", "create", "delete")),
+    *((g, "events", v) for g in ("", "events.k8s.io") for v in ("create", "patch")),
+}
+NODES = {("", "nodes", v) for v in ("get", "list", "watch")}
+NEVER = {"secrets", "configmaps", "serviceaccounts", "roles", "rolebindings", "clusterroles", "*"}
+
+
+def helm(*args: str, kubeconfig: Path | None = None, check: bool = True) -> subprocess.CompletedProcess:
+    env = {**os.environ, **({"KUBECONFIG": str(kubeconfig)} if kubeconfig else {})}
+    return subprocess.run(
+        [str(tool_dirs()["helm"] / "helm"), *args], capture_output=True, text=True, check=check, env=env
+    )
+
+
+def values_file(tmp_path: Path, values: dict) -> str:
+    path = tmp_path / f"values-{uuid.uuid4().hex[:6]}.yaml"
+    path.write_text(yaml.safe_dump(values))
+    return str(path)
+
+
+def render(tmp_path: Path, values: dict) -> list[dict]:
+    out = helm(
+        "template", "kt", str(CHART), "-n", RELEASE_NS, "--kube-version", K8S_VERSION,
+        "-f", values_file(tmp_path, values),
+    ).stdout  # fmt: skip
+    return [d for d in yaml.safe_load_all(out) if d]
+
+
+def by_kind(docs: list[dict], kind: str) -> list[dict]:
+    return [d for d in docs if d["kind"] == kind]
+
+
+def grants(rules: list[dict]) -> set[tuple]:
+    """RBAC rules -> (group, resource, verb) triples; a rule limited to resourceNames adds
+    the names as a fourth element."""
+    out = set()
+    for r in rules:
+        names = tuple(sorted(r.get("resourceNames", [])))
+        for g in r["apiGroups"]:
+            for res in r["resources"]:
+                for v in r["verbs"]:
+                    out.add((g, res, v, names) if names else (g, res, v))
+    return out
+
+
+def peering_grants(resource: str, name: str) -> set[tuple]:
+    return {("kopf.dev", resource, "list"), ("kopf.dev", resource, "watch")} | {
+        ("kopf.dev", resource, v, (name,)) for v in ("get", "patch")
+    }
+
+
+def container(docs: list[dict]) -> dict:
+    (deployment,) = by_kind(docs, "Deployment")
+    (c,) = deployment["spec"]["template"]["spec"]["containers"]
+    return c
+
+
+# -- rendering, no cluster ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", sorted(VALUES))
+def test_lints(name, tmp_path):
+    out = helm("lint", "--strict", str(CHART), "-f", values_file(tmp_path, VALUES[name]), check=False)
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
+@pytest.mark.parametrize("name", sorted(VALUES))
+def test_manifests_validate_against_kubernetes_1_34(name, tmp_path):
+    docs = render(tmp_path, VALUES[name])
+    crds = {d["spec"]["names"]["kind"] for d in by_kind(docs, "CustomResourceDefinition")}
+    for doc in docs:
+        what = f"{doc['kind']} {doc['metadata']['name']}"
+        if doc["apiVersion"] == "kopf.dev/v1":  # kopf's peering objects: free-form CRs
+            assert set(doc) == {"apiVersion", "kind", "metadata"}, what
+            assert doc["kind"] in crds or not VALUES[name].get("crds", {}).get("kopfPeering", True)
+        elif doc["apiVersion"] == "monitoring.coreos.com/v1":  # no schema of the Prometheus operator's here
+            assert doc["kind"] == "ServiceMonitor", what
+        else:
+            try:
+                assert kubernetes_validate.validate(doc, K8S_VERSION, strict=True) == "1.34", what
+            except kubernetes_validate.ValidationError as e:
+                pytest.fail(f"{what}: {e.message} at {'.'.join(map(str, e.path))}")
+
+
+@pytest.mark.parametrize(
+    "values, error",
+    [
+        ({"replicas": 2}, "additional properties 'replicas' not allowed"),
+        ({"replicaCount": 0}, "replicaCount"),
+        ({"image": {"digest": "latest"}}, "digest"),
+        ({"trainerImages": {"rocm": {"repository": "x"}}}, "rocm"),
+        ({"watch": {"namespaces": ["Team_A"]}}, "namespaces"),
+        ({"metrics": {"serviceMonitor": {"interval": "often"}}}, "interval"),
+        ({"metrics": {"service": {"enabled": False}, "serviceMonitor": {"enabled": True}}}, "needs"),
+        ({"serviceAccount": {"create": False}}, "serviceAccount.name is required"),
+    ],
+)
+def test_bad_values_are_refused(values, error, tmp_path):
+    out = helm(
+        "template", "kt", str(CHART), "--kube-version", K8S_VERSION, "-f", values_file(tmp_path, values),
+        check=False,
+    )  # fmt: skip
+    assert out.returncode != 0 and error in out.stderr, out.stderr
+
+
+def test_rbac_cluster_wide(tmp_path):
+    docs = render(tmp_path, {})
+    assert not by_kind(docs, "Role") and not by_kind(docs, "RoleBinding")
+    (role,) = by_kind(docs, "ClusterRole")
+    assert grants(role["rules"]) == NAMESPACED | NODES
+    (binding,) = by_kind(docs, "ClusterRoleBinding")
+    assert binding["roleRef"]["name"] == role["metadata"]["name"] == f"{RELEASE_NS}-kt-kubetune"
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "kt-kubetune", "namespace": RELEASE_NS}]
+    (sa,) = by_kind(docs, "ServiceAccount")
+    assert sa["metadata"] == {**sa["metadata"], "name": "kt-kubetune", "namespace": RELEASE_NS}
+
+    ha = render(tmp_path, {"replicaCount": 2})
+    (role,) = by_kind(ha, "ClusterRole")
+    assert grants(role["rules"]) == NAMESPACED | NODES | peering_grants("clusterkopfpeerings", "kt-kubetune")
+    (peering,) = by_kind(ha, "ClusterKopfPeering")
+    assert peering["metadata"]["name"] == "kt-kubetune"
+    assert peering["metadata"]["annotations"]["helm.sh/hook"] == "post-install,post-upgrade"
+
+
+def test_rbac_namespaced(tmp_path):
+    docs = render(tmp_path, VALUES["namespaced-ha"])
+    (cluster_role,) = by_kind(docs, "ClusterRole")
+    assert grants(cluster_role["rules"]) == NODES | {("", "pods", "list")}
+    roles = {r["metadata"]["namespace"]: r for r in by_kind(docs, "Role")}
+    bindings = {b["metadata"]["namespace"]: b for b in by_kind(docs, "RoleBinding")}
+    assert set(roles) == set(bindings) == {"team-a", "team-b"}
+    for ns, role in roles.items():
+        assert grants(role["rules"]) == NAMESPACED | peering_grants("kopfpeerings", "kt-kubetune"), ns
+        assert bindings[ns]["roleRef"] == {
+            "apiGroup": "rbac.authorization.k8s.io",
+            "kind": "Role",
+            "name": role["metadata"]["name"],
+        }
+        assert bindings[ns]["subjects"][0]["namespace"] == RELEASE_NS
+    assert {p["metadata"]["namespace"] for p in by_kind(docs, "KopfPeering")} == {"team-a", "team-b"}
+    assert not by_kind(docs, "ClusterKopfPeering")
+
+
+@pytest.mark.parametrize("name", sorted(VALUES))
+def test_least_privilege(name, tmp_path):
+    for role in by_kind(render(tmp_path, VALUES[name]), "ClusterRole") + by_kind(
+        render(tmp_path, VALUES[name]), "Role"
+    ):
+        for rule in role["rules"]:
+            assert not NEVER & set(rule["resources"]), rule
+            assert "*" not in rule["verbs"] and "*" not in rule["apiGroups"], rule
+
+
+def test_no_rbac_objects_when_disabled(tmp_path):
+    docs = render(tmp_path, VALUES["bare"])
+    assert {d["kind"] for d in docs} == {"Deployment"}
+    assert by_kind(docs, "Deployment")[0]["spec"]["template"]["spec"]["serviceAccountName"] == "kubetune"
+
+
+def test_deployment_defaults(tmp_path):
+    docs = render(tmp_path, {})
+    (deployment,) = by_kind(docs, "Deployment")
+    spec = deployment["spec"]
+    assert spec["replicas"] == 1 and spec["strategy"] == {"type": "Recreate"}
+    pod = spec["template"]["spec"]
+    assert pod["serviceAccountName"] == "kt-kubetune"
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+    c = container(docs)
+    assert c["image"] == "ghcr.io/kubetune/operator:0.1.0"
+    assert c["args"] == [
+        "--standalone",
+        "--workers=8",
+        "--progress-interval=10",
+        "--metrics-port=8080",
+        "--health-port=8081",
+    ]
+    assert c["securityContext"] == {
+        "allowPrivilegeEscalation": False,
+        "readOnlyRootFilesystem": True,
+        "capabilities": {"drop": ["ALL"]},
+    }
+    assert {m["mountPath"] for m in c["volumeMounts"]} == {"/tmp"}
+    ports = {p["name"]: p["containerPort"] for p in c["ports"]}
+    assert ports == {"metrics": 8080, "health": 8081}
+    for probe in (c["livenessProbe"], c["readinessProbe"]):
+        assert probe["httpGet"] == {"path": "/healthz", "port": "health"}
+    assert c["resources"]["requests"] and c["resources"]["limits"]["memory"]
+    env = {e["name"]: e.get("value") for e in c["env"]}
+    assert env == {
+        "POD_ID": None,  # from the pod's name: kopf's identity among peers
+        "KUBETUNE_TRAINER_IMAGE_CUDA": "ghcr.io/kubetune/trainer-cuda:0.1.0",
+        "KUBETUNE_TRAINER_IMAGE_XPU": "ghcr.io/kubetune/trainer-xpu:0.1.0",
+        "KUBETUNE_TRAINER_IMAGE_CPU": "ghcr.io/kubetune/trainer-cpu:0.1.0",
+        "KUBETUNE_TRAINER_IMAGE_IPEX_LLM": "ghcr.io/kubetune/trainer-ipex-llm:0.1.0",
+    }
+    # the metrics Service reaches the pods on their metrics port
+    (service,) = by_kind(docs, "Service")
+    assert service["spec"]["selector"].items() <= spec["template"]["metadata"]["labels"].items()
+    assert service["spec"]["ports"][0]["targetPort"] == "metrics"
+    assert not by_kind(docs, "ServiceMonitor")
+
+
+def test_deployment_non_default(tmp_path):
+    docs = render(tmp_path, VALUES["namespaced-ha"])
+    (deployment,) = by_kind(docs, "Deployment")
+    assert deployment["spec"]["replicas"] == 3 and "strategy" not in deployment["spec"]
+    c = container(docs)
+    assert c["image"] == f"ghcr.io/kubetune/operator@{DIGEST}" and c["imagePullPolicy"] == "Always"
+    assert c["args"] == [
+        "--namespace=team-a",
+        "--namespace=team-b",
+        "--peering=kt-kubetune",
+        "--workers=16",
+        "--progress-interval=10",
+        "--metrics-port=8080",
+        "--health-port=8081",
+        "--verbose",
+        "--progress-interval=5",
+    ]
+    env = {e["name"]: e.get("value") for e in c["env"]}
+    assert env["KUBETUNE_TRAINER_IMAGE_CUDA"] == "ghcr.io/kubetune/trainer-cuda:0.2.0"
+    assert env["KUBETUNE_TRAINER_IMAGE_IPEX_LLM"] == f"ghcr.io/kubetune/trainer-ipex-llm@{DIGEST}"
+    pod = deployment["spec"]["template"]["spec"]
+    assert pod["imagePullSecrets"] == [{"name": "ghcr"}]
+    assert pod["priorityClassName"] == "system-cluster-critical"
+    (monitor,) = by_kind(docs, "ServiceMonitor")
+    (service,) = by_kind(docs, "Service")
+    assert monitor["spec"]["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()
+    assert monitor["spec"]["endpoints"][0]["port"] == service["spec"]["ports"][0]["name"]
+    assert monitor["metadata"]["labels"]["release"] == "prom"
+
+
+# -- installed into the dev cluster ---------------------------------------------------
+
+
+def token_kubeconfig(dev_cluster, core, namespace: str, service_account: str, path: Path) -> Path:
+    """A kubeconfig that authenticates as the ServiceAccount (a TokenRequest token), with
+    the dev cluster's server and CA."""
+    token = core.create_namespaced_service_account_token(
+        service_account, namespace, {"spec": {"expirationSeconds": 3600}}
+    ).status.token
+    admin = yaml.safe_load(Path(dev_cluster.endpoints.kubeconfig).read_text())
+    cluster = admin["clusters"][0]
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "apiVersion": "v1",
+                "kind": "Config",
+                "clusters": [cluster],
+                "users": [{"name": service_account, "user": {"token": token}}],
+                "contexts": [
+                    {"name": "sa", "context": {"cluster": cluster["name"], "user": service_account}}
+                ],
+                "current-context": "sa",
+            }
+        )
+    )
+    path.chmod(0o600)
+    return path
+
+
+def can(
+    api_client, sa: str, sa_ns: str, verb: str, resource: str, namespace: str = "", group: str = ""
+) -> bool:
+    """A SubjectAccessReview for the ServiceAccount, with the groups its token carries."""
+    from kubernetes import client
+
+    review = client.AuthorizationV1Api(api_client).create_subject_access_review(
+        {
+            "apiVersion": "authorization.k8s.io/v1",
+            "kind": "SubjectAccessReview",
+            "spec": {
+                "user": f"system:serviceaccount:{sa_ns}:{sa}",
+                "groups": [
+                    "system:serviceaccounts",
+                    f"system:serviceaccounts:{sa_ns}",
+                    "system:authenticated",
+                ],
+                "resourceAttributes": {
+                    "verb": verb,
+                    "resource": resource,
+                    "group": group,
+                    "namespace": namespace,
+                },
+            },
+        }
+    )
+    return review.status.allowed
+
+
+@contextlib.contextmanager
+def installed(dev_cluster, api_client, core, release: str, values: dict, tmp_path: Path, adopt_crd: bool):
+    """helm install into a fresh namespace; uninstall on exit. With adopt_crd, the
+    session's FineTuneJob CRD is handed to the release (as an upgrade from a CRD
+    applied by hand would be); the uninstall keeps it (resource-policy keep)."""
+    from kubernetes import client
+
+    ext = client.ApiextensionsV1Api(api_client)
+    ns = f"kt-{uuid.uuid4().hex[:6]}"
+    kubeconfig = dev_cluster.endpoints.kubeconfig
+    if adopt_crd:
+        ext.patch_custom_resource_definition(
+            CRD_NAME,
+            {
+                "metadata": {
+                    "labels": {"app.kubernetes.io/managed-by": "Helm"},
+                    "annotations": {
+                        "meta.helm.sh/release-name": release,
+                        "meta.helm.sh/release-namespace": ns,
+                    },
+                }
+            },
+        )
+    out = helm(
+        "install", release, str(CHART), "-n", ns, "--create-namespace", "--wait", "--timeout", "120s",
+        "-f", values_file(tmp_path, values), kubeconfig=kubeconfig, check=False,
+    )  # fmt: skip
+    try:
+        assert out.returncode == 0, out.stderr
+        yield ns, out.stdout
+    finally:
+        helm("uninstall", release, "-n", ns, "--wait", kubeconfig=kubeconfig, check=False)
+        core.delete_namespace(ns)
+        if adopt_crd:
+            # helm.sh/resource-policy: keep: the uninstall leaves the CRD, and every job, in place
+            if out.returncode == 0:
+                assert ext.read_custom_resource_definition(CRD_NAME).metadata.name == CRD_NAME
+            install_crd(api_client, CRD_FILE)  # replaced without helm's marks
+
+
+@contextlib.contextmanager
+def operator_as(kubeconfig: Path, deployment: dict, log: Path):
+    """The operator as the chart's Deployment runs it (its args and env), as a local
+    process authenticated by `kubeconfig`, ports moved to free ones; healthy when yielded."""
+    (c,) = deployment["spec"]["template"]["spec"]["containers"]
+    health, metrics = free_port(), free_port()
+    moved = {"--metrics-port": metrics, "--health-port": health, "--progress-interval": 1}
+    args = [a for a in c["args"] if a.partition("=")[0] not in moved]
+    args += [f"{k}={v}" for k, v in moved.items()] + ["--metrics-address=127.0.0.1"]
+    env = {e["name"]: e.get("value") or f"{deployment['metadata']['name']}-0" for e in c["env"]}
+    with open(log, "ab") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "kubetune", "run", *args],
+            env={**os.environ, **env, "KUBECONFIG": str(kubeconfig), "PYTHONPATH": repo_pythonpath()},
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+        )
+    try:
+        url = f"http://127.0.0.1:{health}/healthz"
+
+        def healthy():
+            assert proc.poll() is None, f"the operator exited {proc.returncode}: see {log}"
+            try:
+                with urllib.request.urlopen(url, timeout=2) as r:
+                    return r.status == 200
+            except OSError:
+                return False
+
+        wait_for(healthy, 60, "the operator's /healthz")
+        yield proc
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.fixture
+def session_operator_paused(operator):
+    """The session's operator watches every namespace: stopped while the chart's runs,
+    so that only the chart's credentials act; restarted after."""
+    operator.stop()
+    try:
+        yield
+    finally:
+        operator.start()
+
+
+@pytest.fixture(scope="module")
+def tiny_job_inputs(s3, tmp_path_factory):
+    """A tiny model and the shipped text-to-SQL data in the dev cluster's MinIO."""
+    from kubetune.devcluster.minio import upload_tree
+    from tests.helpers import SQL_DATA, tiny_sql_llama
+
+    existing = {b["Name"] for b in s3.list_buckets().get("Buckets", [])}
+    for bucket in ("chart-models", "chart-data", "chart-runs"):
+        if bucket not in existing:
+            s3.create_bucket(Bucket=bucket)
+    upload_tree(s3, "chart-models", "tiny", tiny_sql_llama(tmp_path_factory.mktemp("chart-model") / "tiny"))
+    upload_tree(s3, "chart-data", "sql", SQL_DATA)
+    return "s3://chart-models/tiny/"
+
+
+def tiny_job(name: str, namespace: str, model_uri: str, s3_endpoint: str) -> dict:
+    from tests.e2e.test_preemption import finetune_job
+
+    job = finetune_job(name, namespace, model_uri, s3_endpoint)
+    spec = job["spec"]
+    spec["dataset"]["uri"] = "s3://chart-data/sql/train/"
+    spec["dataset"]["validation"] = {"uri": "s3://chart-data/sql/eval/"}
+    spec["training"]["maxSteps"] = 6
+    spec["checkpoint"].update(uri=f"s3://chart-runs/{namespace}/{name}/ckpt/", everySteps=3)
+    spec["output"]["uri"] = f"s3://chart-runs/{namespace}/{name}/out/"
+    return job
+
+
+def wait_phase(custom, ns: str, name: str, phase: str, timeout_s: float, log: Path) -> dict:
+    """The job's status once it reached `phase`; fails early when it failed, or when the
+    operator was refused something (its RBAC is short)."""
+
+    def settled():
+        st = custom.get_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, name).get("status") or {}
+        if st.get("phase") in (phase, "Failed"):
+            return st
+        if "Forbidden" in log.read_text():
+            return {"forbidden": log.read_text()[-3000:]}
+        return None
+
+    st = wait_for(settled, timeout_s, f"{ns}/{name} to be {phase}", interval_s=1)
+    assert st.get("phase") == phase, st
+    return st
+
+
+@pytest.mark.cluster
+def test_installed_chart_namespaced_runs_a_job_with_its_service_account(
+    dev_cluster, api_client, core, custom, s3, session_operator_paused, tiny_job_inputs, tmp_path
+):
+    from kubernetes import client, config
+    from kubernetes.client.rest import ApiException
+
+    with make_namespace(core) as jobs_ns:
+        values = {"watch": {"namespaces": [jobs_ns]}, "replicaCount": 2}  # peering, namespaced
+        with installed(dev_cluster, api_client, core, "kt", values, tmp_path, adopt_crd=True) as (ns, notes):
+            assert "kubectl" in notes and "get ftj" in notes and jobs_ns in notes
+            # everything the chart makes is there, and the Deployment is available
+            apps = client.AppsV1Api(api_client)
+            rbac = client.RbacAuthorizationV1Api(api_client)
+            deployment = apps.read_namespaced_deployment("kt-kubetune", ns)
+            assert deployment.status.available_replicas == 2
+            core.read_namespaced_service_account("kt-kubetune", ns)
+            core.read_namespaced_service("kt-kubetune-metrics", ns)
+            rbac.read_cluster_role(f"{ns}-kt-kubetune")
+            rbac.read_cluster_role_binding(f"{ns}-kt-kubetune")
+            rbac.read_namespaced_role("kt-kubetune", jobs_ns)
+            rbac.read_namespaced_role_binding("kt-kubetune", jobs_ns)
+            helm_crd = client.ApiextensionsV1Api(api_client).read_custom_resource_definition(CRD_NAME)
+            assert helm_crd.metadata.labels["app.kubernetes.io/managed-by"] == "Helm"
+            custom.get_namespaced_custom_object("kopf.dev", "v1", jobs_ns, "kopfpeerings", "kt-kubetune")
+
+            # what the ServiceAccount may and may not do
+            def sa_can(verb, resource, namespace="", group=""):
+                return can(api_client, "kt-kubetune", ns, verb, resource, namespace, group)
+
+            assert sa_can("create", "pods", jobs_ns) and sa_can("patch", "finetunejobs", jobs_ns, GROUP)
+            assert sa_can("list", "nodes") and sa_can("list", "pods")
+            for verb in ("get", "list", "watch"):
+                assert not sa_can(verb, "secrets", jobs_ns), verb
+                assert not sa_can(verb, "secrets", ns), verb
+                assert not sa_can(verb, "configmaps", jobs_ns), verb
+            assert not sa_can("create", "pods", "default") and not sa_can(
+                "list", "finetunejobs", "default", GROUP
+            )
+            assert not sa_can("delete", "nodes") and not sa_can("get", "pods")  # cluster-wide: list only
+
+            kubeconfig = token_kubeconfig(dev_cluster, core, ns, "kt-kubetune", tmp_path / "sa-kubeconfig")
+            as_sa = client.CoreV1Api(config.new_client_from_config(str(kubeconfig)))
+            core.create_namespaced_secret(jobs_ns, dev_cluster.s3_secret("s3"))
+            with pytest.raises(ApiException) as denied:
+                as_sa.read_namespaced_secret("s3", jobs_ns)
+            assert denied.value.status == 403
+            with pytest.raises(ApiException) as denied:
+                as_sa.list_secret_for_all_namespaces()
+            assert denied.value.status == 403
+
+            # the operator, with the Deployment's args and env and nothing but the token
+            log = dev_cluster.workdir / "logs" / f"operator-chart-{jobs_ns}.log"
+            deployment_dict = api_client.sanitize_for_serialization(deployment)
+            with operator_as(kubeconfig, deployment_dict, log):
+                job = tiny_job("tiny", jobs_ns, tiny_job_inputs, dev_cluster.endpoints.s3)
+                custom.create_namespaced_custom_object(GROUP, VERSION, jobs_ns, PLURAL, job)
+                st = wait_phase(custom, jobs_ns, "tiny", "Succeeded", 420, log)
+                # kopf keeps itself alive in the peering object (POD_ID is its identity there)
+                peering = custom.get_namespaced_custom_object(
+                    "kopf.dev", "v1", jobs_ns, "kopfpeerings", "kt-kubetune"
+                )
+                assert "kt-kubetune-0" in (peering.get("status") or {}), peering
+            assert st["adapter"]["uri"].startswith(f"s3://chart-runs/{jobs_ns}/tiny/out")
+            text = log.read_text()
+            assert "Forbidden" not in text and " 403" not in text, text[-3000:]
+
+
+@pytest.mark.cluster
+def test_installed_chart_cluster_wide_runs_pods_everywhere(
+    dev_cluster, api_client, core, custom, session_operator_paused, tmp_path
+):
+    from kubernetes import client
+
+    values = {"crds": {"enabled": False}}  # the session's CRD stays as it is: not the release's
+    with (
+        make_namespace(core) as jobs_ns,
+        installed(dev_cluster, api_client, core, "kw", values, tmp_path, adopt_crd=False) as (ns, notes),
+    ):
+        assert "every namespace" in notes
+
+        def sa_can(verb, resource, namespace="", group=""):
+            return can(api_client, "kw-kubetune", ns, verb, resource, namespace, group)
+
+        for where in (jobs_ns, "default", ""):
+            assert sa_can("watch", "finetunejobs", where, GROUP) and sa_can("create", "pods", where)
+            assert not sa_can("get", "secrets", where) and not sa_can("list", "secrets", where)
+            assert not sa_can("get", "configmaps", where)
+        assert not sa_can("create", "clusterkopfpeerings", "", "kopf.dev")  # standalone: no peering
+
+        kubeconfig = token_kubeconfig(dev_cluster, core, ns, "kw-kubetune", tmp_path / "sa-kubeconfig")
+        deployment = client.AppsV1Api(api_client).read_namespaced_deployment("kw-kubetune", ns)
+        log = dev_cluster.workdir / "logs" / f"operator-chart-{jobs_ns}.log"
+        with operator_as(kubeconfig, api_client.sanitize_for_serialization(deployment), log):
+            # a CPU job without the runner override: placed on a kwok node, Running there
+            job = {
+                "apiVersion": f"{GROUP}/{VERSION}",
+                "kind": "FineTuneJob",
+                "metadata": {"name": "everywhere"},
+                "spec": {
+                    "model": {"uri": "s3://models/m/"},
+                    "dataset": {"uri": "s3://data/d/"},
+                    "resources": {"accelerator": "cpu", "cpu": "1", "memory": "1Gi"},
+                    "checkpoint": {"uri": "s3://runs/ckpt/"},
+                    "output": {"uri": "s3://runs/out/"},
+                    "storage": {"secretRef": {"name": "s3"}},
+                },
+            }
+            custom.create_namespaced_custom_object(GROUP, VERSION, jobs_ns, PLURAL, job)
+            wait_phase(custom, jobs_ns, "everywhere", "Running", 60, log)
+        assert core.list_namespaced_pod(jobs_ns, label_selector=f"{GROUP}/job=everywhere").items
+        text = log.read_text()
+        assert "Forbidden" not in text and " 403" not in text, text[-3000:]

@@ -1,0 +1,139 @@
+"""The operator image's Dockerfile, checked statically like the trainer images' (no Docker
+engine needed): a pinned base, a non-root user, `python -m kubetune run` as the
+entrypoint, and the operator extra without torch. What the image ships is also imported
+for real, with every trainer-only dependency made unimportable."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path, PurePosixPath
+
+import tomllib
+
+from tests.unit import test_dockerfiles as trainer_checks
+from tests.unit.test_dockerfiles import REQUIREMENT_WITH_EXTRAS, Dockerfile, copy_parts, norm, parse
+
+ROOT = Path(__file__).resolve().parents[2]
+PATH = ROOT / "operator" / "Dockerfile"
+ENTRYPOINT = ["python", "-m", "kubetune", "run"]
+
+
+def load() -> Dockerfile:
+    return Dockerfile("operator", PATH, parse(PATH.read_text()))
+
+
+def trainer_only_modules() -> set[str]:
+    """The import names of what the trainer extra adds to the operator's dependencies."""
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    extras = project["optional-dependencies"]
+
+    def names(reqs: list[str]) -> set[str]:
+        return {re.split(r"[<>=!~\[;\s]", r, maxsplit=1)[0].lower().replace("-", "_") for r in reqs}
+
+    return names(extras["trainer"]) - names(extras["operator"]) - names(project["dependencies"])
+
+
+def test_base_is_pinned_and_the_user_is_not_root():
+    dockerfile = load()
+    trainer_checks.test_base_images_are_pinned(dockerfile)
+    trainer_checks.test_runs_as_a_non_root_user(dockerfile)
+    trainer_checks.test_copy_sources_exist(dockerfile)
+    trainer_checks.test_pip_does_not_keep_its_cache(dockerfile)
+    trainer_checks.test_apt_installs_are_minimal(dockerfile)
+
+
+def test_runs_the_operator():
+    entrypoints = load().all("ENTRYPOINT", load().final)
+    assert entrypoints, "no ENTRYPOINT"
+    args = entrypoints[-1].args
+    assert args.startswith("["), f"ENTRYPOINT {args}: use the exec form (SIGTERM must reach kopf)"
+    assert json.loads(args) == ENTRYPOINT
+
+
+def test_installs_the_operator_extra_and_no_torch():
+    dockerfile = load()
+    project = dockerfile.project_dir()
+    installs = [tokens for _, tokens in dockerfile.pip_installs()]
+    extras = [
+        {e.strip() for e in m["extras"].split(",")}
+        for tokens in installs
+        for m in map(REQUIREMENT_WITH_EXTRAS.match, tokens)
+        if m and norm(m["name"]) == project
+    ]
+    assert extras == [{"operator"}], f"`pip install {project}[operator]` once, no other extra: {extras}"
+    trainer_only = trainer_only_modules()
+    assert "torch" in trainer_only
+    for tokens in installs:
+        assert "--no-deps" not in tokens
+        named = {re.split(r"[<>=!~\[]", t, maxsplit=1)[0].lower().replace("-", "_") for t in tokens}
+        assert not named & trainer_only, f"trainer dependencies in the operator image: {named & trainer_only}"
+
+
+def image_tree(dest: Path) -> Path:
+    """The project as the image installs it: what COPY brings, less what RUN rm -rf removes."""
+    dockerfile = load()
+    project = PurePosixPath(dockerfile.project_dir())
+    for ins in dockerfile.all("COPY", dockerfile.final):
+        _, sources, target = copy_parts(ins)
+        for source in sources:
+            src = ROOT / source
+            to = dest / PurePosixPath(target).relative_to(project)
+            if src.is_dir():
+                shutil.copytree(src, to, dirs_exist_ok=True, ignore=shutil.ignore_patterns("__pycache__"))
+            else:
+                to = to / src.name if target.endswith("/") else to
+                to.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy(src, to)
+    for run in dockerfile.all("RUN", dockerfile.final):
+        for path in re.findall(rf"rm -rf ({re.escape(str(project))}/\S+)", run.args):
+            shutil.rmtree(dest / PurePosixPath(path).relative_to(project))
+    return dest
+
+
+IMPORT_ALL = """
+import importlib, pkgutil, sys
+
+class Absent:  # the trainer's dependencies are not in the image
+    def find_spec(self, name, path=None, target=None):
+        if name.partition(".")[0] in BLOCKED:
+            raise ModuleNotFoundError(f"No module named {name!r} (not in the operator image)", name=name)
+
+sys.meta_path.insert(0, Absent())
+import kubetune
+for mod in pkgutil.iter_modules(kubetune.__path__):
+    if mod.name == "__main__":  # runs the command; started below as the entrypoint does
+        continue
+    try:
+        importlib.import_module(f"kubetune.{mod.name}")
+    except ModuleNotFoundError as e:
+        if not (e.name or "").startswith("kubetune.devcluster"):  # the demo: dev only
+            raise
+assert sys.modules["kubetune"].__file__.startswith(ROOT), sys.modules["kubetune"].__file__
+print("ok", sorted(m for m in sys.modules if m.startswith("kubetune")))
+sys.argv = ["kubetune", "run", "--help"]
+import runpy
+runpy.run_module("kubetune", run_name="__main__")
+"""
+
+
+def test_the_shipped_operator_imports_without_the_trainer_dependencies(tmp_path):
+    tree = image_tree(tmp_path / "image")
+    assert not (tree / "operator" / "kubetune" / "devcluster").exists()
+    shipped = sorted(p.name for p in (tree / "trainer_image" / "kubetune_trainer").iterdir())
+    assert shipped == ["__init__.py", "config.py"], shipped
+    code = f"BLOCKED = {sorted(trainer_only_modules())!r}\nROOT = {str(tree)!r}\n" + IMPORT_ALL
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        env={"PYTHONPATH": f"{tree / 'operator'}:{tree / 'trainer_image'}", "PATH": "/usr/bin:/bin"},
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "kubetune.handlers" in out.stdout and "kubetune_trainer.config" in out.stdout
+    assert "--namespace" in out.stdout  # `python -m kubetune run --help`
