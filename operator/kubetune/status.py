@@ -15,9 +15,10 @@ from dataclasses import dataclass, field
 
 from pydantic import ValidationError
 
-from kubetune.api import FineTuneJobSpec, Phase
+from kubetune.api import AUTO, FineTuneJobSpec, Phase
 from kubetune.gang import Fit, gated
 from kubetune.manifests import ATTEMPT_LABEL, RANK_LABEL, build_pods, pod_name
+from kubetune.placement import min_gpu_memory
 
 # Condition types and reasons (CamelCase constants, as Kubernetes does).
 SCHEDULED, RUNNING, SUSPENDED, SUCCEEDED, FAILED = "Scheduled", "Running", "Suspended", "Succeeded", "Failed"
@@ -444,7 +445,7 @@ def _attempt(c: Ctx, spec: FineTuneJobSpec) -> None:
     waiting = sorted(p["metadata"]["name"] for p in pods if gated(p))
     if waiting:
         return _admit_gang(c, waiting, spec.workers)
-    _observe_running(c, pods, spec.workers)
+    _observe_running(c, pods, spec)
     _observe_progress(c, rank0)
 
 
@@ -482,9 +483,25 @@ def _observe_progress(c: Ctx, rank0: dict | None) -> None:
         c.st["progress"] = {**old, **new}
 
 
-def _observe_running(c: Ctx, pods: list[dict], workers: int) -> None:
+def memory_hint(spec: FineTuneJobSpec) -> str:
+    """What an automatic GPU-memory requirement adds to a scheduler's refusal: the
+    generic "didn't match node affinity" does not say that a number was involved."""
+    if spec.resources.min_gpu_memory_mib != AUTO or spec.resources.gpus == 0:
+        return ""
+    mib, _ = min_gpu_memory(spec)
+    if not mib:
+        return ""
+    return (
+        f" (minGpuMemoryMiB auto: the job's estimate is {mib} MiB per GPU, see `kubetune render`;"
+        " set resources.minGpuMemoryMiB to a number to override)"
+    )
+
+
+def _observe_running(c: Ctx, pods: list[dict], spec: FineTuneJobSpec) -> None:
+    workers = spec.workers
     unschedulable = unschedulable_message(pods)
     if unschedulable:
+        unschedulable += memory_hint(spec)
         c.cond(SCHEDULED, False, "Unschedulable", unschedulable)
         if c.st.get("phase") != Phase.preempted.value:
             c.transition(

@@ -381,3 +381,21 @@ def test_progress_formatting():
     )
     p = progress_from_trainer({"step": 5, "totalSteps": 10, "loss": "bad", "evalLoss": 1.5})
     assert p == {"step": 5, "totalSteps": 10, "summary": "5/10 (50%)", "evalLoss": 1.5}
+
+
+def test_an_unschedulable_job_with_auto_gpu_memory_names_the_estimate():
+    refusal = {"type": "PodScheduled", "status": "False", "reason": "Unschedulable"}
+    refusal["message"] = "0/9 nodes are available: 9 node(s) didn't match Pod's node affinity/selector."
+    w = World(job(model={"name": "codellama/CodeLlama-7b-hf"}))
+    w.reconcile()
+    w.pods["j-a1-w0"]["status"] = {"phase": "Pending", "conditions": [refusal]}
+    st = w.reconcile()
+    assert st["reason"] == "Unschedulable" and "didn't match Pod's node affinity" in st["message"]
+    assert "minGpuMemoryMiB auto: the job's estimate is" in st["message"]
+    # a number the user chose needs no explanation; nor does an unknown model
+    for resources in ({"accelerator": "nvidia", "minGpuMemoryMiB": 40000}, {"accelerator": "nvidia"}):
+        model = {"name": "codellama/CodeLlama-7b-hf"} if "minGpuMemoryMiB" in resources else {"name": "org/m"}
+        w = World(job(model=model, resources=resources))
+        w.reconcile()
+        w.pods["j-a1-w0"]["status"] = {"phase": "Pending", "conditions": [refusal]}
+        assert "estimate" not in w.reconcile()["message"]
