@@ -246,6 +246,8 @@ class Trainer:
         backend = {"cuda-bnb": "nccl", "xpu-bnb": "xccl", "ipex-llm": "ccl"}.get(self.backend, "gloo")
         if self.backend == "cuda-bnb":
             torch.cuda.set_device(self.dist.local_rank)
+        if backend == "ccl":  # the ipex-llm image's oneCCL: registers the backend on import
+            import oneccl_bindings_for_pytorch  # noqa: F401
         torch.distributed.init_process_group(backend=backend)
         log.info("rank %d of %d joined (%s)", self.dist.rank, self.dist.world, backend)
 
