@@ -26,6 +26,7 @@ from kubetune.devcluster.cluster import REPO_ROOT, DevCluster, repo_pythonpath
 from kubetune.devcluster.minio import upload_tree
 from kubetune.devcluster.nodes import GKE_SPOT_LABEL, NVIDIA_GPU, RUNNER_LABEL
 from kubetune.devcluster.procs import spawn, stop_group, wait_for
+from kubetune.gang import GANG_GATE
 
 TOUR = (
     "text-to-sql-intel.yaml",
@@ -116,16 +117,17 @@ def tour_placement(core, custom) -> None:
     def status(name):
         return custom.get_namespaced_custom_object(GROUP, VERSION, "default", PLURAL, name).get("status", {})
 
+    waiting = ("Unschedulable", "WaitingForCapacity")  # the scheduler's refusal, or a gang held back
     wait_for(
-        lambda: all(
-            status(n).get("phase") == "Running" or status(n).get("reason") == "Unschedulable" for n in names
-        ),
+        lambda: all(status(n).get("phase") == "Running" or status(n).get("reason") in waiting for n in names),
         90,
         "every seed job Running or waiting for nodes",
     )
     for pod in sorted(core.list_namespaced_pod("default").items, key=lambda p: p.metadata.name):
         if not pod.spec.node_name:
-            say(f"  {pod.metadata.name:26} -> (pending: no node has the GPUs free)")
+            gated = any(g.name == GANG_GATE for g in pod.spec.scheduling_gates or [])
+            why = "held at the gang gate until every worker fits" if gated else "no node has the GPUs free"
+            say(f"  {pod.metadata.name:26} -> (pending: {why})")
             continue
         labels = core.read_node(pod.spec.node_name).metadata.labels
         product = labels.get("nvidia.com/gpu.product") or labels.get("gpu.intel.com/product")
@@ -133,8 +135,8 @@ def tour_placement(core, custom) -> None:
         say(f"  {pod.metadata.name:26} -> {pod.spec.node_name:22} {product} ({spot})")
     for name in names:
         st = status(name)
-        if st.get("reason") == "Unschedulable":
-            say(f"  {name}: {st['message'][:150]}")
+        if st.get("reason") in waiting:
+            say(f"  {name}: {st['reason']}: {st['message'][:200]}")
     for name in names:  # the fake GPU jobs have made their point
         custom.delete_namespaced_custom_object(GROUP, VERSION, "default", PLURAL, name)
 

@@ -57,6 +57,15 @@ def requests(pod: dict) -> dict[str, Decimal]:
     return total
 
 
+def as_written(pod: dict, totals: dict[str, Decimal]) -> dict[str, object]:
+    """A one-container pod's requests as its spec spells them (16Gi, not 17179869184)."""
+    containers = pod["spec"].get("containers") or []
+    if len(containers) != 1 or pod["spec"].get("initContainers"):
+        return dict(totals)
+    res = containers[0].get("resources") or {}
+    return {**totals, **(res.get("limits") or {}), **(res.get("requests") or {})}
+
+
 def tolerates(tolerations: list[dict], taint: dict) -> bool:
     for t in tolerations:
         if t.get("effect") and t["effect"] != taint.get("effect"):
@@ -164,7 +173,7 @@ def gang_fit(worker: dict, count: int, nodes: list[dict], pods: list[dict]) -> F
     fitting = [n for n in placed if n]
     if len(fitting) == count:
         return Fit(True, f"room for all {count} workers ({', '.join(sorted(set(fitting)))})")
-    need = ", ".join(f"{k} {v}" for k, v in sorted(want.items()) if k != "pods" and v)
+    need = ", ".join(f"{k} {v}" for k, v in sorted(as_written(worker, want).items()) if k != "pods" and v)
     barred = sorted({r for n in nodes if (r := why_not(worker, n))})
     detail = f"; other nodes: {', '.join(barred)}" if barred else ""
     return Fit(

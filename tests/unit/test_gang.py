@@ -49,7 +49,8 @@ def worker(
 def test_two_workers_need_two_nodes_with_room():
     assert gang_fit(worker(), 2, [node("n0"), node("n1")], []).ok
     fit = gang_fit(worker(), 2, [node("n0")], [])
-    assert not fit.ok and "room for 1 of 2 workers" in fit.message and "nvidia.com/gpu 4" in fit.message
+    assert not fit.ok and "room for 1 of 2 workers" in fit.message
+    assert "(cpu 2, nvidia.com/gpu 4 each)" in fit.message  # as the spec spells them
     # two smaller workers share one node
     assert gang_fit(worker(gpus="2"), 2, [node("n0")], []).ok
 
