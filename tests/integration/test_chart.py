@@ -462,15 +462,18 @@ def tiny_job_inputs(s3, tmp_path_factory):
 
 
 def tiny_job(name: str, namespace: str, model_uri: str, s3_endpoint: str) -> dict:
-    from tests.e2e.test_preemption import finetune_job
-
-    job = finetune_job(name, namespace, model_uri, s3_endpoint)
+    """examples/quickstart.yaml as a user would apply it, pointed at this MinIO, with the
+    tiny model in place of SmolLM2 and 6 steps (no generation): its RBAC needs are the same."""
+    job = yaml.safe_load((REPO_ROOT / "examples" / "quickstart.yaml").read_text())
+    job["metadata"]["name"] = name
     spec = job["spec"]
+    spec["model"] = {"uri": model_uri}
     spec["dataset"]["uri"] = "s3://chart-data/sql/train/"
     spec["dataset"]["validation"] = {"uri": "s3://chart-data/sql/eval/"}
     spec["training"]["maxSteps"] = 6
     spec["checkpoint"].update(uri=f"s3://chart-runs/{namespace}/{name}/ckpt/", everySteps=3)
     spec["output"]["uri"] = f"s3://chart-runs/{namespace}/{name}/out/"
+    spec["storage"] = {"secretRef": {"name": "s3"}, "endpoint": s3_endpoint}
     return job
 
 
