@@ -13,6 +13,14 @@ from kubetune.devcluster.procs import wait_for  # the one poll-until helper, for
 SQL_DATA = REPO_ROOT / "examples" / "data" / "text-to-sql"
 
 
+def kubectl(dev_cluster, namespace: str, *args: str, check: bool = True):
+    """kubectl against the dev cluster, in a namespace; the finished process (text)."""
+    import subprocess
+
+    cmd = ["kubectl", "--kubeconfig", str(dev_cluster.endpoints.kubeconfig), "-n", namespace, *args]
+    return subprocess.run(cmd, capture_output=True, text=True, check=check)
+
+
 def sql_records(split: str = "train") -> list[dict]:
     """The shipped text-to-SQL records (examples/data/text-to-sql/<split>/)."""
     return [

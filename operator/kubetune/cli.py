@@ -71,7 +71,7 @@ def _render(args: argparse.Namespace) -> int:
         for d in yaml.safe_load_all(Path(args.file).read_text() if args.file != "-" else sys.stdin.read())
         if d
     ]
-    out, text = [], ""
+    text = ""
     for doc in docs:
         if doc.get("kind") != "FineTuneJob":
             continue
@@ -90,11 +90,10 @@ def _render(args: argparse.Namespace) -> int:
             objects.insert(0, build_service(name, uid))
         for obj in objects:
             obj["metadata"]["namespace"] = meta.get("namespace", "default")
-        out += objects
         # as YAML comments: the output stays something `kubectl apply -f -` takes
         text += "".join(f"# FineTuneJob {name}: {line}\n" for line in gpu_memory_note(spec))
         text += yaml.safe_dump_all(objects, sort_keys=False, explicit_start=True)
-    if not out:
+    if not text:
         print(f"{args.file}: no FineTuneJob found", file=sys.stderr)
         return EXIT_USAGE
     sys.stdout.write(text)

@@ -41,17 +41,21 @@ def without_gang_gate(pod: dict) -> list[dict]:
     return [g for g in pod["spec"].get("schedulingGates") or [] if g.get("name") != GANG_GATE]
 
 
+def declared(container: dict) -> dict[str, str]:
+    """A container's requests, its limit standing in where only a limit is given."""
+    res = container.get("resources") or {}
+    return {**(res.get("limits") or {}), **(res.get("requests") or {})}
+
+
 def requests(pod: dict) -> dict[str, Decimal]:
-    """What the scheduler charges a pod: the sum of its containers' requests (limits
-    where only a limit is given), at least each init container's."""
+    """What the scheduler charges a pod: the sum of its containers' requests, at least
+    each init container's."""
     total: dict[str, Decimal] = {}
     for c in pod["spec"].get("containers") or []:
-        res = c.get("resources") or {}
-        for k, v in {**(res.get("limits") or {}), **(res.get("requests") or {})}.items():
+        for k, v in declared(c).items():
             total[k] = total.get(k, Decimal(0)) + parse_quantity(v)
     for c in pod["spec"].get("initContainers") or []:
-        res = c.get("resources") or {}
-        for k, v in {**(res.get("limits") or {}), **(res.get("requests") or {})}.items():
+        for k, v in declared(c).items():
             total[k] = max(total.get(k, Decimal(0)), parse_quantity(v))
     total["pods"] = Decimal(1)
     return total
@@ -62,8 +66,7 @@ def as_written(pod: dict, totals: dict[str, Decimal]) -> dict[str, object]:
     containers = pod["spec"].get("containers") or []
     if len(containers) != 1 or pod["spec"].get("initContainers"):
         return dict(totals)
-    res = containers[0].get("resources") or {}
-    return {**totals, **(res.get("limits") or {}), **(res.get("requests") or {})}
+    return {**totals, **declared(containers[0])}
 
 
 def tolerates(tolerations: list[dict], taint: dict) -> bool:

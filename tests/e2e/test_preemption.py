@@ -6,7 +6,6 @@ uninterrupted run produces."""
 from __future__ import annotations
 
 import json
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -15,7 +14,7 @@ from kubernetes import client
 from kubetune.api import GROUP, PLURAL, VERSION
 from kubetune.devcluster.minio import upload_tree
 from kubetune.devcluster.nodes import GKE_SPOT_LABEL, RUNNER_LABEL
-from tests.helpers import SQL_DATA, wait_for
+from tests.helpers import SQL_DATA, kubectl, wait_for
 from tests.trainer.conftest import max_abs_diff
 
 pytestmark = pytest.mark.cluster
@@ -121,21 +120,7 @@ def test_graceful_eviction_resumes_exactly_and_nothing_leaks(
         custom, namespace, "evicted", lambda s: (s.get("progress") or {}).get("step", 0) >= 12, 240, "step 12"
     )
     # kubectl get ftj while it runs: phase, step/total, loss, preemptions
-    out = subprocess.run(
-        [
-            "kubectl",
-            "--kubeconfig",
-            str(dev_cluster.endpoints.kubeconfig),
-            "-n",
-            namespace,
-            "get",
-            "ftj",
-            "evicted",
-        ],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout.splitlines()
+    out = kubectl(dev_cluster, namespace, "get", "ftj", "evicted").stdout.splitlines()
     cols = out[1].split()
     assert (
         cols[1] == "Running" and cols[2].split("/")[1] == str(STEPS) and float(cols[4]) > 0 and cols[5] == "0"

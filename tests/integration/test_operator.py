@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import copy
 import json
-import subprocess
 import urllib.request
 from pathlib import Path
 
@@ -16,7 +15,7 @@ from kubernetes.client.rest import ApiException
 
 from kubetune.api import GROUP, PLURAL, VERSION
 from kubetune.devcluster.nodes import GKE_SPOT_LABEL, RUNNER_LABEL
-from tests.helpers import wait_for
+from tests.helpers import kubectl, wait_for
 
 pytestmark = pytest.mark.cluster
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
@@ -138,20 +137,8 @@ def example_files() -> list[str]:
 
 @pytest.mark.parametrize("example", example_files())
 def test_every_example_passes_a_server_side_dry_run(dev_cluster, crd_installed, namespace, example):
-    out = subprocess.run(
-        [
-            "kubectl",
-            "--kubeconfig",
-            str(dev_cluster.endpoints.kubeconfig),
-            "-n",
-            namespace,
-            "apply",
-            "--dry-run=server",
-            "-f",
-            str(EXAMPLES / example),
-        ],
-        capture_output=True,
-        text=True,
+    out = kubectl(
+        dev_cluster, namespace, "apply", "--dry-run=server", "-f", str(EXAMPLES / example), check=False
     )
     assert out.returncode == 0, out.stderr
     assert "(server dry run)" in out.stdout
@@ -384,12 +371,7 @@ def test_events_and_kubectl_columns(operator, custom, core, namespace, dev_clust
         "Created and Running events",
     )
     assert reasons
-    out = subprocess.run(
-        ["kubectl", "--kubeconfig", str(dev_cluster.endpoints.kubeconfig), "-n", namespace, "get", "ftj"],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
+    out = kubectl(dev_cluster, namespace, "get", "ftj").stdout
     header, row = out.splitlines()[:2]
     assert header.split() == ["NAME", "PHASE", "PROGRESS", "LOSS", "PREEMPTIONS", "AGE"]
     assert row.split()[:4] == ["visible", "Running", "0/300", "(0%)"]

@@ -97,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
                 result,
                 trainer.workdir,
                 model_dir(cfg.model, trainer.cache),
-                trainer.final_weights if trainer.sharded else None,
+                trainer.final_weights,  # None unless the model is sharded
             )
         trainer.ckpts.close()
         trainer.close()

@@ -242,6 +242,13 @@ class Trainer:
         self.encode = make_encoder(self.tokenizer, cfg.dataset)
         self.sparse_logits = supports_sparse_logits(self.model)
 
+    @property
+    def shares_rank0_work(self) -> bool:
+        """Whether this rank takes part in checkpoints, evaluation and the final gather:
+        rank 0 does them; under fsdp every rank does (its gathers and forward passes are
+        collectives), and only rank 0 writes."""
+        return self.dist.main or self.sharded
+
     def _init_process_group(self, torch) -> None:
         backend = {"cuda-bnb": "nccl", "xpu-bnb": "xccl", "ipex-llm": "ccl"}.get(self.backend, "gloo")
         if self.backend == "cuda-bnb":
@@ -408,7 +415,7 @@ class Trainer:
         )
         mine = deal(seqs, self.dist.world, self.dist.rank)
         # evaluation is rank 0's, or everyone's under fsdp (a forward pass is a collective)
-        held_out = self.eval_records() if self.dist.main or self.sharded else []
+        held_out = self.eval_records() if self.shares_rank0_work else []
         eval_set = self.encoded(held_out)
         if not restored and held_out:
             # the base model's score (LoRA B starts at zero, so this is the base model)
@@ -480,7 +487,7 @@ class Trainer:
             )
             if self.sharded:
                 due = self._all_sum(torch, int(due)) > 0  # clocks differ: agree, or the gather hangs
-            if due and step < t.max_steps and (self.dist.main or self.sharded):
+            if due and step < t.max_steps and self.shares_rank0_work:
                 t_ckpt = time.monotonic()
                 last_ckpt = self.save_checkpoint(step, seqs.state(), history, wait=False)
                 last_ckpt_time = time.monotonic()
@@ -494,7 +501,7 @@ class Trainer:
         )
         if after is not None:
             result.metrics["exact_match"] = {"before": self.exact_match_before, "after": after}
-        if self.dist.main or self.sharded:
+        if self.shares_rank0_work:
             # a final checkpoint too: a retry after a failed export does not retrain
             if last_ckpt is None or last_ckpt["step"] != step:
                 last_ckpt = self.save_checkpoint(step, seqs.state(), history, wait=True)
@@ -507,7 +514,7 @@ class Trainer:
 
     def _stop_checkpoint(self, step, last_ckpt, seqs, history) -> dict | None:
         """The SIGTERM checkpoint: nothing new to save if no step ran since the last one."""
-        if not (self.dist.main or self.sharded):
+        if not self.shares_rank0_work:
             return last_ckpt
         if self.dist.main:
             self.ckpts.wait()
