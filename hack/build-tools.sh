@@ -25,6 +25,7 @@ MINIO_VERSION=$(module_version minio github.com/minio/minio)
 
 declare -A DIRS=(
   [kubernetes]="$CACHE/bin/kubernetes-$K8S_VERSION"
+  [kubectl]="$CACHE/bin/kubectl-$K8S_VERSION"
   [etcd]="$CACHE/bin/etcd-$ETCD_VERSION"
   [kwok]="$CACHE/bin/kwok-$KWOK_VERSION"
   [helm]="$CACHE/bin/helm-$HELM_VERSION"
@@ -32,7 +33,7 @@ declare -A DIRS=(
 )
 
 if [[ "${1:-}" == "--print" ]]; then
-  for k in kubernetes etcd kwok helm minio; do echo "$k=${DIRS[$k]}"; done
+  for k in kubernetes kubectl etcd kwok helm minio; do echo "$k=${DIRS[$k]}"; done
   exit 0
 fi
 
@@ -77,4 +78,6 @@ build minio minio "-s -w" github.com/minio/minio
 build kubernetes k8s "$(k8s_ldflags)" \
   k8s.io/kubernetes/cmd/kube-apiserver k8s.io/kubernetes/cmd/kube-controller-manager \
   k8s.io/kubernetes/cmd/kube-scheduler
+# the client at the API server's version (a machine's kubectl may be outside the skew policy)
+build kubectl k8s "$(k8s_ldflags)" k8s.io/kubernetes/cmd/kubectl
 echo "[build-tools] all pieces ready under $CACHE/bin"

@@ -14,10 +14,20 @@ SQL_DATA = REPO_ROOT / "examples" / "data" / "text-to-sql"
 
 
 def kubectl(dev_cluster, namespace: str, *args: str, check: bool = True):
-    """kubectl against the dev cluster, in a namespace; the finished process (text)."""
+    """kubectl against the dev cluster, in a namespace; the finished process (text).
+    The project's own kubectl (hack/build-tools.sh), at the API server's version."""
     import subprocess
 
-    cmd = ["kubectl", "--kubeconfig", str(dev_cluster.endpoints.kubeconfig), "-n", namespace, *args]
+    from kubetune.devcluster.cluster import tool_dirs
+
+    cmd = [
+        str(tool_dirs()["kubectl"] / "kubectl"),
+        "--kubeconfig",
+        str(dev_cluster.endpoints.kubeconfig),
+        "-n",
+        namespace,
+        *args,
+    ]
     return subprocess.run(cmd, capture_output=True, text=True, check=check)
 
 

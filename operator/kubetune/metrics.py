@@ -20,28 +20,34 @@ PODS_CREATED = Histogram(
 )
 LOSSES = Counter("kubetune_pod_losses_total", "Worker pod losses", ["kind", "reason"])
 
+PHASES = ("Pending", "Running", "Preempted", "Suspended", "Succeeded", "Failed")
 _phases: dict = {}
 _lock = threading.Lock()
 
 
 def set_phase(key, phase: str | None) -> None:
+    # one gauge step per change: recounting every job on every reconcile made a burst
+    # of n new jobs cost n^2
+    phase = phase or "Pending"
     with _lock:
-        _phases[key] = phase or "Pending"
-        _refresh()
+        old = _phases.get(key)
+        if old == phase:
+            return
+        _phases[key] = phase
+        if old is not None:
+            JOBS.labels(old).dec()
+        JOBS.labels(phase).inc()
 
 
 def forget_job(key) -> None:
     with _lock:
-        _phases.pop(key, None)
-        _refresh()
+        old = _phases.pop(key, None)
+        if old is not None:
+            JOBS.labels(old).dec()
 
 
-def _refresh() -> None:
-    counts: dict[str, int] = {}
-    for phase in _phases.values():
-        counts[phase] = counts.get(phase, 0) + 1
-    for phase in ("Pending", "Running", "Preempted", "Suspended", "Succeeded", "Failed"):
-        JOBS.labels(phase).set(counts.get(phase, 0))
+for _phase in PHASES:  # every phase is exported, at 0 until a job is in it
+    JOBS.labels(_phase)
 
 
 def observe_reconcile(seconds: float) -> None:
