@@ -7,6 +7,8 @@ import threading
 
 from prometheus_client import Counter, Gauge, Histogram, start_http_server
 
+from kubetune.api import Phase
+
 JOBS = Gauge("kubetune_jobs", "FineTuneJobs by phase", ["phase"])
 RECONCILE = Histogram(
     "kubetune_reconcile_seconds",
@@ -20,7 +22,7 @@ PODS_CREATED = Histogram(
 )
 LOSSES = Counter("kubetune_pod_losses_total", "Worker pod losses", ["kind", "reason"])
 
-PHASES = ("Pending", "Running", "Preempted", "Suspended", "Succeeded", "Failed")
+PHASES = tuple(p.value for p in Phase)
 _phases: dict = {}
 _lock = threading.Lock()
 
@@ -28,7 +30,7 @@ _lock = threading.Lock()
 def set_phase(key, phase: str | None) -> None:
     # one gauge step per change: recounting every job on every reconcile made a burst
     # of n new jobs cost n^2
-    phase = phase or "Pending"
+    phase = phase or Phase.pending.value
     with _lock:
         old = _phases.get(key)
         if old == phase:
