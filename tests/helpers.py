@@ -18,10 +18,10 @@ def kubectl(dev_cluster, namespace: str, *args: str, check: bool = True):
     The project's own kubectl (hack/build-tools.sh), at the API server's version."""
     import subprocess
 
-    from kubetune.devcluster.cluster import tool_dirs
+    from kubetune.devcluster.cluster import tool_binary
 
     cmd = [
-        str(tool_dirs()["kubectl"] / "kubectl"),
+        str(tool_binary("kubectl")),
         "--kubeconfig",
         str(dev_cluster.endpoints.kubeconfig),
         "-n",

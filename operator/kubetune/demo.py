@@ -22,7 +22,7 @@ import yaml
 
 from kubetune.api import GROUP, PLURAL, VERSION
 from kubetune.crd import CRD_FILE
-from kubetune.devcluster.cluster import REPO_ROOT, DevCluster, repo_pythonpath, tool_dirs
+from kubetune.devcluster.cluster import REPO_ROOT, DevCluster, repo_pythonpath, tool_binary
 from kubetune.devcluster.minio import upload_tree
 from kubetune.devcluster.nodes import GKE_SPOT_LABEL, NVIDIA_GPU, RUNNER_LABEL
 from kubetune.devcluster.procs import spawn, stop_group, wait_for
@@ -55,7 +55,7 @@ def run(workdir: Path | None = None) -> int:
         kubeconfig = str(cluster.endpoints.kubeconfig)
         api = config.new_client_from_config(kubeconfig)
         core, custom = client.CoreV1Api(api), client.CustomObjectsApi(api)
-        kubectl = [str(tool_dirs()["kubectl"] / "kubectl"), "--kubeconfig", kubeconfig]
+        kubectl = [str(tool_binary("kubectl")), "--kubeconfig", kubeconfig]
         tour_nodes(core)
         subprocess.run([*kubectl, "apply", "-f", str(CRD_FILE)], check=True, stdout=subprocess.DEVNULL)
         subprocess.run(

@@ -20,7 +20,7 @@ import yaml
 
 from kubetune.api import GROUP, PLURAL, VERSION
 from kubetune.crd import CRD_FILE
-from kubetune.devcluster.cluster import REPO_ROOT, repo_pythonpath, tool_dirs
+from kubetune.devcluster.cluster import REPO_ROOT, repo_pythonpath, tool_binary
 from kubetune.devcluster.procs import free_port
 from tests.helpers import install_crd, make_namespace, wait_for
 
@@ -74,7 +74,7 @@ NEVER = {"secrets", "configmaps", "serviceaccounts", "roles", "rolebindings", "c
 def helm(*args: str, kubeconfig: Path | None = None, check: bool = True) -> subprocess.CompletedProcess:
     env = {**os.environ, **({"KUBECONFIG": str(kubeconfig)} if kubeconfig else {})}
     return subprocess.run(
-        [str(tool_dirs()["helm"] / "helm"), *args], capture_output=True, text=True, check=check, env=env
+        [str(tool_binary("helm")), *args], capture_output=True, text=True, check=check, env=env
     )
 
 

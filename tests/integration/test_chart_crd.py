@@ -9,14 +9,14 @@ from pathlib import Path
 import yaml
 
 from kubetune.crd import CRD_FILE
-from kubetune.devcluster.cluster import tool_dirs
+from kubetune.devcluster.cluster import tool_binary
 
 CRD_FILE_NAME = yaml.safe_load(CRD_FILE.read_text())["metadata"]["name"]
 CHART = Path(__file__).resolve().parents[2] / "charts" / "kubetune"
 
 
 def helm_template(*flags: str) -> list[dict]:
-    helm = tool_dirs()["helm"] / "helm"
+    helm = tool_binary("helm")
     out = subprocess.run(
         [str(helm), "template", "kt", str(CHART), "--kube-version", "1.34.4", *flags],
         check=True,

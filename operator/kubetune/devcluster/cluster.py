@@ -4,6 +4,7 @@ and MinIO for S3. Used by `kubetune dev up` and by pytest as a session fixture."
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import secrets
@@ -27,12 +28,19 @@ REPO_ROOT = Path(__file__).resolve().parents[3]
 STAGES_FILE = Path(__file__).with_name("kwok-stages.yaml")
 
 
-def tool_dirs() -> dict[str, Path]:
-    """Cache directories of the Go-built binaries, as hack/build-tools.sh names them."""
+@functools.cache
+def _tool_dir_names() -> tuple[tuple[str, Path], ...]:
+    """hack/build-tools.sh's cache directory per piece: fixed for a checkout, so asked once
+    per process (the tests call kubectl and helm hundreds of times)."""
     out = subprocess.run(
         [str(REPO_ROOT / "hack" / "build-tools.sh"), "--print"], check=True, capture_output=True, text=True
     ).stdout
-    dirs = {k: Path(v) for k, v in (line.split("=", 1) for line in out.split())}
+    return tuple((k, Path(v)) for k, v in (line.split("=", 1) for line in out.split()))
+
+
+def tool_dirs() -> dict[str, Path]:
+    """Cache directories of the Go-built binaries, as hack/build-tools.sh names them."""
+    dirs = dict(_tool_dir_names())
     missing = [k for k, d in dirs.items() if not (d / ".complete").exists()]
     if missing:
         raise RuntimeError(
@@ -40,6 +48,11 @@ def tool_dirs() -> dict[str, Path]:
             "run hack/build-tools.sh (make tools) first"
         )
     return dirs
+
+
+def tool_binary(piece: str) -> Path:
+    """The binary of a one-binary piece (kubectl, helm, minio), named after it."""
+    return tool_dirs()[piece] / piece
 
 
 def kubeconfig(server: str, certs: CertPaths) -> dict:

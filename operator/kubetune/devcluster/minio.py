@@ -65,10 +65,10 @@ class MinioServer:
     outage as a client sees it, not a new server."""
 
     def __init__(self, workdir: Path) -> None:
-        from kubetune.devcluster.cluster import tool_dirs
+        from kubetune.devcluster.cluster import tool_binary
 
         self.workdir = workdir
-        self.binary = tool_dirs()["minio"] / "minio"
+        self.binary = tool_binary("minio")
         self.port, self.console_port = procs.free_port(), procs.free_port()
         self.access_key, self.secret_key = "kubetune-" + secrets.token_hex(4), secrets.token_urlsafe(24)
         self.endpoint = f"http://127.0.0.1:{self.port}"
