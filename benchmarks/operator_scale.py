@@ -132,10 +132,14 @@ def job_burst(core: client.CoreV1Api, custom: client.CustomObjectsApi, ns: str, 
     }
 
 
-def floor_controller(kube: Kube, ns: str, stop: threading.Event) -> None:
+def floor_controller(kube: Kube, ns: str, ready: threading.Event, stop: threading.Event) -> None:
     """The least any controller that keeps a status can do per job: one raw watch, one
     pod create and one status write per new job, nothing else (no kopf, no Events, no
-    later status). Its jobs/s bounds what an operator can reach on this machine."""
+    later status). Its jobs/s bounds what an operator can reach on this machine.
+    Watches from a list's resourceVersion, so no job created after `ready` is missed."""
+    path = f"/apis/{GROUP}/{VERSION}/namespaces/{ns}/{PLURAL}"
+    since = kube.call("GET", path)["metadata"]["resourceVersion"]
+    ready.set()
     pool = concurrent.futures.ThreadPoolExecutor(CONCURRENCY)
 
     def handle(job):
@@ -144,7 +148,7 @@ def floor_controller(kube: Kube, ns: str, stop: threading.Event) -> None:
         kube.create(ns, pod)
         kube.patch_job_status(ns, meta["name"], {"phase": "Pending", "attempt": 1}, None)
 
-    for event in kube.stream(f"/apis/{GROUP}/{VERSION}/namespaces/{ns}/{PLURAL}", {"watch": "1"}):
+    for event in kube.stream(path, {"watch": "1", "resourceVersion": since}):
         if stop.is_set():
             break
         if event["type"] == "ADDED":
@@ -170,9 +174,10 @@ def main() -> None:
         raw_rates = [raw_burst(core, n)]
         # -- the floor: a minimal controller -----------------------------------------------
         with make_namespace(core) as ns:
-            stop = threading.Event()
-            threading.Thread(target=floor_controller, args=(Kube(api), ns, stop), daemon=True).start()
-            time.sleep(1)  # the watch is open
+            ready, stop = threading.Event(), threading.Event()
+            threading.Thread(target=floor_controller, args=(Kube(api), ns, ready, stop), daemon=True).start()
+            if not ready.wait(30):
+                raise RuntimeError("the floor controller could not list FineTuneJobs")
             floor = job_burst(core, custom, ns, n)
             stop.set()
         # -- the operator ---------------------------------------------------------------------
