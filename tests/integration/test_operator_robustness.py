@@ -28,12 +28,14 @@ def test_operator_killed_at_random_points_during_a_burst(operator, core, custom,
     jobs = [f"burst-{i:02d}" for i in range(50)]
     stop = threading.Event()
     kills = []
+    min_kills = 3
 
     def chaos():
-        while not stop.is_set():
+        # Kills go on until every job is created *and* the operator has died min_kills
+        # times: a fast burst (about 2 s) once left the test with a single kill. The later
+        # kills still hit the operator mid-work, catching up on the burst's backlog.
+        while not (stop.is_set() and len(kills) >= min_kills):
             time.sleep(rng.uniform(0.2, 1.5))
-            if stop.is_set():
-                break
             operator.kill()  # SIGKILL: no chance to finish anything in flight
             kills.append(time.monotonic())
             time.sleep(rng.uniform(0.0, 0.5))
@@ -49,9 +51,7 @@ def test_operator_killed_at_random_points_during_a_burst(operator, core, custom,
     finally:
         stop.set()
         killer.join()
-    if not operator.alive():
-        operator.start()
-    assert len(kills) >= 2, f"seed {seed}: the operator was killed only {len(kills)} time(s)"
+    assert operator.alive(), "the chaos loop ends by restarting the operator"
 
     def all_running():
         items = custom.list_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL)["items"]
