@@ -132,6 +132,20 @@ def job_burst(core: client.CoreV1Api, custom: client.CustomObjectsApi, ns: str, 
     }
 
 
+def wait_until_reconciling(custom: client.CustomObjectsApi, ns: str) -> None:
+    """One warm-up job, reconciled to Running: the operator has started, and both its job
+    and pod watches deliver (Running needs the pod's status). Its own namespace keeps its
+    pod out of the burst's count."""
+    body = {"apiVersion": f"{GROUP}/{VERSION}", "kind": "FineTuneJob", "metadata": {"name": "warm-up"}}
+    custom.create_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, {**body, "spec": spec(0)})
+
+    def running():
+        job = custom.get_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, "warm-up")
+        return (job.get("status") or {}).get("phase") == "Running"
+
+    wait_for(running, 60, "the operator to run the warm-up job", interval_s=0.2)
+
+
 def floor_controller(kube: Kube, ns: str, ready: threading.Event, stop: threading.Event) -> None:
     """The least any controller that keeps a status can do per job: one raw watch, one
     pod create and one status write per new job, nothing else (no kopf, no Events, no
@@ -184,8 +198,8 @@ def main() -> None:
         op = OperatorProcess(cluster.endpoints.kubeconfig, Path(d) / "operator.log", free_port())
         op.start()
         try:
-            with make_namespace(core) as ns:
-                time.sleep(2)  # let the operator's watches settle: measure reconciles, not start-up
+            with make_namespace(core) as warm_ns, make_namespace(core) as ns:
+                wait_until_reconciling(custom, warm_ns)  # measure reconciles, not start-up
                 ours = job_burst(core, custom, ns, n)
                 peak = rss_peak_mib(op.proc.pid)
                 cpu = cpu_seconds(op.proc.pid)
