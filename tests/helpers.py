@@ -141,13 +141,26 @@ def wait_established(ext, name: str) -> None:
     )
 
 
-@contextlib.contextmanager
-def make_namespace(core):
-    """A fresh namespace; on exit its jobs, then its pods are deleted (freeing the fake
-    GPUs for the next test) before the namespace itself."""
+def empty_namespace(core, name: str) -> None:
+    """Delete a namespace's jobs, then its pods, and wait for the pods to be gone (freeing
+    the fake GPUs, and their nodes, for what comes next)."""
     from kubernetes import client
     from kubernetes.client.rest import ApiException
 
+    try:  # jobs first, or their operator would replace the pods deleted below
+        client.CustomObjectsApi(core.api_client).delete_collection_namespaced_custom_object(
+            "kubetune.io", "v1alpha1", name, "finetunejobs"
+        )
+    except ApiException as e:
+        if e.status != 404:
+            raise
+    core.delete_collection_namespaced_pod(name)
+    wait_for(lambda: not core.list_namespaced_pod(name).items, 60, f"the pods of {name} to go")
+
+
+@contextlib.contextmanager
+def make_namespace(core):
+    """A fresh namespace; on exit it is emptied (jobs, then pods) and deleted."""
     name = f"t-{uuid.uuid4().hex[:8]}"
     core.create_namespace({"metadata": {"name": name}})
     # the ServiceAccount controller must have made "default" before pods can be created
@@ -155,13 +168,5 @@ def make_namespace(core):
     try:
         yield name
     finally:
-        try:  # jobs first, or their operator would replace the pods deleted below
-            client.CustomObjectsApi(core.api_client).delete_collection_namespaced_custom_object(
-                "kubetune.io", "v1alpha1", name, "finetunejobs"
-            )
-        except ApiException as e:
-            if e.status != 404:
-                raise
-        core.delete_collection_namespaced_pod(name)
-        wait_for(lambda: not core.list_namespaced_pod(name).items, 60, f"the pods of {name} to go")
+        empty_namespace(core, name)
         core.delete_namespace(name)

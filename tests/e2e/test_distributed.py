@@ -23,7 +23,7 @@ from tests.e2e.test_preemption import (
     status,
     wait_status,
 )
-from tests.helpers import make_namespace, wait_for
+from tests.helpers import empty_namespace, make_namespace, wait_for
 from tests.trainer.conftest import max_abs_diff
 
 pytestmark = pytest.mark.cluster
@@ -162,7 +162,7 @@ def gang_node(name: str) -> dict:
 
 
 @pytest.fixture
-def gang_nodes(core, custom, namespace):
+def gang_nodes(core, namespace):
     made: list[str] = []
 
     def add(name: str) -> None:
@@ -173,13 +173,7 @@ def gang_nodes(core, custom, namespace):
     # Empty the nodes before deleting them. Pods left on a deleted node are served by
     # nobody (kwok drops the node) until PodGC's 40 s orphan quarantine ends: the
     # namespace's teardown then took about 55 s of its 60.
-    custom.delete_collection_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL)
-    core.delete_collection_namespaced_pod(namespace)
-
-    def on_these_nodes():
-        return [p for p in core.list_namespaced_pod(namespace).items if p.spec.node_name in made]
-
-    wait_for(lambda: not on_these_nodes(), 60, "the pods on the gang nodes to go")
+    empty_namespace(core, namespace)
     for name in made:
         core.delete_node(name)
 
