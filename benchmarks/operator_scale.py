@@ -56,6 +56,15 @@ def spec(i: int) -> dict:
     }
 
 
+def job(name: str, i: int) -> dict:
+    return {
+        "apiVersion": f"{GROUP}/{VERSION}",
+        "kind": "FineTuneJob",
+        "metadata": {"name": name},
+        "spec": spec(i),
+    }
+
+
 class PodWatch:
     """Records when each pod (by name) is first seen, client side."""
 
@@ -118,8 +127,7 @@ def job_burst(core: client.CoreV1Api, custom: client.CustomObjectsApi, ns: str, 
     pw = PodWatch(core, ns)
 
     def create_job(i):
-        body = {"apiVersion": f"{GROUP}/{VERSION}", "kind": "FineTuneJob", "metadata": {"name": f"job-{i}"}}
-        custom.create_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, {**body, "spec": spec(i)})
+        custom.create_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, job(f"job-{i}", i))
         return f"job-{i}-a1-w0", time.monotonic()
 
     t0, created = burst(create_job, range(n))
@@ -136,12 +144,11 @@ def wait_until_reconciling(custom: client.CustomObjectsApi, ns: str) -> None:
     """One warm-up job, reconciled to Running: the operator has started, and both its job
     and pod watches deliver (Running needs the pod's status). Its own namespace keeps its
     pod out of the burst's count."""
-    body = {"apiVersion": f"{GROUP}/{VERSION}", "kind": "FineTuneJob", "metadata": {"name": "warm-up"}}
-    custom.create_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, {**body, "spec": spec(0)})
+    custom.create_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, job("warm-up", 0))
 
     def running():
-        job = custom.get_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, "warm-up")
-        return (job.get("status") or {}).get("phase") == "Running"
+        warm = custom.get_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, "warm-up")
+        return (warm.get("status") or {}).get("phase") == "Running"
 
     wait_for(running, 60, "the operator to run the warm-up job", interval_s=0.2)
 
