@@ -8,10 +8,12 @@ script twice writes byte-identical files:
 
     python examples/data/make_text_to_sql.py [OUT_DIR]
 
-The eval split uses only table topics that never occur in train (held-out schemas), with
-the same SQL patterns and question templates. Values in a WHERE clause appear verbatim in
-the question and every column of the answer appears in the context, so the exact SQL can
-be inferred from question + context.
+The eval split measures the task, not the wording: it uses only table topics that never
+occur in train (held-out schemas), and every choice of words in its questions (question
+templates, comparison words such as "exceeding", aggregate and superlative words) comes
+from a held-out set that train never uses (held-out phrasings); the SQL patterns are
+shared. Values in a WHERE clause appear verbatim in the question and every column of the
+answer appears in the context, so the exact SQL can be inferred from question + context.
 """
 
 from __future__ import annotations
@@ -37,11 +39,13 @@ FIRST = [
     "James", "Maria", "Robert", "Linda", "Michael", "Sarah", "David", "Emma", "Daniel", "Olivia",
     "Thomas", "Sofia", "Kevin", "Anna", "Brian", "Laura", "Jorge", "Mei", "Ahmed", "Fatima",
     "Lucas", "Chloe", "Ivan", "Nina", "Paul", "Grace", "Omar", "Elena", "Victor", "Hannah",
+    "Jean-Luc", "Mary-Kate", "Zoë", "José",
 ]
 LAST = [
     "Smith", "Garcia", "Johnson", "Chen", "Brown", "Miller", "Davis", "Lopez", "Wilson", "Anderson",
     "Taylor", "Moore", "Martin", "Lee", "Walker", "Hall", "Young", "King", "Wright", "Scott",
     "Green", "Baker", "Adams", "Nelson", "Carter", "Mitchell", "Perez", "Turner", "Parker", "Evans",
+    "O'Brien", "D'Souza", "Smith-Jones", "van Dijk",
 ]
 CITIES = [
     "Boston", "Chicago", "Denver", "Seattle", "Austin", "Miami", "Portland", "Atlanta", "Dallas",
@@ -130,7 +134,7 @@ class Column:
             return STRING_KINDS[self.kind](rng)
         lo, hi = self.kind
         if self.sql_type == "REAL":
-            return f"{rng.uniform(lo, hi):.1f}"
+            return f"{rng.uniform(lo, hi):.{rng.choice((1, 1, 2))}f}"
         v = rng.randint(lo, hi)
         if not self.is_year and hi - lo >= 1000:  # round big numbers like a person would
             step = 10 ** (len(str(v)) - 2)
@@ -351,21 +355,53 @@ def pluralize(phrase: str) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
-# Question phrasing
+# Question phrasing: every choice of words has a train set and a held-out set; the eval
+# split asks only in held-out phrasings, so it measures the task, not the wording.
 # ---------------------------------------------------------------------------------------------
 
+
+@dataclass(frozen=True)
+class Words:
+    train: tuple[str, ...]
+    held_out: tuple[str, ...]
+
+
 OP_WORDS = {
-    ">": ("greater than", "more than", "above", "larger than", "over"),
-    "<": ("less than", "below", "smaller than", "under"),
-    "=": ("",),
+    ">": Words(("greater than", "more than", "above", "larger than", "over"), ("exceeding", "higher than")),
+    "<": Words(("less than", "below", "smaller than", "under"), ("lower than", "beneath")),
+    ">=": Words(("at least", "no less than"), ("not less than", "a minimum of")),
+    "<=": Words(("at most", "no more than"), ("not more than", "a maximum of")),
+    "!=": Words(("other than", "not equal to"), ("different from", "anything but")),
+    "=": Words(("",), ("equal to",)),
 }
 AGG_WORDS = {
-    "MAX": ("maximum", "highest", "largest"),
-    "MIN": ("minimum", "lowest", "smallest"),
-    "AVG": ("average", "mean"),
-    "SUM": ("total",),
+    "MAX": Words(("maximum", "highest"), ("largest", "biggest")),
+    "MIN": Words(("minimum", "lowest"), ("smallest", "least")),
+    "AVG": Words(("average",), ("mean",)),
+    "SUM": Words(("total",), ("combined", "overall")),
 }
-SUPERLATIVE = {"DESC": ("largest", "highest", "greatest"), "ASC": ("smallest", "lowest")}
+SUPERLATIVE = {
+    "DESC": Words(("largest", "highest"), ("greatest", "biggest")),
+    "ASC": Words(("smallest", "lowest"), ("least", "fewest")),
+}
+
+
+class Asker:
+    """Picks phrasings for one split and remembers which (for the tests): train rows use
+    only the train wording of each choice, eval rows only the held-out one."""
+
+    def __init__(self, rng: random.Random, held_out: bool) -> None:
+        self.rng, self.held_out = rng, held_out
+        self.used: list[tuple[str, bool, int]] = []
+
+    def words(self, key: str, w: Words) -> str:
+        options = w.held_out if self.held_out else w.train
+        i = self.rng.randrange(len(options))
+        self.used.append((key, self.held_out, i))
+        return options[i]
+
+    def ask(self, key: str, train: tuple[str, ...], held_out: tuple[str, ...]) -> str:
+        return self.words(key, Words(train, held_out))
 
 
 @dataclass(frozen=True)
@@ -373,22 +409,32 @@ class Cond:
     col: Column
     op: str
     value: str
+    high: str = ""  # BETWEEN value AND high
+
+    def literal(self, v: str) -> str:
+        return v if self.col.numeric else f'"{v}"'
 
     def sql(self, prefix: str = "") -> str:
-        v = self.value if self.col.numeric else f'"{self.value}"'
-        return f"{prefix}{self.col.name} {self.op} {v}"
+        if self.op == "BETWEEN":
+            return f"{prefix}{self.col.name} BETWEEN {self.value} AND {self.high}"
+        return f"{prefix}{self.col.name} {self.op} {self.literal(self.value)}"
 
-    def whose(self, rng: random.Random) -> str:
+    def _words(self, a: Asker) -> str:
+        if self.op == "BETWEEN":
+            low, high = self.value, self.high
+            return a.ask("between", (f"between {low} and {high}",), (f"from {low} to {high}",))
+        word = a.words(f"op{self.op}", OP_WORDS[self.op])
+        return f"{word} {self.value}".strip()
+
+    def whose(self, a: Asker) -> str:
         """'age is greater than 30' / 'position is Forward'."""
-        word = rng.choice(OP_WORDS[self.op])
         phrase = self.col.phrase
         verb = "are" if phrase.endswith("s") and not phrase.startswith("num ") else "is"
-        return f"{phrase} {verb} {word} {self.value}".replace("  ", " ")
+        return f"{phrase} {verb} {self._words(a)}"
 
-    def with_(self, rng: random.Random) -> str:
+    def with_(self, a: Asker) -> str:
         """'age greater than 30' / 'position Forward'."""
-        word = rng.choice(OP_WORDS[self.op])
-        return f"{self.col.phrase} {word} {self.value}".replace("  ", " ")
+        return f"{self.col.phrase} {self._words(a)}"
 
 
 class Skip(Exception):
@@ -415,10 +461,15 @@ def cond(rng: random.Random, t: Topic, exclude=(), numeric: bool | None = None) 
         numeric = rng.random() < 0.5
     if numeric:
         c = pick(rng, numbers(t), exclude)
-        op = rng.choice((">", ">", "<", "<", "="))
+        op = rng.choice((">", ">", "<", "<", "=", ">=", "<=", "BETWEEN"))
+        if op == "BETWEEN":
+            low, high = sorted((c.value(rng), c.value(rng)), key=float)
+            if low == high:
+                raise Skip
+            return Cond(c, op, low, high)
     else:
         c = pick(rng, strings(t), exclude)
-        op = "="
+        op = rng.choice(("=", "=", "=", "=", "!="))
     return Cond(c, op, c.value(rng))
 
 
@@ -442,242 +493,353 @@ def create_table(t: Topic, used: list[Column], rng: random.Random, extra_cols: l
 # Each pattern returns (question, answer, used columns) for one topic.
 
 
-def p_count_all(rng, t):
-    q = rng.choice(
+def p_count_all(rng, t, a):
+    q = a.ask(
+        "count_all",
         (
             f"How many {t.plural} are there?",
             f"Count the number of {t.plural}.",
             f"What is the total number of {t.plural}?",
             f"Find the number of {t.plural}.",
-        )
+        ),
+        (f"How many {t.plural} do we have in total?", f"Give me the count of all {t.plural}."),
     )
     return q, f"SELECT COUNT(*) FROM {t.table}", []
 
 
-def p_count_where(rng, t):
+def p_count_where(rng, t, a):
     c = cond(rng, t)
-    if c.col.name == "age" and c.op != "=" and rng.random() < 0.5:
-        word = "older than" if c.op == ">" else "younger than"
+    if c.col.name == "age" and c.op in ("<", ">") and rng.random() < 0.5:
+        older = c.op == ">"
+        word = a.ask(
+            "older", ("older than" if older else "younger than",), ("aged over" if older else "aged under",)
+        )
         q = f"How many {t.plural} are {word} {c.value}?"
     else:
-        q = rng.choice(
+        q = a.ask(
+            "count_where",
             (
-                f"How many {t.plural} have {c.with_(rng)}?",
-                f"Count the number of {t.plural} whose {c.whose(rng)}.",
-                f"What is the total number of {t.plural} whose {c.whose(rng)}?",
-                f"Find the number of {t.plural} with {c.with_(rng)}.",
-            )
+                f"How many {t.plural} have {c.with_(a)}?",
+                f"Count the number of {t.plural} whose {c.whose(a)}.",
+                f"What is the total number of {t.plural} whose {c.whose(a)}?",
+                f"Find the number of {t.plural} with {c.with_(a)}.",
+            ),
+            (
+                f"How many of the {t.plural} have a {c.with_(a)}?",
+                f"Tell me how many {t.plural} have {c.with_(a)}.",
+                f"What's the number of {t.plural} where the {c.whose(a)}?",
+            ),
         )
     return q, f"SELECT COUNT(*) FROM {t.table} WHERE {c.sql()}", [c.col]
 
 
-def p_select_where(rng, t):
+def p_select_where(rng, t, a):
     c = cond(rng, t)
     x = target(rng, t, exclude=(c.col.name,))
-    q = rng.choice(
+    q = a.ask(
+        "select_where",
         (
-            f"List the {x.plural} of {t.plural} whose {c.whose(rng)}.",
-            f"What are the {x.plural} of the {t.plural} with {c.with_(rng)}?",
-            f"Show the {x.plural} of all {t.plural} whose {c.whose(rng)}.",
-            f"Find the {x.plural} of {t.plural} with {c.with_(rng)}.",
-        )
+            f"List the {x.plural} of {t.plural} whose {c.whose(a)}.",
+            f"What are the {x.plural} of the {t.plural} with {c.with_(a)}?",
+            f"Show the {x.plural} of all {t.plural} whose {c.whose(a)}.",
+            f"Find the {x.plural} of {t.plural} with {c.with_(a)}.",
+        ),
+        (
+            f"Which {x.plural} belong to {t.plural} whose {c.whose(a)}?",
+            f"Give me the {x.plural} of every {t.singular} with {c.with_(a)}.",
+            f"I need the {x.plural} of the {t.plural} where the {c.whose(a)}.",
+        ),
     )
     return q, f"SELECT {x.name} FROM {t.table} WHERE {c.sql()}", [x, c.col]
 
 
-def p_select_by_label(rng, t):
+def p_select_by_label(rng, t, a):
     x = pick(rng, t.columns, exclude=(t.label,))
     v = t.label_col.value(rng)
-    q = rng.choice(
+    q = a.ask(
+        "select_by_label",
         (
             f"What is the {x.phrase} of the {t.singular} {t.named} {v}?",
             f"Find the {x.phrase} of the {t.singular} {t.named} {v}.",
             f"Give the {x.phrase} of the {t.singular} {t.named} {v}.",
-        )
+        ),
+        (
+            f"Tell me the {x.phrase} of the {t.singular} {t.named} {v}.",
+            f"For the {t.singular} {t.named} {v}, what is the {x.phrase}?",
+        ),
     )
     return q, f'SELECT {x.name} FROM {t.table} WHERE {t.label} = "{v}"', [x, t.label_col]
 
 
-def p_max_min(rng, t):
+def p_max_min(rng, t, a):
     c = pick(rng, numbers(t))
-    q = rng.choice(
+    q = a.ask(
+        "max_min",
         (
             f"What are the maximum and minimum {c.phrase} of all {t.plural}?",
             f"Show the maximum and minimum {c.phrase} across all {t.plural}.",
             f"Find the largest and smallest {c.phrase} among {t.plural}.",
+        ),
+        (
             f"What is the highest and lowest {c.phrase} of {t.plural}?",
-        )
+            f"Give the top and bottom {c.phrase} over all {t.plural}.",
+        ),
     )
     return q, f"SELECT MAX({c.name}), MIN({c.name}) FROM {t.table}", [c]
 
 
-def agg_col(rng, t):
+def agg_col(rng, t, a):
     agg = rng.choice(("MAX", "MIN", "AVG", "AVG", "SUM"))
     c = pick(rng, numbers(t, years=agg in ("MAX", "MIN")))
-    return agg, rng.choice(AGG_WORDS[agg]), c
+    return agg, a.words(f"agg{agg}", AGG_WORDS[agg]), c
 
 
-def p_agg(rng, t):
-    agg, word, c = agg_col(rng, t)
-    q = rng.choice(
+def p_agg(rng, t, a):
+    agg, word, c = agg_col(rng, t, a)
+    q = a.ask(
+        "agg",
         (
             f"What is the {word} {c.phrase} of all {t.plural}?",
             f"Find the {word} {c.phrase} among {t.plural}.",
             f"Show the {word} {c.phrase} of the {t.plural}.",
-        )
+        ),
+        (
+            f"Compute the {word} {c.phrase} over every {t.singular}.",
+            f"What's the {word} {c.phrase} for {t.plural}?",
+        ),
     )
     return q, f"SELECT {agg}({c.name}) FROM {t.table}", [c]
 
 
-def p_agg_where(rng, t):
-    agg, word, c = agg_col(rng, t)
+def p_agg_where(rng, t, a):
+    agg, word, c = agg_col(rng, t, a)
     w = cond(rng, t, exclude=(c.name,), numeric=False)
-    q = rng.choice(
+    q = a.ask(
+        "agg_where",
         (
-            f"What is the {word} {c.phrase} of {t.plural} whose {w.whose(rng)}?",
-            f"Find the {word} {c.phrase} of {t.plural} with {w.with_(rng)}.",
-            f"Show the {word} {c.phrase} for {t.plural} with {w.with_(rng)}.",
-        )
+            f"What is the {word} {c.phrase} of {t.plural} whose {w.whose(a)}?",
+            f"Find the {word} {c.phrase} of {t.plural} with {w.with_(a)}.",
+            f"Show the {word} {c.phrase} for {t.plural} with {w.with_(a)}.",
+        ),
+        (
+            f"Among {t.plural} whose {w.whose(a)}, what is the {word} {c.phrase}?",
+            f"Compute the {word} {c.phrase} of the {t.plural} where the {w.whose(a)}.",
+        ),
     )
     return q, f"SELECT {agg}({c.name}) FROM {t.table} WHERE {w.sql()}", [c, w.col]
 
 
-def p_argmax(rng, t):
+def p_argmax(rng, t, a):
     c = pick(rng, numbers(t))
     order = rng.choice(("DESC", "ASC"))
     x = target(rng, t, exclude=(c.name,))
     if c.name == "age" and x is t.label_col and rng.random() < 0.4:
-        word = "oldest" if order == "DESC" else "youngest"
+        old = order == "DESC"
+        word = a.ask("oldest", ("oldest" if old else "youngest",), ("most senior" if old else "most junior",))
         q = f"What is the {x.phrase} of the {word} {t.singular}?"
     elif x is t.label_col and rng.random() < 0.4:
-        q = f"Which {t.singular} has the {rng.choice(SUPERLATIVE[order])} {c.phrase}?"
+        sup = a.words(f"sup{order}", SUPERLATIVE[order])
+        q = a.ask(
+            "argmax_which",
+            (f"Which {t.singular} has the {sup} {c.phrase}?",),
+            (f"Name the {t.singular} with the {sup} {c.phrase}.",),
+        )
     else:
-        sup = rng.choice(SUPERLATIVE[order])
-        q = rng.choice(
+        sup = a.words(f"sup{order}", SUPERLATIVE[order])
+        q = a.ask(
+            "argmax",
             (
                 f"What is the {x.phrase} of the {t.singular} with the {sup} {c.phrase}?",
                 f"Find the {x.phrase} of the {t.singular} that has the {sup} {c.phrase}.",
                 f"Return the {x.phrase} of the {t.singular} with the {sup} {c.phrase}.",
-            )
+            ),
+            (
+                f"Tell me the {x.phrase} of whichever {t.singular} has the {sup} {c.phrase}.",
+                f"For the {t.singular} with the {sup} {c.phrase}, give its {x.phrase}.",
+            ),
         )
     by = f"{c.name} DESC" if order == "DESC" else c.name  # ascending is written without ASC
     return q, f"SELECT {x.name} FROM {t.table} ORDER BY {by} LIMIT 1", [x, c]
 
 
-def p_order(rng, t):
+def p_order(rng, t, a):
     c = pick(rng, numbers(t))
     x = target(rng, t, exclude=(c.name,))
     if rng.random() < 0.5:
-        q = rng.choice(
+        q = a.ask(
+            "order_asc",
             (
                 f"List the {x.plural} of all {t.plural} in ascending order of {c.phrase}.",
                 f"Show the {x.plural} of {t.plural} sorted by {c.phrase} from lowest to highest.",
-            )
+            ),
+            (f"Give the {x.plural} of the {t.plural}, ordered by increasing {c.phrase}.",),
         )
         return q, f"SELECT {x.name} FROM {t.table} ORDER BY {c.name}", [x, c]
-    q = rng.choice(
+    q = a.ask(
+        "order_desc",
         (
             f"List the {x.plural} of all {t.plural} in descending order of {c.phrase}.",
             f"Show the {x.plural} of {t.plural} sorted by {c.phrase} from highest to lowest.",
-        )
+        ),
+        (f"Give the {x.plural} of the {t.plural}, ordered by decreasing {c.phrase}.",),
     )
     return q, f"SELECT {x.name} FROM {t.table} ORDER BY {c.name} DESC", [x, c]
 
 
-def p_top_n(rng, t):
+def p_top_n(rng, t, a):
     c = pick(rng, numbers(t))
     n = rng.randint(2, 5)
     x = target(rng, t, exclude=(c.name,))
-    q = rng.choice(
+    if rng.random() < 0.35:
+        q = a.ask(
+            "bottom_n",
+            (
+                f"List the {x.plural} of the {n} {t.plural} with the lowest {c.phrase}.",
+                f"What are the {x.plural} of the bottom {n} {t.plural} by {c.phrase}?",
+            ),
+            (f"Show the {x.plural} of the {n} {t.plural} having the smallest {c.phrase}.",),
+        )
+        return q, f"SELECT {x.name} FROM {t.table} ORDER BY {c.name} LIMIT {n}", [x, c]
+    q = a.ask(
+        "top_n",
         (
             f"List the {x.plural} of the top {n} {t.plural} with the highest {c.phrase}.",
             f"What are the {x.plural} of the {n} {t.plural} with the largest {c.phrase}?",
-        )
+        ),
+        (f"Show the {x.plural} of the {n} {t.plural} ranked highest by {c.phrase}.",),
     )
     return q, f"SELECT {x.name} FROM {t.table} ORDER BY {c.name} DESC LIMIT {n}", [x, c]
 
 
-def p_distinct(rng, t):
+def p_distinct(rng, t, a):
     c = pick(rng, strings(t))
-    q = rng.choice(
+    q = a.ask(
+        "distinct",
         (
             f"What are the distinct {c.plural} of all {t.plural}?",
             f"List all the different {c.plural} of {t.plural}.",
             f"Show all distinct {c.plural} among {t.plural}.",
-            f"Find the unique {c.plural} of the {t.plural}.",
-        )
+        ),
+        (f"Find the unique {c.plural} of the {t.plural}.", f"Which {c.plural} occur among the {t.plural}?"),
     )
     return q, f"SELECT DISTINCT {c.name} FROM {t.table}", [c]
 
 
-def p_count_distinct(rng, t):
+def p_count_distinct(rng, t, a):
     c = pick(rng, strings(t))
-    q = rng.choice(
+    q = a.ask(
+        "count_distinct",
         (
             f"How many distinct {c.plural} are there among {t.plural}?",
             f"Count the number of different {c.plural} of {t.plural}.",
-        )
+        ),
+        (f"How many unique {c.plural} do the {t.plural} have?",),
     )
     return q, f"SELECT COUNT(DISTINCT {c.name}) FROM {t.table}", [c]
 
 
-def p_and(rng, t):
-    a = cond(rng, t, numeric=False)
-    b = cond(rng, t, exclude=(a.col.name,))
+def p_and(rng, t, a):
+    c1 = cond(rng, t, numeric=False)
+    c2 = cond(rng, t, exclude=(c1.col.name,))
     if rng.random() < 0.3:
-        q = f"How many {t.plural} have {a.with_(rng)} and {b.with_(rng)}?"
-        return q, f"SELECT COUNT(*) FROM {t.table} WHERE {a.sql()} AND {b.sql()}", [a.col, b.col]
-    x = target(rng, t, exclude=(a.col.name, b.col.name))
-    q = rng.choice(
-        (
-            f"List the {x.plural} of {t.plural} whose {a.whose(rng)} and whose {b.whose(rng)}.",
-            f"What are the {x.plural} of the {t.plural} with {a.with_(rng)} and {b.with_(rng)}?",
-            f"Find the {x.plural} of {t.plural} that have {a.with_(rng)} and {b.with_(rng)}.",
+        q = a.ask(
+            "and_count",
+            (f"How many {t.plural} have {c1.with_(a)} and {c2.with_(a)}?",),
+            (f"Count the {t.plural} with both {c1.with_(a)} and {c2.with_(a)}.",),
         )
+        return q, f"SELECT COUNT(*) FROM {t.table} WHERE {c1.sql()} AND {c2.sql()}", [c1.col, c2.col]
+    x = target(rng, t, exclude=(c1.col.name, c2.col.name))
+    q = a.ask(
+        "and",
+        (
+            f"List the {x.plural} of {t.plural} whose {c1.whose(a)} and whose {c2.whose(a)}.",
+            f"What are the {x.plural} of the {t.plural} with {c1.with_(a)} and {c2.with_(a)}?",
+            f"Find the {x.plural} of {t.plural} that have {c1.with_(a)} and {c2.with_(a)}.",
+        ),
+        (
+            f"Which {x.plural} belong to {t.plural} with {c1.with_(a)} as well as {c2.with_(a)}?",
+            f"Give me the {x.plural} of {t.plural} where the {c1.whose(a)} and the {c2.whose(a)}.",
+        ),
     )
-    return q, f"SELECT {x.name} FROM {t.table} WHERE {a.sql()} AND {b.sql()}", [x, a.col, b.col]
+    return q, f"SELECT {x.name} FROM {t.table} WHERE {c1.sql()} AND {c2.sql()}", [x, c1.col, c2.col]
 
 
-def p_group(rng, t):
+def p_or(rng, t, a):
+    """Two values of one string column."""
     c = pick(rng, strings(t))
-    if rng.random() < 0.3:
-        q = rng.choice(
+    v1, v2 = c.value(rng), c.value(rng)
+    if v1 == v2:
+        raise Skip
+    x = target(rng, t, exclude=(c.name,))
+    q = a.ask(
+        "or",
+        (
+            f"List the {x.plural} of {t.plural} whose {c.phrase} is {v1} or {v2}.",
+            f"What are the {x.plural} of the {t.plural} with {c.phrase} {v1} or {c.phrase} {v2}?",
+        ),
+        (f"Which {x.plural} belong to {t.plural} whose {c.phrase} is either {v1} or {v2}?",),
+    )
+    where = f'{c.name} = "{v1}" OR {c.name} = "{v2}"'
+    return q, f"SELECT {x.name} FROM {t.table} WHERE {where}", [x, c]
+
+
+def p_group(rng, t, a):
+    c = pick(rng, strings(t))
+    r = rng.random()
+    if r < 0.25:
+        q = a.ask(
+            "group_top",
             (
                 f"Which {c.phrase} has the most {t.plural}?",
                 f"What is the most common {c.phrase} among {t.plural}?",
-            )
+            ),
+            (f"Name the {c.phrase} shared by the largest number of {t.plural}.",),
         )
         return q, f"SELECT {c.name} FROM {t.table} GROUP BY {c.name} ORDER BY COUNT(*) DESC LIMIT 1", [c]
-    q = rng.choice(
+    if r < 0.45:
+        n = rng.randint(1, 9)
+        q = a.ask(
+            "having",
+            (
+                f"Which {c.plural} have more than {n} {t.plural}?",
+                f"List the {c.plural} with more than {n} {t.plural}.",
+            ),
+            (f"Find each {c.phrase} with over {n} {t.plural}.",),
+        )
+        return q, f"SELECT {c.name} FROM {t.table} GROUP BY {c.name} HAVING COUNT(*) > {n}", [c]
+    q = a.ask(
+        "group",
         (
             f"How many {t.plural} are there for each {c.phrase}?",
             f"Show each {c.phrase} and the number of {t.plural}.",
             f"For each {c.phrase}, count the number of {t.plural}.",
-        )
+        ),
+        (f"Break down the number of {t.plural} by {c.phrase}.",),
     )
     return q, f"SELECT {c.name}, COUNT(*) FROM {t.table} GROUP BY {c.name}", [c]
 
 
 PATTERNS = [  # (pattern, weight)
-    (p_count_all, 4),
+    (p_count_all, 3),
     (p_count_where, 11),
     (p_select_where, 14),
-    (p_select_by_label, 8),
-    (p_max_min, 5),
-    (p_agg, 7),
+    (p_select_by_label, 7),
+    (p_max_min, 4),
+    (p_agg, 6),
     (p_agg_where, 8),
-    (p_argmax, 9),
+    (p_argmax, 8),
     (p_order, 4),
-    (p_top_n, 3),
-    (p_distinct, 5),
+    (p_top_n, 4),
+    (p_distinct, 4),
     (p_count_distinct, 3),
     (p_and, 9),
-    (p_group, 6),
+    (p_or, 4),
+    (p_group, 7),
 ]
 JOIN_RATE = 0.2  # of the rows whose topic has a parent table (a few percent overall)
 
 
-def join_row(rng, child: Topic, parent: Topic):
+def join_row(rng, child: Topic, parent: Topic, a: Asker):
     key = Column(f"{parent.table}_id", "VARCHAR", "code")
     on = f"T1.{key.name} = T2.{key.name}"
     frm = f"FROM {child.table} AS T1 JOIN {parent.table} AS T2 ON {on}"
@@ -685,13 +847,14 @@ def join_row(rng, child: Topic, parent: Topic):
     kind = rng.choice(("names", "names", "count", "parent"))
     if kind == "parent":  # the parent's label for a child named by its label
         v = child.label_col.value(rng)
-        q = rng.choice(
+        p, c = parent, child
+        q = a.ask(
+            "join_parent",
             (
-                f"What is the {parent.label_col.phrase} of the {parent.singular} of the {child.singular} "
-                f"{child.named} {v}?",
-                f"Find the {parent.label_col.phrase} of the {parent.singular} for the {child.singular} "
-                f"{child.named} {v}.",
-            )
+                f"What is the {p.label_col.phrase} of the {p.singular} of the {c.singular} {c.named} {v}?",
+                f"Find the {p.label_col.phrase} of the {p.singular} for the {c.singular} {c.named} {v}.",
+            ),
+            (f"For the {c.singular} {c.named} {v}, give the {p.label_col.phrase} of its {p.singular}.",),
         )
         answer = f'SELECT T2.{parent.label} {frm} WHERE T1.{child.label} = "{v}"'
         child_used, parent_used = [child.label_col], [parent.label_col]
@@ -699,23 +862,30 @@ def join_row(rng, child: Topic, parent: Topic):
         c = cond(rng, parent, exclude=(parent.label,))
         where = f"WHERE {c.sql('T2.')}"
         if kind == "count":
-            q = rng.choice(
+            q = a.ask(
+                "join_count",
                 (
-                    f"How many {child.plural} {child.parent_via} {a_parent} whose {c.whose(rng)}?",
-                    f"Count the {child.plural} that {child.parent_via} {a_parent} with {c.with_(rng)}.",
-                )
+                    f"How many {child.plural} {child.parent_via} {a_parent} whose {c.whose(a)}?",
+                    f"Count the {child.plural} that {child.parent_via} {a_parent} with {c.with_(a)}.",
+                ),
+                (
+                    f"What is the number of {child.plural} that {child.parent_via} {a_parent} with {c.with_(a)}?",
+                ),
             )
             answer = f"SELECT COUNT(*) {frm} {where}"
             child_used = []
         else:
             x = child.label_col
-            q = rng.choice(
+            q = a.ask(
+                "join_names",
                 (
-                    f"List the {x.plural} of {child.plural} that {child.parent_via} {a_parent} "
-                    f"whose {c.whose(rng)}.",
+                    f"List the {x.plural} of {child.plural} that {child.parent_via} {a_parent} whose {c.whose(a)}.",
                     f"What are the {x.plural} of the {child.plural} that {child.parent_via} {a_parent} "
-                    f"with {c.with_(rng)}?",
-                )
+                    f"with {c.with_(a)}?",
+                ),
+                (
+                    f"Give the {x.plural} of all {child.plural} that {child.parent_via} {a_parent} with {c.with_(a)}.",
+                ),
             )
             answer = f"SELECT T1.{x.name} {frm} {where}"
             child_used = [x]
@@ -727,32 +897,47 @@ def join_row(rng, child: Topic, parent: Topic):
     return q, context, answer
 
 
-def make_row(rng: random.Random, topics: list[Topic]) -> tuple[str, str, str]:
+def make_row(rng: random.Random, topics: list[Topic], a: Asker) -> tuple[str, str, str]:
     by_table = {t.table: t for t in topics}
     while True:
         t = rng.choice(topics)
-        if t.parent and rng.random() < JOIN_RATE:
-            return join_row(rng, t, by_table[t.parent])
-        fn = rng.choices([p for p, _ in PATTERNS], weights=[w for _, w in PATTERNS])[0]
+        mark = len(a.used)
         try:
-            q, answer, used = fn(rng, t)
+            if t.parent and rng.random() < JOIN_RATE:
+                return join_row(rng, t, by_table[t.parent], a)
+            fn = rng.choices([p for p, _ in PATTERNS], weights=[w for _, w in PATTERNS])[0]
+            q, answer, used = fn(rng, t, a)
         except Skip:
+            del a.used[mark:]  # a skipped row's wording was never used
             continue
         # COUNT(*) over a whole table names no column; show one or two anyway
         return q, create_table(t, used or [t.label_col], rng), answer
 
 
-def make_split(rng: random.Random, topics: list[Topic], n: int, prefix: str, width: int) -> list[dict]:
-    rows, seen = [], set()
+def make_split(
+    rng: random.Random, topics: list[Topic], n: int, prefix: str, width: int, held_out: bool
+) -> tuple[list[dict], set]:
+    """n rows, and the phrasings they used ((choice, held out?, index) triples)."""
+    rows, seen, phrasings = [], set(), set()
     while len(rows) < n:
-        q, context, answer = make_row(rng, topics)
+        a = Asker(rng, held_out)
+        q, context, answer = make_row(rng, topics, a)
         if q in seen:
             continue
         seen.add(q)
+        phrasings.update(a.used)
         rows.append(
             {"id": f"{prefix}-{len(rows):0{width}d}", "question": q, "context": context, "answer": answer}
         )
-    return rows
+    return rows, phrasings
+
+
+def splits() -> dict[str, tuple[list[dict], set]]:
+    """train: train topics in train phrasings; eval: held-out topics in held-out phrasings."""
+    return {
+        "train": make_split(random.Random(SEED), TRAIN_TOPICS, TRAIN_ROWS, "t", 6, held_out=False),
+        "eval": make_split(random.Random(SEED + 1), EVAL_TOPICS, EVAL_ROWS, "e", 5, held_out=True),
+    }
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> None:
@@ -766,8 +951,8 @@ def write_dataset(out_dir: Path) -> None:
     """(Re)write train/train-0000{0,1}.jsonl and eval/eval.jsonl under out_dir."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    train = make_split(random.Random(SEED), TRAIN_TOPICS, TRAIN_ROWS, "t", 6)
-    evals = make_split(random.Random(SEED + 1), EVAL_TOPICS, EVAL_ROWS, "e", 5)
+    made = splits()
+    train, evals = made["train"][0], made["eval"][0]
     per_shard = -(-len(train) // TRAIN_SHARDS)
     for i in range(TRAIN_SHARDS):
         write_jsonl(out_dir / "train" / f"train-{i:05d}.jsonl", train[i * per_shard : (i + 1) * per_shard])

@@ -207,11 +207,43 @@ def finetune(cluster, core, custom, kubectl, model_dir: Path) -> None:
     say(
         f"  adapter: {adapter.get('uri')} (sha256 {str(adapter.get('sha256'))[:16]}…, {adapter.get('sizeBytes')} bytes)"
     )
-    say("  with it: adapter_config.json, tokenizer, metrics.json, loss_curve.png, README.md (model card)")
+    kept = keep_outputs(s3, "runs", "quickstart/adapter/", Path.cwd() / "runs" / "demo" / "quickstart")
+    say(
+        f"  copied out of the cluster to {kept}: the adapter, adapter_config.json, tokenizer, "
+        "metrics.json, loss_curve.png, README.md (model card)"
+    )
+    say(load_snippet(kept, model_dir))
     events = core.list_namespaced_event("default", field_selector="involvedObject.name=quickstart").items
     say("\n$ kubectl get events --field-selector involvedObject.name=quickstart")
     for e in sorted(events, key=lambda e: e.metadata.creation_timestamp):
         say(f"  {e.type:8} {e.reason:20} {e.message[:120]}")
+
+
+def keep_outputs(s3, bucket: str, prefix: str, dest: Path) -> Path:
+    """Copy what the job wrote under s3://bucket/prefix into dest, which outlives the
+    throwaway cluster (and its MinIO). Keys that would land outside dest are refused."""
+    dest = dest.resolve()
+    dest.mkdir(parents=True, exist_ok=True)
+    for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+        for obj in page.get("Contents", []):
+            target = (dest / obj["Key"][len(prefix) :]).resolve()
+            if not target.is_relative_to(dest):
+                raise ValueError(f"refusing {obj['Key']!r}: outside {dest}")
+            target.parent.mkdir(parents=True, exist_ok=True)
+            s3.download_file(bucket, obj["Key"], str(target))
+    return dest
+
+
+def load_snippet(adapter: Path, base: Path) -> str:
+    """Three lines that load the kept adapter on the local base and generate SQL."""
+    prompt = "### Input:\\nHow many heads are older than 56?\\n\\n### Context:\\nCREATE TABLE head (age INTEGER)\\n\\n### Response:\\n"
+    return (
+        "  load it and generate, in the project's virtualenv (hack/ensure-env.sh --path):\n"
+        "    from peft import PeftModel; from transformers import AutoModelForCausalLM, AutoTokenizer\n"
+        f'    tok, model = AutoTokenizer.from_pretrained("{adapter}"), PeftModel.from_pretrained('
+        f'AutoModelForCausalLM.from_pretrained("{base}"), "{adapter}")\n'
+        f'    print(tok.decode(model.generate(**tok("{prompt}", return_tensors="pt"), max_new_tokens=40)[0]))'
+    )
 
 
 class Watch:

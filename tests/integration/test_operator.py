@@ -94,6 +94,9 @@ PLACEMENT = {
     "falcon-7b-faq.yaml": lambda labels: (
         GKE_SPOT_LABEL not in labels and labels["nvidia.com/gpu.product"] == "NVIDIA-A100-SXM4-80GB"
     ),
+    "falcon-7b-alpaca-finance.yaml": lambda labels: (
+        labels.get(GKE_SPOT_LABEL) == "true" and labels["nvidia.com/gpu.product"] == "NVIDIA-A100-SXM4-80GB"
+    ),
     "phi2-toxic-spot-t4.yaml": lambda labels: (
         labels.get(GKE_SPOT_LABEL) == "true" and labels["nvidia.com/gpu.product"] == "Tesla-T4"
     ),

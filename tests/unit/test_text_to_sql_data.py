@@ -1,5 +1,5 @@
 """The synthetic text-to-SQL dataset in examples/data/text-to-sql/ is reproducible from its
-generator, well-formed, and its eval split uses held-out schemas."""
+generator, well-formed, and its eval split uses held-out schemas and held-out phrasings."""
 
 from __future__ import annotations
 
@@ -123,10 +123,40 @@ def test_answers_are_inferable_from_question_and_context(splits):
         for literal in re.findall(r'"([^"]*)"', answer):
             assert literal in row["question"], row
         where = answer.partition(" WHERE ")[2]
-        for number in re.findall(r"[<>=] (\d+(?:\.\d+)?)\b", where):
+        numbers = re.findall(r"[<>=] (\d+(?:\.\d+)?)\b", where)
+        numbers += [n for pair in re.findall(r"BETWEEN (\S+) AND (\S+)", where) for n in pair]
+        for number in numbers:
             assert re.search(rf"(?<![\d.]){re.escape(number)}(?!\.?\d)", row["question"]), row
     for split in splits.values():
         joins = sum(" JOIN " in row["answer"] for row in split)
         assert 0.01 <= joins / len(split) <= 0.1
     questions = [row["question"] for row in all_rows(splits)]
     assert len(questions) == len(set(questions))
+
+
+def test_eval_phrasings_are_held_out():
+    """Every choice of words (question template, comparison, aggregate and superlative
+    words) of an eval question comes from a held-out set that no train question uses, and
+    the eval split exercises most of them."""
+    made = load_generator().splits()
+    train_rows, train_used = made["train"]
+    eval_rows, eval_used = made["eval"]
+    assert train_used and eval_used
+    assert all(not held for _, held, _ in train_used)
+    assert all(held for _, held, _ in eval_used)
+    # same choices, disjoint wordings: the eval asks the same things differently
+    choices = {key for key, _, _ in train_used}
+    assert {key for key, _, _ in eval_used} <= choices
+    assert len({key for key, _, _ in eval_used}) >= 0.7 * len(choices)
+    # and no eval question could have been asked by the train wording
+    train_questions = {row["question"] for row in train_rows}
+    assert not train_questions & {row["question"] for row in eval_rows}
+
+
+def test_sql_shapes_cover_the_common_clauses(splits):
+    answers = [row["answer"] for row in all_rows(splits)]
+    for clause in (
+        " WHERE ", " AND ", " OR ", " BETWEEN ", " >= ", " <= ", " != ", " GROUP BY ", " HAVING ",
+        " ORDER BY ", " DESC", " LIMIT ", "COUNT(DISTINCT", " JOIN ", "AVG(", "SUM(", "MAX(", "MIN(",
+    ):  # fmt: skip
+        assert any(clause in a for a in answers), clause

@@ -98,6 +98,7 @@ def main(argv: list[str] | None = None) -> int:
                 trainer.workdir,
                 model_dir(cfg.model, trainer.cache),
                 trainer.final_weights,  # None unless the model is sharded
+                trainer.backend,
             )
         trainer.ckpts.close()
         trainer.close()

@@ -177,7 +177,10 @@ class Quantization(ApiModel):
     )
     double_quant: bool = Field(True, description="Quantize the quantization constants too.")
     compute_dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
-        "auto", description="auto: bfloat16 on Ampere+ and Intel GPUs, float16 on older GPUs, float32 on CPU."
+        "auto",
+        description="auto: bfloat16 on Ampere+ and Intel GPUs, float16 on older GPUs; on CPU bfloat16 where "
+        "the CPU has native bf16 matmuls (AMX, AVX-512 BF16) and a probe at start measures them faster, "
+        "float32 elsewhere.",
     )
 
 

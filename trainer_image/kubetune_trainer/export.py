@@ -41,6 +41,16 @@ def plot_loss_curve(history: list, eval_loss: float | None, path: Path) -> None:
     plt.close(fig)
 
 
+def loadable_base(cfg) -> str:
+    """What from_pretrained takes for the base: a Hub id or a local folder (never a URI)."""
+    if cfg.model.name:
+        return cfg.model.name
+    uri = cfg.model.uri
+    if uri.startswith("file://"):
+        return uri[len("file://") :]
+    return f"<a local copy of {uri}>"
+
+
 def model_card(cfg, metrics: dict) -> str:
     base = cfg.model.name or cfg.model.uri
     lines = [
@@ -54,7 +64,9 @@ def model_card(cfg, metrics: dict) -> str:
         "",
         f"Fine-tuned with kubetune ({cfg.method}, LoRA r={cfg.lora.r}, alpha={cfg.lora.alpha:g}, "
         f"targets {', '.join(cfg.lora.target_modules)}) on `{cfg.dataset.uri}` "
-        f"(template {cfg.dataset.template}, max {cfg.dataset.max_seq_length} tokens).",
+        f"(template {cfg.dataset.template}, max {cfg.dataset.max_seq_length} tokens"
+        + (f", compute dtype {metrics['compute_dtype']}" if metrics.get("compute_dtype") else "")
+        + ").",
         "",
         f"- optimizer steps: {metrics['steps']}, tokens trained on: {metrics['tokens']}",
         f"- final training loss: {metrics['final_loss']}",
@@ -64,26 +76,49 @@ def model_card(cfg, metrics: dict) -> str:
     em = metrics.get("exact_match")
     if em:
         before = (em.get("before") or {}).get("exact_match")
+        validation = cfg.dataset.validation
+        split = f"`{validation.uri}`" if validation and validation.uri else "a held-out fraction of the data"
+        trained_on = "the 4-bit base it was trained on" if cfg.method == "qlora" else "its base"
         lines.append(
-            f"- exact match on {em['after']['examples']} held-out examples: "
-            f"{'n/a' if before is None else f'{before:.2f}'} (base model) → {em['after']['exact_match']:.2f}"
+            f"- exact match on {em['after']['examples']} held-out examples ({split}): "
+            f"{'n/a' if before is None else f'{before:.2f}'} (base model) → {em['after']['exact_match']:.2f} "
+            f"(on {trained_on})"
         )
+        unq = em.get("after_unquantized_base")
+        if unq:
+            lines.append(f"- the same adapter on the {unq['base']} base: {unq['exact_match']:.2f}")
     lines += [
         "",
         "```python",
         "from peft import PeftModel",
         "from transformers import AutoModelForCausalLM",
-        f'model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained("{base}"), "<this folder>")',
+        f'base = AutoModelForCausalLM.from_pretrained("{loadable_base(cfg)}")',
+        'model = PeftModel.from_pretrained(base, "<this folder>")',
         "```",
-        "",
-        "![loss curve](loss_curve.png)",
-        "",
     ]
+    if cfg.method == "qlora":
+        lines += [
+            "",
+            "Trained on the base quantized to 4 bits "
+            f"({cfg.quantization.type}): it reproduces the training-time outputs on that base "
+            "(`BitsAndBytesConfig(load_in_4bit=True, "
+            f'bnb_4bit_quant_type="{cfg.quantization.type}")`) or on `merged/` when exported '
+            "(the dequantized 4-bit weights with the adapter folded in); on the unquantized base it "
+            "scores as stated above.",
+        ]
+    lines += ["", "![loss curve](loss_curve.png)", ""]
     return "\n".join(lines)
 
 
 def export(
-    cfg, model, tokenizer, result, workdir: Path, model_path: str, weights: dict | None = None
+    cfg,
+    model,
+    tokenizer,
+    result,
+    workdir: Path,
+    model_path: str,
+    weights: dict | None = None,
+    backend: str = "cpu",
 ) -> dict:
     """Write everything locally, upload it, return status.adapter {uri, sha256, sizeBytes}.
     `weights`: the LoRA weights gathered whole when the model is sharded (fsdp)."""
@@ -100,13 +135,14 @@ def export(
         "eval_loss": result.metrics.get("eval_loss"),
         "exact_match": result.metrics.get("exact_match"),
         "train_seconds_this_attempt": result.metrics.get("train_seconds"),
+        "compute_dtype": result.metrics.get("compute_dtype"),
         "history": history,
     }
     (out / "metrics.json").write_text(json.dumps(metrics))
     plot_loss_curve(history, metrics["eval_loss"], out / "loss_curve.png")
     (out / "README.md").write_text(model_card(cfg, metrics))
     if cfg.output.merged_model:
-        _merge(cfg, out, model_path)
+        _merge(cfg, out, model_path, metrics["compute_dtype"] or "float32", backend)
     store = open_store(cfg.output.uri)
     files = sorted(p for p in out.rglob("*") if p.is_file())
     # the adapter weights last: their presence means the upload is complete
@@ -123,20 +159,33 @@ def export(
     return info
 
 
-def _merge(cfg, out: Path, model_path: str) -> None:
-    """The base model in its compute dtype (not quantized) with the adapter folded in."""
+def merged_model(cfg, adapter_dir: Path, model_path: str, dtype_name: str, backend: str = "cpu"):
+    """The base with the adapter folded in, reproducing what training saw. For qlora that
+    is the 4-bit base dequantized (QLoRA's merge), not the original weights: the adapter
+    learned to correct the quantized ones, and on the original weights it scores lower."""
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    dtype = (
-        torch.float32
-        if cfg.quantization.compute_dtype in ("auto", "float32")
-        else getattr(torch, cfg.quantization.compute_dtype)
-    )
-    base = AutoModelForCausalLM.from_pretrained(
-        model_path, dtype=dtype, revision=cfg.model.revision, trust_remote_code=cfg.model.trust_remote_code
-    )
-    merged = PeftModel.from_pretrained(base, str(out)).merge_and_unload()
+    from kubetune_trainer.model import device_for, quantization_config
+
+    dtype = getattr(torch, dtype_name)
+    common = {"revision": cfg.model.revision, "trust_remote_code": cfg.model.trust_remote_code}
+    if cfg.method == "qlora":
+        base = AutoModelForCausalLM.from_pretrained(
+            model_path,
+            quantization_config=quantization_config(cfg, dtype, backend),
+            dtype=dtype,
+            device_map={"": device_for(backend)},
+            **common,
+        )
+        base = base.dequantize(dtype=dtype)
+    else:
+        base = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype, **common)
+    return PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
+
+
+def _merge(cfg, out: Path, model_path: str, dtype_name: str, backend: str) -> None:
+    merged = merged_model(cfg, out, model_path, dtype_name, backend)
     merged.save_pretrained(str(out / "merged"), safe_serialization=True)
-    log.info("merged model written to %s", out / "merged")
+    log.info("merged model (%s) written to %s", dtype_name, out / "merged")

@@ -5,13 +5,17 @@ Backends:
   cuda-bnb  NVIDIA GPUs, bitsandbytes 4-bit
   xpu-bnb   Intel GPUs through stock PyTorch XPU, bitsandbytes 4-bit (>= 0.48)
   ipex-llm  the seed notebooks' Intel stack (bigdl-llm / ipex-llm + IPEX), own image
-  cpu       bitsandbytes NF4 on CPU, float32 compute (bf16 is ~25x slower without AMX)"""
+  cpu       bitsandbytes NF4 on CPU; float32 compute, or bfloat16 where the CPU has native
+            bf16 matmuls (AMX / AVX-512 BF16) and a probe shows them faster (without
+            them bf16 is ~25x slower)"""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
+import time
 from pathlib import Path
 
 from kubetune_trainer.storage import open_store
@@ -45,15 +49,66 @@ def device_for(backend: str, local_rank: int = 0) -> str:
     }.get(backend, "cpu")
 
 
-def compute_dtype_name(choice: str, backend: str, cuda_capability: tuple[int, int] | None = None) -> str:
-    """auto: bfloat16 on Ampere+ and Intel GPUs, float16 on older NVIDIA GPUs, float32 on CPU."""
+def compute_dtype_name(
+    choice: str,
+    backend: str,
+    cuda_capability: tuple[int, int] | None = None,
+    cpu_bf16_faster: bool = False,
+) -> str:
+    """auto: bfloat16 on Ampere+ and Intel GPUs, float16 on older NVIDIA GPUs; on CPU
+    bfloat16 only where it was measured faster (cpu_bf16_faster), float32 elsewhere."""
     if choice != "auto":
         return choice
     if backend == "cpu":
-        return "float32"
+        return "bfloat16" if cpu_bf16_faster else "float32"
     if backend == "cuda-bnb" and cuda_capability is not None and cuda_capability < (8, 0):
         return "float16"
     return "bfloat16"
+
+
+CPU_BF16_FLAGS = ("amx_bf16", "avx512_bf16")
+# bf16 must win by this much to be chosen: a resumed run re-probes, and a margin this
+# wide keeps its choice the same as the first attempt's on a busy machine (AMX: ~3.5x)
+CPU_BF16_MIN_SPEEDUP = 1.5
+
+
+def cpu_has_bf16(cpuinfo: str) -> bool:
+    """Native bf16 matmul instructions in /proc/cpuinfo's flags (x86: AMX or AVX-512 BF16)."""
+    flags = set()
+    for line in cpuinfo.splitlines():
+        if line.startswith("flags"):
+            flags.update(line.split(":", 1)[1].split())
+    return any(f in flags for f in CPU_BF16_FLAGS)
+
+
+def probe_cpu_bf16_speedup(rounds: int = 3) -> float:
+    """fp32 time ÷ bf16 time of a transformer-sized matmul (576 x 1536, 1024 tokens),
+    best of `rounds` interleaved runs each, about 0.1 s in all."""
+    import torch
+
+    a32, b32 = torch.randn(1024, 576), torch.randn(576, 1536)
+    a16, b16 = a32.bfloat16(), b32.bfloat16()
+    best = {torch.float32: float("inf"), torch.bfloat16: float("inf")}
+    for _ in range(rounds):
+        for dt, (a, b) in ((torch.float32, (a32, b32)), (torch.bfloat16, (a16, b16))):
+            torch.matmul(a, b)  # warm the kernel
+            t0 = time.perf_counter()
+            for _ in range(5):
+                torch.matmul(a, b)
+            best[dt] = min(best[dt], time.perf_counter() - t0)
+    return best[torch.float32] / best[torch.bfloat16]
+
+
+def cpu_bf16_faster(cpuinfo_path: str = "/proc/cpuinfo") -> bool:
+    try:
+        cpuinfo = Path(cpuinfo_path).read_text()
+    except OSError:
+        return False
+    if not cpu_has_bf16(cpuinfo):
+        return False
+    speedup = probe_cpu_bf16_speedup()
+    log.info("CPU has native bf16: bf16 matmul %.2fx the speed of fp32", speedup)
+    return speedup >= CPU_BF16_MIN_SPEEDUP
 
 
 def lora_targets(target_modules: list[str]):
@@ -92,31 +147,109 @@ def load_tokenizer(path: str, model_cfg):
     return tok
 
 
-def load_model(cfg, backend: str, path: str, local_rank: int = 0):
-    """The base model, quantized for qlora, with fresh LoRA adapters on top."""
+def resolve_compute_dtype(cfg, backend: str, local_rank: int = 0, agree=None):
+    """The torch dtype of computeDtype on this device. `agree(bool) -> bool` makes the
+    ranks of a distributed run take the same CPU choice (bf16 only if every rank chose it)."""
     import torch
 
-    device = device_for(backend, local_rank)
+    choice = cfg.quantization.compute_dtype
     capability = torch.cuda.get_device_capability(local_rank) if backend == "cuda-bnb" else None
-    dtype = getattr(torch, compute_dtype_name(cfg.quantization.compute_dtype, backend, capability))
+    bf16 = False
+    if choice == "auto" and backend == "cpu":
+        bf16 = cpu_bf16_faster()
+        if agree is not None:
+            bf16 = agree(bf16)
+    return getattr(torch, compute_dtype_name(choice, backend, capability, bf16))
+
+
+def quantization_config(cfg, dtype, backend: str):
+    """The 4-bit BitsAndBytesConfig of method qlora (also what a merged export dequantizes)."""
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=cfg.quantization.type,
+        bnb_4bit_use_double_quant=cfg.quantization.double_quant,
+        bnb_4bit_compute_dtype=dtype,
+        bnb_4bit_quant_storage=dtype if backend != "cpu" else torch.uint8,
+    )
+
+
+def keep_4bit_layers_differentiable(model) -> int:
+    """bitsandbytes (0.49+) on CPUs with AVX512-BF16 repacks a 4-bit layer's weights the
+    first time it runs in eval mode without gradients (generation, evaluation), for a
+    bf16 inference kernel, and from then on runs that kernel in train mode too: it has no
+    backward, so after the first evaluation the gradient stops at every frozen 4-bit
+    layer, and the layer computes in bf16 whatever the compute dtype. Training quality
+    then depended on the CPU (and a resumed run, which skips the first evaluation,
+    trained differently from an uninterrupted one). Off: every pass computes the same way.
+    Returns the number of layers changed."""
+    changed = 0
+    for module in model.modules():
+        if getattr(module, "support_avx512bf16_for_cpu", False):
+            module.support_avx512bf16_for_cpu = False
+            changed += 1
+    return changed
+
+
+@contextlib.contextmanager
+def dense_4bit_layers(model):
+    """Decoding on CPU: bitsandbytes dequantizes every 4-bit weight on every forward pass
+    (its fast AVX512-BF16 kernel stays off, see keep_4bit_layers_differentiable), and a
+    decoding loop makes one pass per token. For the duration, each 4-bit layer is replaced
+    by its weights dequantized once, computed the same way (input cast to the compute
+    dtype, output cast back): the same results, several times faster."""
+    import bitsandbytes as bnb
+    import torch
+
+    class DequantizedLinear(torch.nn.Module):
+        def __init__(self, layer) -> None:
+            super().__init__()
+            dtype = layer.compute_dtype or torch.float32
+            weight = bnb.functional.dequantize_4bit(layer.weight.data, layer.weight.quant_state)
+            self.weight = torch.nn.Parameter(weight.to(dtype), requires_grad=False)
+            self.bias = layer.bias
+
+        def forward(self, x):
+            bias = None if self.bias is None else self.bias.to(self.weight.dtype)
+            return torch.nn.functional.linear(x.to(self.weight.dtype), self.weight, bias).to(x.dtype)
+
+    swapped = []
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, bnb.nn.Linear4bit):
+                setattr(parent, name, DequantizedLinear(child))
+                swapped.append((parent, name, child))
+    try:
+        yield model
+    finally:
+        for parent, name, child in swapped:
+            setattr(parent, name, child)
+
+
+def load_model(cfg, backend: str, path: str, local_rank: int = 0, dtype=None):
+    """The base model, quantized for qlora, with fresh LoRA adapters on top."""
+
+    device = device_for(backend, local_rank)
+    if dtype is None:
+        dtype = resolve_compute_dtype(cfg, backend, local_rank)
     common = {"revision": cfg.model.revision, "trust_remote_code": cfg.model.trust_remote_code}
     if backend == "ipex-llm":
         return _load_ipex_llm(cfg, path, dtype, device, common)
 
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+    from transformers import AutoModelForCausalLM
 
     if cfg.method == "qlora":
-        quant = BitsAndBytesConfig(
-            load_in_4bit=True,
-            bnb_4bit_quant_type=cfg.quantization.type,
-            bnb_4bit_use_double_quant=cfg.quantization.double_quant,
-            bnb_4bit_compute_dtype=dtype,
-            bnb_4bit_quant_storage=dtype if backend != "cpu" else torch.uint8,
-        )
         model = AutoModelForCausalLM.from_pretrained(
-            path, quantization_config=quant, dtype=dtype, device_map={"": device}, **common
+            path,
+            quantization_config=quantization_config(cfg, dtype, backend),
+            dtype=dtype,
+            device_map={"": device},
+            **common,
         )
+        keep_4bit_layers_differentiable(model)
         # casts norms to fp32 for stability; gradient checkpointing only when asked for
         model = prepare_model_for_kbit_training(
             model, use_gradient_checkpointing=cfg.training.gradient_checkpointing

@@ -191,7 +191,13 @@ class Trainer:
     def setup(self) -> None:
         import torch
 
-        from kubetune_trainer.model import load_model, load_tokenizer, model_dir, pick_backend
+        from kubetune_trainer.model import (
+            load_model,
+            load_tokenizer,
+            model_dir,
+            pick_backend,
+            resolve_compute_dtype,
+        )
 
         cfg = self.cfg
         self.backend = pick_backend(self.environ)
@@ -200,18 +206,28 @@ class Trainer:
             self._init_process_group(torch)
         # the data first: a wrong prefix fails in a second, not after loading a 7B model
         list_shards(open_store(cfg.dataset.uri))
-        path = model_dir(cfg.model, self.cache)
+        self.model_path = path = model_dir(cfg.model, self.cache)
         self.tokenizer = load_tokenizer(path, cfg.model)
         seed_everything(cfg.training.seed)  # LoRA init is drawn from it
         t0 = time.monotonic()
-        self.model = load_model(cfg, self.backend, path, self.dist.local_rank)
+        agree = None
+        if self.dist.world > 1:  # (only asked on CPU, where the group is gloo's)
+
+            def agree(flag: bool) -> bool:
+                t = torch.tensor([int(flag)])
+                torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MIN)
+                return bool(t.item())
+
+        self.compute_dtype = resolve_compute_dtype(cfg, self.backend, self.dist.local_rank, agree)
+        self.model = load_model(cfg, self.backend, path, self.dist.local_rank, self.compute_dtype)
         self.device = next(p.device for p in self.model.parameters() if p.requires_grad)
         trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
         log.info(
-            "model %s loaded on %s (backend %s) in %.1f s; %.2fM trainable LoRA parameters",
+            "model %s loaded on %s (backend %s, compute dtype %s) in %.1f s; %.2fM trainable LoRA parameters",
             cfg.model.name or cfg.model.uri,
             self.device,
             self.backend,
+            str(self.compute_dtype).removeprefix("torch."),
             time.monotonic() - t0,
             trainable / 1e6,
         )
@@ -300,11 +316,54 @@ class Trainer:
 
     def exact_match(self, records, label: str) -> dict | None:
         from kubetune_trainer.evaluate import exact_match
+        from kubetune_trainer.model import dense_4bit_layers
 
         n = self.cfg.dataset.validation.generate if self.cfg.dataset.validation else 0
         if not n or not records:
             return None
-        return exact_match(self.model, self.tokenizer, records[:n], self.cfg.dataset, label)
+        dense = self.backend == "cpu" and self.cfg.method == "qlora" and not self.sharded
+        with dense_4bit_layers(self.model) if dense else contextlib.nullcontext():
+            return exact_match(self.model, self.tokenizer, records[:n], self.cfg.dataset, label)
+
+    def exact_match_unquantized(self, records) -> dict | None:
+        """The adapter on the base model as users usually serve it: not quantized, in the
+        compute dtype (PeftModel.from_pretrained on the plain base). A QLoRA adapter learned
+        on the 4-bit weights; this says what that costs. None where it does not apply."""
+        if self.cfg.method != "qlora" or self.backend == "ipex-llm" or self.sharded or not self.dist.main:
+            return None
+        import copy
+        import gc
+
+        import torch
+        from peft import get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+        from transformers import AutoModelForCausalLM
+
+        from kubetune_trainer.evaluate import exact_match
+
+        n = self.cfg.dataset.validation.generate if self.cfg.dataset.validation else 0
+        if not n or not records:
+            return None
+        try:
+            base = AutoModelForCausalLM.from_pretrained(
+                self.model_path,
+                dtype=self.compute_dtype,
+                device_map={"": self.device},
+                revision=self.cfg.model.revision,
+                trust_remote_code=self.cfg.model.trust_remote_code,
+            )
+            served = get_peft_model(base, copy.deepcopy(self.model.peft_config["default"]))
+            set_peft_model_state_dict(served, get_peft_model_state_dict(self.model))
+            result = exact_match(
+                served, self.tokenizer, records[:n], self.cfg.dataset, "after (unquantized base)"
+            )
+        except torch.OutOfMemoryError:
+            log.warning("no room for the unquantized base next to the 4-bit one: not evaluated on it")
+            return None
+        finally:
+            served = base = None
+            gc.collect()
+        result["base"] = f"unquantized, {str(self.compute_dtype).removeprefix('torch.')}"
+        return result
 
     # -- checkpoints ---------------------------------------------------------------------
     def trainable_state(self) -> dict | None:
@@ -497,10 +556,19 @@ class Trainer:
         eval_loss = self._evaluate(eval_set, pad_id, step) if eval_set else None
         after = self.exact_match(held_out, "after")
         result = Result(
-            step=step, metrics={"eval_loss": eval_loss, "history": history, "train_seconds": train_seconds}
+            step=step,
+            metrics={
+                "eval_loss": eval_loss,
+                "history": history,
+                "train_seconds": train_seconds,
+                "compute_dtype": str(self.compute_dtype).removeprefix("torch."),
+            },
         )
         if after is not None:
             result.metrics["exact_match"] = {"before": self.exact_match_before, "after": after}
+            unquantized = self.exact_match_unquantized(held_out)
+            if unquantized is not None:
+                result.metrics["exact_match"]["after_unquantized_base"] = unquantized
         if self.shares_rank0_work:
             # a final checkpoint too: a retry after a failed export does not retrain
             if last_ckpt is None or last_ckpt["step"] != step:
