@@ -9,10 +9,9 @@ script twice writes byte-identical files:
     python examples/data/make_text_to_sql.py [OUT_DIR]
 
 The eval split measures the task, not the wording: it uses only table topics that never
-occur in train (held-out schemas), and every choice of words in its questions (question
-templates, comparison words such as "exceeding", aggregate and superlative words) comes
-from a held-out set that train never uses (held-out phrasings); the SQL patterns are
-shared. Values in a WHERE clause appear verbatim in the question and every column of the
+occur in train (held-out schemas), and only question templates that train never uses
+(held-out phrasings: each question type has train templates and held-out ones); the SQL
+patterns and the vocabulary of comparisons, aggregates and superlatives are shared. Values in a WHERE clause appear verbatim in the question and every column of the
 answer appears in the context, so the exact SQL can be inferred from question + context.
 """
 
@@ -355,53 +354,60 @@ def pluralize(phrase: str) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
-# Question phrasing: every choice of words has a train set and a held-out set; the eval
-# split asks only in held-out phrasings, so it measures the task, not the wording.
+# Question phrasing: every question template has a train set and a held-out set; the eval
+# split asks only in held-out templates, so it measures the task, not the sentence
+# frames it was taught. The words for comparisons, aggregates and superlatives are
+# vocabulary, shared by both splits (a model cannot guess that "a maximum of" means <=
+# from examples that never say it).
 # ---------------------------------------------------------------------------------------------
 
-
-@dataclass(frozen=True)
-class Words:
-    train: tuple[str, ...]
-    held_out: tuple[str, ...]
-
-
 OP_WORDS = {
-    ">": Words(("greater than", "more than", "above", "larger than", "over"), ("exceeding", "higher than")),
-    "<": Words(("less than", "below", "smaller than", "under"), ("lower than", "beneath")),
-    ">=": Words(("at least", "no less than"), ("not less than", "a minimum of")),
-    "<=": Words(("at most", "no more than"), ("not more than", "a maximum of")),
-    "!=": Words(("other than", "not equal to"), ("different from", "anything but")),
-    "=": Words(("",), ("equal to",)),
+    ">": ("greater than", "more than", "above", "larger than", "over", "exceeding", "higher than"),
+    "<": ("less than", "below", "smaller than", "under", "lower than", "beneath"),
+    ">=": ("at least", "no less than", "not less than", "a minimum of"),
+    "<=": ("at most", "no more than", "not more than", "a maximum of"),
+    "!=": ("other than", "not equal to", "different from"),
+    "=": ("", "", "", "equal to"),
 }
 AGG_WORDS = {
-    "MAX": Words(("maximum", "highest"), ("largest", "biggest")),
-    "MIN": Words(("minimum", "lowest"), ("smallest", "least")),
-    "AVG": Words(("average",), ("mean",)),
-    "SUM": Words(("total",), ("combined", "overall")),
+    "MAX": ("maximum", "highest", "largest", "biggest"),
+    "MIN": ("minimum", "lowest", "smallest", "least"),
+    "AVG": ("average", "mean"),
+    "SUM": ("total", "combined"),
 }
+DISTINCT_WORDS = ("distinct", "different", "unique")
+ORDER_WORDS = {
+    "ASC": ("in ascending order of {c}", "sorted by {c} from lowest to highest", "ordered by increasing {c}"),
+    "DESC": (
+        "in descending order of {c}",
+        "sorted by {c} from highest to lowest",
+        "ordered by decreasing {c}",
+    ),
+}
+MAX_MIN_WORDS = ("maximum and minimum", "largest and smallest", "highest and lowest")
 SUPERLATIVE = {
-    "DESC": Words(("largest", "highest"), ("greatest", "biggest")),
-    "ASC": Words(("smallest", "lowest"), ("least", "fewest")),
+    "DESC": ("largest", "highest", "greatest", "biggest"),
+    "ASC": ("smallest", "lowest", "least"),
 }
 
 
 class Asker:
-    """Picks phrasings for one split and remembers which (for the tests): train rows use
-    only the train wording of each choice, eval rows only the held-out one."""
+    """Picks question templates for one split and remembers which (for the tests): train
+    rows use only the train templates of each question type, eval rows only held-out ones."""
 
     def __init__(self, rng: random.Random, held_out: bool) -> None:
         self.rng, self.held_out = rng, held_out
         self.used: list[tuple[str, bool, int]] = []
 
-    def words(self, key: str, w: Words) -> str:
-        options = w.held_out if self.held_out else w.train
+    def word(self, options: tuple[str, ...]) -> str:
+        """Vocabulary, the same for both splits."""
+        return self.rng.choice(options)
+
+    def ask(self, key: str, train: tuple[str, ...], held_out: tuple[str, ...]) -> str:
+        options = held_out if self.held_out else train
         i = self.rng.randrange(len(options))
         self.used.append((key, self.held_out, i))
         return options[i]
-
-    def ask(self, key: str, train: tuple[str, ...], held_out: tuple[str, ...]) -> str:
-        return self.words(key, Words(train, held_out))
 
 
 @dataclass(frozen=True)
@@ -422,8 +428,8 @@ class Cond:
     def _words(self, a: Asker) -> str:
         if self.op == "BETWEEN":
             low, high = self.value, self.high
-            return a.ask("between", (f"between {low} and {high}",), (f"from {low} to {high}",))
-        word = a.words(f"op{self.op}", OP_WORDS[self.op])
+            return a.word((f"between {low} and {high}", f"from {low} to {high}"))
+        word = a.word(OP_WORDS[self.op])
         return f"{word} {self.value}".strip()
 
     def whose(self, a: Asker) -> str:
@@ -461,7 +467,9 @@ def cond(rng: random.Random, t: Topic, exclude=(), numeric: bool | None = None) 
         numeric = rng.random() < 0.5
     if numeric:
         c = pick(rng, numbers(t), exclude)
-        op = rng.choice((">", ">", "<", "<", "=", ">=", "<=", "BETWEEN"))
+        # the inclusive comparisons as often as the strict ones: "at most" vs "less than" is
+        # the distinction small models miss most
+        op = rng.choice((">", ">", "<", "<", "=", ">=", ">=", "<=", "<=", "BETWEEN"))
         if op == "BETWEEN":
             low, high = sorted((c.value(rng), c.value(rng)), key=float)
             if low == high:
@@ -498,6 +506,7 @@ def p_count_all(rng, t, a):
         "count_all",
         (
             f"How many {t.plural} are there?",
+            f"Tell me the number of {t.plural}.",
             f"Count the number of {t.plural}.",
             f"What is the total number of {t.plural}?",
             f"Find the number of {t.plural}.",
@@ -510,11 +519,12 @@ def p_count_all(rng, t, a):
 def p_count_where(rng, t, a):
     c = cond(rng, t)
     if c.col.name == "age" and c.op in ("<", ">") and rng.random() < 0.5:
-        older = c.op == ">"
-        word = a.ask(
-            "older", ("older than" if older else "younger than",), ("aged over" if older else "aged under",)
+        word = a.word(("older than", "aged over") if c.op == ">" else ("younger than", "aged under"))
+        q = a.ask(
+            "older",
+            (f"How many {t.plural} are {word} {c.value}?", f"Count the {t.plural} who are {word} {c.value}."),
+            (f"What is the number of {t.plural} {word} {c.value}?",),
         )
-        q = f"How many {t.plural} are {word} {c.value}?"
     else:
         q = a.ask(
             "count_where",
@@ -523,6 +533,8 @@ def p_count_where(rng, t, a):
                 f"Count the number of {t.plural} whose {c.whose(a)}.",
                 f"What is the total number of {t.plural} whose {c.whose(a)}?",
                 f"Find the number of {t.plural} with {c.with_(a)}.",
+                f"Please count the {t.plural} whose {c.whose(a)}.",
+                f"I want to know how many {t.plural} have {c.with_(a)}.",
             ),
             (
                 f"How many of the {t.plural} have a {c.with_(a)}?",
@@ -543,6 +555,9 @@ def p_select_where(rng, t, a):
             f"What are the {x.plural} of the {t.plural} with {c.with_(a)}?",
             f"Show the {x.plural} of all {t.plural} whose {c.whose(a)}.",
             f"Find the {x.plural} of {t.plural} with {c.with_(a)}.",
+            f"Please list the {x.plural} of {t.plural} whose {c.whose(a)}.",
+            f"Could you show me the {x.plural} of the {t.plural} with {c.with_(a)}?",
+            f"Return the {x.plural} for {t.plural} whose {c.whose(a)}.",
         ),
         (
             f"Which {x.plural} belong to {t.plural} whose {c.whose(a)}?",
@@ -562,6 +577,8 @@ def p_select_by_label(rng, t, a):
             f"What is the {x.phrase} of the {t.singular} {t.named} {v}?",
             f"Find the {x.phrase} of the {t.singular} {t.named} {v}.",
             f"Give the {x.phrase} of the {t.singular} {t.named} {v}.",
+            f"Show me the {x.phrase} of the {t.singular} {t.named} {v}.",
+            f"I need the {x.phrase} of the {t.singular} {t.named} {v}.",
         ),
         (
             f"Tell me the {x.phrase} of the {t.singular} {t.named} {v}.",
@@ -573,16 +590,17 @@ def p_select_by_label(rng, t, a):
 
 def p_max_min(rng, t, a):
     c = pick(rng, numbers(t))
+    mm = a.word(MAX_MIN_WORDS)
     q = a.ask(
         "max_min",
         (
-            f"What are the maximum and minimum {c.phrase} of all {t.plural}?",
-            f"Show the maximum and minimum {c.phrase} across all {t.plural}.",
-            f"Find the largest and smallest {c.phrase} among {t.plural}.",
+            f"What are the {mm} {c.phrase} of all {t.plural}?",
+            f"Show the {mm} {c.phrase} across all {t.plural}.",
+            f"Find the {mm} {c.phrase} among {t.plural}.",
         ),
         (
-            f"What is the highest and lowest {c.phrase} of {t.plural}?",
-            f"Give the top and bottom {c.phrase} over all {t.plural}.",
+            f"Give me the {mm} {c.phrase} over every {t.singular}.",
+            f"Among the {t.plural}, what are the {mm} {c.phrase}?",
         ),
     )
     return q, f"SELECT MAX({c.name}), MIN({c.name}) FROM {t.table}", [c]
@@ -591,7 +609,7 @@ def p_max_min(rng, t, a):
 def agg_col(rng, t, a):
     agg = rng.choice(("MAX", "MIN", "AVG", "AVG", "SUM"))
     c = pick(rng, numbers(t, years=agg in ("MAX", "MIN")))
-    return agg, a.words(f"agg{agg}", AGG_WORDS[agg]), c
+    return agg, a.word(AGG_WORDS[agg]), c
 
 
 def p_agg(rng, t, a):
@@ -602,6 +620,8 @@ def p_agg(rng, t, a):
             f"What is the {word} {c.phrase} of all {t.plural}?",
             f"Find the {word} {c.phrase} among {t.plural}.",
             f"Show the {word} {c.phrase} of the {t.plural}.",
+            f"Please compute the {word} {c.phrase} of the {t.plural}.",
+            f"Tell me the {word} {c.phrase} across all {t.plural}.",
         ),
         (
             f"Compute the {word} {c.phrase} over every {t.singular}.",
@@ -620,6 +640,8 @@ def p_agg_where(rng, t, a):
             f"What is the {word} {c.phrase} of {t.plural} whose {w.whose(a)}?",
             f"Find the {word} {c.phrase} of {t.plural} with {w.with_(a)}.",
             f"Show the {word} {c.phrase} for {t.plural} with {w.with_(a)}.",
+            f"Tell me the {word} {c.phrase} of the {t.plural} whose {w.whose(a)}.",
+            f"For {t.plural} with {w.with_(a)}, what is the {word} {c.phrase}?",
         ),
         (
             f"Among {t.plural} whose {w.whose(a)}, what is the {word} {c.phrase}?",
@@ -635,23 +657,32 @@ def p_argmax(rng, t, a):
     x = target(rng, t, exclude=(c.name,))
     if c.name == "age" and x is t.label_col and rng.random() < 0.4:
         old = order == "DESC"
-        word = a.ask("oldest", ("oldest" if old else "youngest",), ("most senior" if old else "most junior",))
-        q = f"What is the {x.phrase} of the {word} {t.singular}?"
+        word = "oldest" if old else "youngest"
+        q = a.ask(
+            "oldest",
+            (
+                f"What is the {x.phrase} of the {word} {t.singular}?",
+                f"Find the {x.phrase} of the {word} {t.singular}.",
+            ),
+            (f"Give me the {x.phrase} of the {word} {t.singular}.",),
+        )
     elif x is t.label_col and rng.random() < 0.4:
-        sup = a.words(f"sup{order}", SUPERLATIVE[order])
+        sup = a.word(SUPERLATIVE[order])
         q = a.ask(
             "argmax_which",
             (f"Which {t.singular} has the {sup} {c.phrase}?",),
             (f"Name the {t.singular} with the {sup} {c.phrase}.",),
         )
     else:
-        sup = a.words(f"sup{order}", SUPERLATIVE[order])
+        sup = a.word(SUPERLATIVE[order])
         q = a.ask(
             "argmax",
             (
                 f"What is the {x.phrase} of the {t.singular} with the {sup} {c.phrase}?",
                 f"Find the {x.phrase} of the {t.singular} that has the {sup} {c.phrase}.",
                 f"Return the {x.phrase} of the {t.singular} with the {sup} {c.phrase}.",
+                f"Show me the {x.phrase} of the {t.singular} having the {sup} {c.phrase}.",
+                f"I need the {x.phrase} of the {t.singular} whose {c.phrase} is the {sup}.",
             ),
             (
                 f"Tell me the {x.phrase} of whichever {t.singular} has the {sup} {c.phrase}.",
@@ -665,25 +696,22 @@ def p_argmax(rng, t, a):
 def p_order(rng, t, a):
     c = pick(rng, numbers(t))
     x = target(rng, t, exclude=(c.name,))
-    if rng.random() < 0.5:
-        q = a.ask(
-            "order_asc",
-            (
-                f"List the {x.plural} of all {t.plural} in ascending order of {c.phrase}.",
-                f"Show the {x.plural} of {t.plural} sorted by {c.phrase} from lowest to highest.",
-            ),
-            (f"Give the {x.plural} of the {t.plural}, ordered by increasing {c.phrase}.",),
-        )
-        return q, f"SELECT {x.name} FROM {t.table} ORDER BY {c.name}", [x, c]
+    order = rng.choice(("ASC", "DESC"))
+    how = a.word(ORDER_WORDS[order]).format(c=c.phrase)
     q = a.ask(
-        "order_desc",
+        "order",
         (
-            f"List the {x.plural} of all {t.plural} in descending order of {c.phrase}.",
-            f"Show the {x.plural} of {t.plural} sorted by {c.phrase} from highest to lowest.",
+            f"List the {x.plural} of all {t.plural} {how}.",
+            f"Show the {x.plural} of {t.plural} {how}.",
+            f"Return the {x.plural} of the {t.plural} {how}.",
         ),
-        (f"Give the {x.plural} of the {t.plural}, ordered by decreasing {c.phrase}.",),
+        (
+            f"Give me the {x.plural} of the {t.plural}, {how}.",
+            f"What are the {x.plural} of the {t.plural} {how}?",
+        ),
     )
-    return q, f"SELECT {x.name} FROM {t.table} ORDER BY {c.name} DESC", [x, c]
+    by = f"{c.name} DESC" if order == "DESC" else c.name
+    return q, f"SELECT {x.name} FROM {t.table} ORDER BY {by}", [x, c]
 
 
 def p_top_n(rng, t, a):
@@ -697,7 +725,9 @@ def p_top_n(rng, t, a):
                 f"List the {x.plural} of the {n} {t.plural} with the lowest {c.phrase}.",
                 f"What are the {x.plural} of the bottom {n} {t.plural} by {c.phrase}?",
             ),
-            (f"Show the {x.plural} of the {n} {t.plural} having the smallest {c.phrase}.",),
+            (
+                f"Give me the {x.plural} of the {n} {t.plural} with the {a.word(SUPERLATIVE['ASC'])} {c.phrase}.",
+            ),
         )
         return q, f"SELECT {x.name} FROM {t.table} ORDER BY {c.name} LIMIT {n}", [x, c]
     q = a.ask(
@@ -706,34 +736,39 @@ def p_top_n(rng, t, a):
             f"List the {x.plural} of the top {n} {t.plural} with the highest {c.phrase}.",
             f"What are the {x.plural} of the {n} {t.plural} with the largest {c.phrase}?",
         ),
-        (f"Show the {x.plural} of the {n} {t.plural} ranked highest by {c.phrase}.",),
+        (f"Give me the {x.plural} of the {n} {t.plural} with the {a.word(SUPERLATIVE['DESC'])} {c.phrase}.",),
     )
     return q, f"SELECT {x.name} FROM {t.table} ORDER BY {c.name} DESC LIMIT {n}", [x, c]
 
 
 def p_distinct(rng, t, a):
     c = pick(rng, strings(t))
+    w = a.word(DISTINCT_WORDS)
     q = a.ask(
         "distinct",
         (
-            f"What are the distinct {c.plural} of all {t.plural}?",
-            f"List all the different {c.plural} of {t.plural}.",
-            f"Show all distinct {c.plural} among {t.plural}.",
+            f"What are the {w} {c.plural} of all {t.plural}?",
+            f"List all the {w} {c.plural} of {t.plural}.",
+            f"Show all {w} {c.plural} among {t.plural}.",
         ),
-        (f"Find the unique {c.plural} of the {t.plural}.", f"Which {c.plural} occur among the {t.plural}?"),
+        (
+            f"Give me the {w} {c.plural} found among the {t.plural}.",
+            f"Which {w} {c.plural} do the {t.plural} have?",
+        ),
     )
     return q, f"SELECT DISTINCT {c.name} FROM {t.table}", [c]
 
 
 def p_count_distinct(rng, t, a):
     c = pick(rng, strings(t))
+    w = a.word(DISTINCT_WORDS)
     q = a.ask(
         "count_distinct",
         (
-            f"How many distinct {c.plural} are there among {t.plural}?",
-            f"Count the number of different {c.plural} of {t.plural}.",
+            f"How many {w} {c.plural} are there among {t.plural}?",
+            f"Count the number of {w} {c.plural} of {t.plural}.",
         ),
-        (f"How many unique {c.plural} do the {t.plural} have?",),
+        (f"What is the number of {w} {c.plural} of the {t.plural}?",),
     )
     return q, f"SELECT COUNT(DISTINCT {c.name}) FROM {t.table}", [c]
 
@@ -754,6 +789,7 @@ def p_and(rng, t, a):
         (
             f"List the {x.plural} of {t.plural} whose {c1.whose(a)} and whose {c2.whose(a)}.",
             f"What are the {x.plural} of the {t.plural} with {c1.with_(a)} and {c2.with_(a)}?",
+            f"Show me the {x.plural} of the {t.plural} whose {c1.whose(a)} and whose {c2.whose(a)}.",
             f"Find the {x.plural} of {t.plural} that have {c1.with_(a)} and {c2.with_(a)}.",
         ),
         (
@@ -793,7 +829,7 @@ def p_group(rng, t, a):
                 f"Which {c.phrase} has the most {t.plural}?",
                 f"What is the most common {c.phrase} among {t.plural}?",
             ),
-            (f"Name the {c.phrase} shared by the largest number of {t.plural}.",),
+            (f"Which {c.phrase} do the most {t.plural} have?",),
         )
         return q, f"SELECT {c.name} FROM {t.table} GROUP BY {c.name} ORDER BY COUNT(*) DESC LIMIT 1", [c]
     if r < 0.45:
@@ -814,7 +850,7 @@ def p_group(rng, t, a):
             f"Show each {c.phrase} and the number of {t.plural}.",
             f"For each {c.phrase}, count the number of {t.plural}.",
         ),
-        (f"Break down the number of {t.plural} by {c.phrase}.",),
+        (f"Give the number of {t.plural} for every {c.phrase}.",),
     )
     return q, f"SELECT {c.name}, COUNT(*) FROM {t.table} GROUP BY {c.name}", [c]
 

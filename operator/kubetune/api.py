@@ -248,6 +248,21 @@ class AdapterRef(ApiModel):
     size_bytes: int | None = Field(None, description="Size of the adapter's weights file.")
 
 
+class Evaluation(ApiModel):
+    split: str | None = Field(
+        None, description="What was held out: the validation URI, or the fraction of the data."
+    )
+    examples: int | None = Field(None, description="Held-out examples generated for exact match.")
+    exact_match_before: float | None = Field(None, description="Exact match of the base model.")
+    exact_match: float | None = Field(
+        None, description="Exact match with the adapter, on the base it was trained on (4-bit for qlora)."
+    )
+    exact_match_unquantized_base: float | None = Field(
+        None, description="qlora: the same adapter on the unquantized base, as usually served."
+    )
+    eval_loss: float | None = Field(None, description="Final validation loss.")
+
+
 class FineTuneJobStatus(ApiModel):
     phase: Phase | None = Field(None, description="Where the job is: Preempted waits for the next attempt.")
     reason: str | None = Field(None, description="Why the job is in its phase (CamelCase).")
@@ -263,6 +278,9 @@ class FineTuneJobStatus(ApiModel):
         None, description="The newest checkpoint the trainer committed."
     )
     adapter: AdapterRef | None = Field(None, description="The uploaded adapter, once the job succeeded.")
+    evaluation: Evaluation | None = Field(
+        None, description="The held-out evaluation of the finished adapter (dataset.validation)."
+    )
     start_time: str | None = Field(None, description="When the first attempt's pods were created.")
     attempt_start_time: str | None = Field(None, description="When the current attempt's pods were created.")
     completion_time: str | None = Field(None, description="When the job succeeded or failed.")

@@ -34,6 +34,7 @@ PRINTER_COLUMNS = [
     {"name": "Preemptions", "type": "integer", "jsonPath": ".status.preemptions"},
     {"name": "Failures", "type": "integer", "jsonPath": ".status.failures", "priority": 1},
     {"name": "ETA", "type": "string", "jsonPath": ".status.progress.eta", "priority": 1},
+    {"name": "Exact-Match", "type": "number", "jsonPath": ".status.evaluation.exactMatch", "priority": 1},
     {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
 ]
 

@@ -197,9 +197,11 @@ def finetune(cluster, core, custom, kubectl, model_dir: Path) -> None:
     metrics = json.loads(s3.get_object(Bucket="runs", Key="quickstart/adapter/metrics.json")["Body"].read())
     em = metrics.get("exact_match") or {}
     before, after = (em.get("before") or {}).get("exact_match"), (em.get("after") or {}).get("exact_match")
+    unquantized = (em.get("after_unquantized_base") or {}).get("exact_match")
     say(
-        f"  held-out exact match of generated SQL ({(em.get('after') or {}).get('examples')} unseen schemas): "
-        f"base model {before:.2f} -> fine-tuned {after:.2f}"
+        f"  held-out exact match of generated SQL ({(em.get('after') or {}).get('examples')} questions, "
+        f"unseen schemas and phrasings): base model {before:.2f} -> fine-tuned {after:.2f} on the 4-bit base"
+        + ("" if unquantized is None else f", {unquantized:.2f} on the unquantized base")
     )
     for sample in (em.get("after") or {}).get("samples", [])[:3]:
         say(f"    reference:  {sample['reference']}\n    fine-tuned: {sample['prediction']}")

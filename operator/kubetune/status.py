@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import datetime as dt
 import json
+import math
 from dataclasses import dataclass, field
 
 from pydantic import ValidationError
@@ -519,11 +520,35 @@ def _observe_running(c: Ctx, pods: list[dict], spec: FineTuneJobSpec) -> None:
         c.cond(RUNNING, True, "Running", f"attempt {c.st['attempt']} running")
 
 
+EVALUATION_NUMBERS = ("exactMatchBefore", "exactMatch", "exactMatchUnquantizedBase", "evalLoss")
+
+
+def evaluation_from_message(message: dict) -> dict | None:
+    """status.evaluation from a trainer's termination message: known keys, right types,
+    finite numbers only (the message is the trainer's word, not trusted)."""
+    ev = message.get("evaluation")
+    if not isinstance(ev, dict):
+        return None
+    out = {}
+    if isinstance(ev.get("split"), str):
+        out["split"] = ev["split"][:256]
+    if isinstance(ev.get("examples"), int) and not isinstance(ev["examples"], bool):
+        out["examples"] = ev["examples"]
+    for key in EVALUATION_NUMBERS:
+        v = ev.get(key)
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
+            out[key] = round(float(v), 4)
+    return out or None
+
+
 def _succeeded(c: Ctx, rank0: dict) -> None:
     msg = termination_message(rank0)
     st = c.st
     if isinstance(msg.get("adapter"), dict):
         st["adapter"] = {k: v for k, v in msg["adapter"].items() if k in ("uri", "sha256", "sizeBytes")}
+    evaluation = evaluation_from_message(msg)
+    if evaluation:
+        st["evaluation"] = evaluation
     record_checkpoint(st, msg)
     if isinstance(msg.get("step"), int):
         total = (st.get("progress") or {}).get("totalSteps", msg["step"])

@@ -101,12 +101,24 @@ def test_output_is_a_peft_adapter_with_card_metrics_and_loss_curve(tiny_model, m
     # loads with peft onto the (unquantized) base model
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model), local)
     assert any("lora_A" in n for n, _ in model.named_parameters())
-    # and the merged model (mergedModel: true) is a plain model with the adapter folded in
+    # and the merged model (mergedModel: true) is a plain model with the adapter folded into
+    # the dequantized 4-bit base it was trained on, in the run's compute dtype (QLoRA's merge;
+    # tests/trainer/test_merged_export.py checks its logits against training's)
     import torch
+    from transformers import BitsAndBytesConfig
 
+    dtype = getattr(torch, metrics["compute_dtype"])
     merged = AutoModelForCausalLM.from_pretrained(local / "merged")
+    assert merged.dtype == dtype and not any("lora" in n for n, _ in merged.named_parameters())
+    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True)
+    trained_base = AutoModelForCausalLM.from_pretrained(tiny_model, quantization_config=quant, dtype=dtype)
+    on_trained_base = PeftModel.from_pretrained(trained_base.dequantize(dtype=dtype), local)
     ids = torch.tensor([[1, 5, 9, 13, 17]])
     with torch.no_grad():
-        want = model(input_ids=ids).logits
-        got = merged(input_ids=ids).logits
-    assert float((want - got).abs().max()) < 1e-4
+        want = on_trained_base(input_ids=ids).logits.float()
+        got = merged(input_ids=ids).logits.float()
+    # bf16 (auto on CPUs with AMX) rounds the merged weights: measured 5.9e-3; merging into the
+    # unquantized weights instead is 7e-2 off
+    diff = float((want - got).abs().max())
+    print(f"merged vs adapter on the dequantized base ({dtype}): max logit difference {diff:.2e}")
+    assert diff < (1e-4 if dtype == torch.float32 else 2e-2)

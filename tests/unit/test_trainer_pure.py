@@ -132,3 +132,20 @@ def test_config_variables():
     assert expand_vars("file://${HOME}/x", {"HOME": "/h"}) == "file:///h/x"
     with pytest.raises(ValueError, match=r"\$\{NOPE\}"):
         expand_vars("${NOPE}", {})
+
+
+def test_a_resumed_run_keeps_the_compute_dtype_of_the_run_it_resumes():
+    """auto's CPU probe could choose otherwise on a busier machine; a resumed run must
+    compute like the run it resumes, or it does not resume exactly."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from kubetune_trainer.model import resolve_compute_dtype
+
+    auto = SimpleNamespace(quantization=SimpleNamespace(compute_dtype="auto"))
+    assert resolve_compute_dtype(auto, "cpu", resumed="bfloat16") == torch.bfloat16
+    assert resolve_compute_dtype(auto, "cpu", resumed="float32") == torch.float32
+    assert resolve_compute_dtype(auto, "cpu", agree=lambda _: False) == torch.float32  # ranks disagree
+    chosen = SimpleNamespace(quantization=SimpleNamespace(compute_dtype="float32"))
+    assert resolve_compute_dtype(chosen, "cpu", resumed="bfloat16") == torch.float32  # spec wins

@@ -104,7 +104,15 @@ def main(argv: list[str] | None = None) -> int:
         trainer.close()
         progress.update(phase="done")
         log.info("done: %d steps in %.0f s", result.step, time.monotonic() - t0)
-        return finish(EXIT_OK, "completed", step=result.step, checkpoint=result.checkpoint, adapter=adapter)
+        evaluation = adapter.pop("evaluation", None) if adapter else None
+        return finish(
+            EXIT_OK,
+            "completed",
+            step=result.step,
+            checkpoint=result.checkpoint,
+            adapter=adapter,
+            evaluation=evaluation,
+        )
     except DataError as e:
         return finish(EXIT_DATA, "data-error", error=str(e))
     except FileNotFoundError as e:

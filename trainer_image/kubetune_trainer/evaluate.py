@@ -89,4 +89,10 @@ def exact_match(model, tokenizer, records: list[Record], dataset_cfg, label: str
         "exact_match": round(rate, 4),
         "examples": len(refs),
         "samples": [{"reference": r, "prediction": p} for r, p in list(zip(refs, preds, strict=True))[:5]],
+        # what went wrong, for the model card and for choosing a recipe
+        "misses": [
+            {"prompt": q[-300:], "reference": r, "prediction": p}
+            for q, r, p in zip(prompts, refs, preds, strict=True)
+            if normalize(p) != normalize(r)
+        ][:10],
     }

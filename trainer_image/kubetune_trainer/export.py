@@ -110,6 +110,23 @@ def model_card(cfg, metrics: dict) -> str:
     return "\n".join(lines)
 
 
+def evaluation_summary(cfg, metrics: dict) -> dict | None:
+    """status.evaluation (camelCase, small: it travels in the termination message)."""
+    em = metrics.get("exact_match") or {}
+    validation = cfg.dataset.validation
+    if not validation or (not em and metrics.get("eval_loss") is None):
+        return None
+    out = {
+        "split": validation.uri or f"a fraction {validation.fraction:g} of {cfg.dataset.uri}",
+        "examples": (em.get("after") or {}).get("examples"),
+        "exactMatchBefore": (em.get("before") or {}).get("exact_match"),
+        "exactMatch": (em.get("after") or {}).get("exact_match"),
+        "exactMatchUnquantizedBase": (em.get("after_unquantized_base") or {}).get("exact_match"),
+        "evalLoss": None if metrics.get("eval_loss") is None else round(metrics["eval_loss"], 4),
+    }
+    return {k: v for k, v in out.items() if v is not None}
+
+
 def export(
     cfg,
     model,
@@ -154,6 +171,7 @@ def export(
         "uri": store.uri.rstrip("/") + "/",
         "sha256": sha256_file(adapter),
         "sizeBytes": adapter.stat().st_size,
+        "evaluation": evaluation_summary(cfg, metrics),
     }
     log.info("adapter uploaded to %s (%d files, %.1f MB)", info["uri"], len(files), info["sizeBytes"] / 1e6)
     return info

@@ -147,12 +147,15 @@ def load_tokenizer(path: str, model_cfg):
     return tok
 
 
-def resolve_compute_dtype(cfg, backend: str, local_rank: int = 0, agree=None):
+def resolve_compute_dtype(cfg, backend: str, local_rank: int = 0, agree=None, resumed: str | None = None):
     """The torch dtype of computeDtype on this device. `agree(bool) -> bool` makes the
-    ranks of a distributed run take the same CPU choice (bf16 only if every rank chose it)."""
+    ranks of a distributed run take the same CPU choice (bf16 only if every rank chose it);
+    `resumed`: the dtype the checkpoint being resumed was trained in, which auto keeps."""
     import torch
 
     choice = cfg.quantization.compute_dtype
+    if choice == "auto" and resumed in ("float32", "bfloat16", "float16"):
+        return getattr(torch, resumed)
     capability = torch.cuda.get_device_capability(local_rank) if backend == "cuda-bnb" else None
     bf16 = False
     if choice == "auto" and backend == "cpu":

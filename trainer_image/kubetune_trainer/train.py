@@ -218,7 +218,18 @@ class Trainer:
                 torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MIN)
                 return bool(t.item())
 
-        self.compute_dtype = resolve_compute_dtype(cfg, self.backend, self.dist.local_rank, agree)
+        # the newest checkpoint before the model: a resumed run computes in the dtype of the
+        # run it resumes (auto's CPU probe could choose otherwise on a busier machine)
+        self.ckpts = CheckpointStore(
+            open_store(cfg.checkpoint.uri), cfg.checkpoint.keep, self.workdir / "ckpt"
+        )
+        self.restored = self.ckpts.latest()
+        resumed_dtype = None
+        if self.restored:
+            resumed_dtype = json.loads((self.restored.folder / STATE_FILE).read_text()).get("compute_dtype")
+        self.compute_dtype = resolve_compute_dtype(
+            cfg, self.backend, self.dist.local_rank, agree, resumed=resumed_dtype
+        )
         self.model = load_model(cfg, self.backend, path, self.dist.local_rank, self.compute_dtype)
         self.device = next(p.device for p in self.model.parameters() if p.requires_grad)
         trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
@@ -251,9 +262,6 @@ class Trainer:
             self.optimizer,
             num_warmup_steps=warmup_steps(t.warmup_ratio, t.max_steps),
             num_training_steps=t.max_steps,
-        )
-        self.ckpts = CheckpointStore(
-            open_store(cfg.checkpoint.uri), cfg.checkpoint.keep, self.workdir / "ckpt"
         )
         self.encode = make_encoder(self.tokenizer, cfg.dataset)
         self.sparse_logits = supports_sparse_logits(self.model)
@@ -410,6 +418,7 @@ class Trainer:
             "history": history,
             "tokens": self.tokens_seen,
             "exact_match_before": self.exact_match_before,
+            "compute_dtype": str(self.compute_dtype).removeprefix("torch."),
         }
         (folder / STATE_FILE).write_text(json.dumps(state))
         self.progress.update(phase="checkpointing" if wait else "training")
@@ -455,7 +464,7 @@ class Trainer:
         self.setup()
         step, history, data_state, last_ckpt = 0, [], None, None
         self.tokens_seen, self.exact_match_before = 0, None
-        restored = self.ckpts.latest()
+        restored = self.restored
         if restored:
             state = self.restore(restored)
             step, history, data_state = state["step"], state["history"], state["data"]
