@@ -16,10 +16,12 @@ import pytest
 
 from kubetune.devcluster.cluster import REPO_ROOT, repo_pythonpath
 
-# benchmarks/recipe_sweep.py measured the shipped recipe over 3 seeds on this kind of
-# machine (benchmarks/RESULTS.md); the bars sit at its minimum
-EXACT_MATCH_4BIT = 0.8
-EXACT_MATCH_UNQUANTIZED = 0.8
+# benchmarks/recipe_sweep.py measured the shipped recipe on this split (benchmarks/RESULTS.md,
+# Intel Xeon with AMX, seeds 1-3): 0.84 on the 4-bit base and 0.70-0.75 unquantized; the bars
+# leave room for one seed's worse luck (a question is 1/80). Before this split (held-out
+# schemas only, questions in the train templates) the bar was 0.8 on the 4-bit base.
+EXACT_MATCH_4BIT = 0.75
+EXACT_MATCH_UNQUANTIZED = 0.6
 
 
 @pytest.mark.slow
