@@ -122,3 +122,21 @@ def test_output_is_a_peft_adapter_with_card_metrics_and_loss_curve(tiny_model, m
     diff = float((want - got).abs().max())
     print(f"merged vs adapter on the dequantized base ({dtype}): max logit difference {diff:.2e}")
     assert diff < (1e-4 if dtype == torch.float32 else 2e-2)
+
+
+def test_the_demo_keeps_its_outputs_out_of_the_throwaway_cluster(minio, tmp_path):
+    """`make demo` copies the adapter folder out of the dev cluster's MinIO before the
+    cluster goes, and prints a snippet that loads it from there."""
+    from kubetune.demo import keep_outputs, load_snippet
+
+    s3 = minio.client()
+    s3.create_bucket(Bucket="demo-runs")
+    files = {"adapter_model.safetensors": b"w" * 10, "README.md": b"# card", "merged/config.json": b"{}"}
+    for name, body in files.items():
+        s3.put_object(Bucket="demo-runs", Key=f"quickstart/adapter/{name}", Body=body)
+    s3.put_object(Bucket="demo-runs", Key="quickstart/checkpoints/step-1/x", Body=b"not kept")
+    kept = keep_outputs(s3, "demo-runs", "quickstart/adapter/", tmp_path / "runs" / "demo")
+    assert sorted(p.relative_to(kept).as_posix() for p in kept.rglob("*") if p.is_file()) == sorted(files)
+    assert (kept / "merged" / "config.json").read_bytes() == b"{}"
+    snippet = load_snippet(kept, tmp_path / "base")
+    assert f'"{kept}"' in snippet and f'"{tmp_path / "base"}"' in snippet and "file://" not in snippet

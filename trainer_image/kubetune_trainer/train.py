@@ -367,6 +367,9 @@ class Trainer:
         except torch.OutOfMemoryError:
             log.warning("no room for the unquantized base next to the 4-bit one: not evaluated on it")
             return None
+        except Exception as e:  # a side measurement: never lose the trained adapter over it
+            log.warning("not evaluated on the unquantized base: %s: %s", type(e).__name__, e)
+            return None
         finally:
             served = base = None
             gc.collect()
