@@ -239,7 +239,14 @@ def keep_outputs(s3, bucket: str, prefix: str, dest: Path) -> Path:
 def load_snippet(adapter: Path, base: Path) -> str:
     """Three lines that load the kept adapter on the local base, quantized as in training
     (the unquantized base scores lower: the model card says how much), and generate SQL."""
-    prompt = "### Input:\\nHow many heads are older than 56?\\n\\n### Context:\\nCREATE TABLE head (age INTEGER)\\n\\n### Response:\\n"
+    from kubetune_trainer.templates import render
+
+    question = {
+        "question": "How many heads are older than 56?",
+        "context": "CREATE TABLE head (age INTEGER)",
+        "answer": "SELECT COUNT(*) FROM head WHERE age > 56",  # what it should print
+    }
+    prompt = json.dumps(render(question, "text-to-sql", {}, None)[0])  # a Python string literal too
     return (
         "  load it on the 4-bit base it was trained on and generate, in the project's virtualenv "
         "(hack/ensure-env.sh --path):\n"
@@ -248,7 +255,7 @@ def load_snippet(adapter: Path, base: Path) -> str:
         f'    tok, model = AutoTokenizer.from_pretrained("{adapter}"), PeftModel.from_pretrained(M.from_pretrained('
         f'"{base}", quantization_config=Q(load_in_4bit=True, bnb_4bit_quant_type="nf4", '
         f'bnb_4bit_use_double_quant=True)), "{adapter}")\n'
-        f'    print(tok.decode(model.generate(**tok("{prompt}", return_tensors="pt"), max_new_tokens=40)[0]))'
+        f'    print(tok.decode(model.generate(**tok({prompt}, return_tensors="pt"), max_new_tokens=40)[0]))'
     )
 
 

@@ -76,7 +76,10 @@ def test_output_is_a_peft_adapter_with_card_metrics_and_loss_curve(tiny_model, m
 
     cfg = tiny_config(tiny_model, "export", maxSteps=12)
     cfg["output"]["mergedModel"] = True
-    run_trainer(cfg, tmp_path, minio, "export")
+    run = run_trainer(cfg, tmp_path, minio, "export")
+    # status.evaluation's source: the held-out split and its scores, in the termination message
+    evaluation = run.termination_message()["evaluation"]
+    assert evaluation["split"] == "s3://data/sql/eval/" and evaluation["evalLoss"] > 0
     s3 = minio.client()
     keys = {
         o["Key"].split("/", 2)[2] for o in s3.list_objects_v2(Bucket="runs", Prefix="export/out/")["Contents"]

@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     progress = ProgressServer(port if rank == 0 else None, os.environ.get("POD_IP") or "0.0.0.0")
     t0 = time.monotonic()
     try:
-        from kubetune_trainer.export import export
+        from kubetune_trainer.export import evaluation_summary, export
         from kubetune_trainer.model import model_dir
         from kubetune_trainer.train import Preempted, Trainer
 
@@ -104,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
         trainer.close()
         progress.update(phase="done")
         log.info("done: %d steps in %.0f s", result.step, time.monotonic() - t0)
-        evaluation = adapter.pop("evaluation", None) if adapter else None
+        evaluation = evaluation_summary(cfg, result.metrics) if trainer.dist.main else None
         return finish(
             EXIT_OK,
             "completed",

@@ -111,7 +111,8 @@ def model_card(cfg, metrics: dict) -> str:
 
 
 def evaluation_summary(cfg, metrics: dict) -> dict | None:
-    """status.evaluation (camelCase, small: it travels in the termination message)."""
+    """status.evaluation (camelCase, small: it travels in the termination message), from
+    the run's metrics (Result.metrics or metrics.json: the same keys)."""
     em = metrics.get("exact_match") or {}
     validation = cfg.dataset.validation
     if not validation or (not em and metrics.get("eval_loss") is None):
@@ -171,7 +172,6 @@ def export(
         "uri": store.uri.rstrip("/") + "/",
         "sha256": sha256_file(adapter),
         "sizeBytes": adapter.stat().st_size,
-        "evaluation": evaluation_summary(cfg, metrics),
     }
     log.info("adapter uploaded to %s (%d files, %.1f MB)", info["uri"], len(files), info["sizeBytes"] / 1e6)
     return info
