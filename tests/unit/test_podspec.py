@@ -140,3 +140,34 @@ def test_pods_with_hostname_and_subdomain_get_their_service_names_in_hosts():
     text = podspec.hosts_file("127.0.0.1 localhost\n", {"127.0.0.12": names, "127.0.0.13": []})
     assert text.splitlines()[0] == "127.0.0.1 localhost"
     assert "127.0.0.12\tw0.job.ns.svc.cluster.local" in text and "127.0.0.13" not in text
+
+
+@pytest.mark.parametrize(("cpu", "procs", "expected"), [("500m", 1, "1"), ("2", 1, "2"), ("8", 4, "2"), ("1", 4, "1")])
+def test_each_trainer_process_gets_threads_for_its_share_of_the_pods_cpu(cpu, procs, expected):
+    """Not the node's core count: two trainers on one node would oversubscribe it."""
+    from kubetune.api import FineTuneJobSpec
+    from kubetune.manifests import build_pod
+    from kubetune_trainer.launch import process_env
+
+    spec = FineTuneJobSpec.model_validate(
+        {
+            "model": {"name": "m"},
+            "dataset": {"uri": "s3://bkt/d/"},
+            "checkpoint": {"uri": "s3://bkt/c/"},
+            "output": {"uri": "s3://bkt/o/"},
+            "resources": {"accelerator": "cpu", "cpu": cpu}
+            if procs == 1
+            else {"accelerator": "nvidia", "cpu": cpu, "gpusPerWorker": procs},
+        }
+    )
+    pod = {**build_pod("j", "uid", spec, attempt=1, rank=0, preemptions=0), **{k: POD[k] for k in ("status",)}}
+    pod["metadata"]["namespace"] = "ml"
+    container = pod["spec"]["containers"][0]
+    env = podspec.container_env(pod, container, {}, lookup)
+    assert env["KUBETUNE_PROCS_PER_WORKER"] == str(procs)
+    assert process_env(env, local_rank=0)["OMP_NUM_THREADS"] == expected
+
+
+def test_a_divisor_the_api_server_stored_as_zero_means_one():
+    container = {"resources": {"requests": {"cpu": "1500m"}}}
+    assert podspec.resource_value(container, {"resource": "requests.cpu", "divisor": "0"}) == "2"

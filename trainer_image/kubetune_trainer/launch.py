@@ -32,8 +32,13 @@ def process_env(environ: dict, local_rank: int) -> dict:
     node_rank = int(environ.get("KUBETUNE_RANK", 0))
     nodes = int(environ.get("KUBETUNE_WORKERS", 1))
     per_node = int(environ.get("KUBETUNE_PROCS_PER_WORKER", 1))
+    threads = {}
+    if environ.get("OMP_NUM_THREADS", "").isdigit():
+        # the pod's cores (the operator's OMP_NUM_THREADS) shared by its processes
+        threads = {"OMP_NUM_THREADS": str(max(1, int(environ["OMP_NUM_THREADS"]) // per_node))}
     return {
         **environ,
+        **threads,
         "RANK": str(node_rank * per_node + local_rank),
         "LOCAL_RANK": str(local_rank),
         "WORLD_SIZE": str(nodes * per_node),

@@ -60,7 +60,8 @@ def resource_value(container: dict, ref: dict) -> str:
         value = (resources.get("limits") or {}).get(res)
     if value is None:
         return "0"
-    divisor = parse_quantity(ref.get("divisor") or "1")
+    # the API server stores an unset divisor as "0"; the kubelet reads that as 1
+    divisor = parse_quantity(ref.get("divisor") or "1") or 1
     return str(math.ceil(parse_quantity(value) / divisor))
 
 
