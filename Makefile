@@ -7,13 +7,23 @@ export PYTHONPATH := $(CURDIR)/operator:$(CURDIR)/trainer_image
 export PATH := $(VENV)/bin:$(PATH)
 PYTEST_ARGS ?=
 
-.PHONY: deps tools lint generate test demo dev-up dev-down clean bench-startup bench-operator bench-trainer bench-data bench-gpu bench-recovery
+.PHONY: deps tools lock images lint generate test demo dev-up dev-down clean bench-startup bench-operator bench-trainer bench-data bench-gpu bench-recovery
 
 deps:
 	@hack/ensure-env.sh >/dev/null
 
 tools:
 	@hack/build-tools.sh
+
+# Recompile the locks after a change to pyproject.toml's dependencies (pins kept unless a
+# range excludes them; UPGRADE="--upgrade-package torch" or "--upgrade" to move them).
+# dev.lock is the resolution; the images' locks are its subsets, constrained to its pins.
+UV_COMPILE = UV_CUSTOM_COMPILE_COMMAND="make lock" $(VENV)/bin/uv pip compile -q --generate-hashes --python-version 3.11 $(UPGRADE)
+lock: deps
+	$(UV_COMPILE) pyproject.toml --extra dev -o requirements/dev.lock
+	$(UV_COMPILE) pyproject.toml --extra operator -c requirements/dev.lock -o requirements/operator.lock
+	$(UV_COMPILE) pyproject.toml --extra trainer -c requirements/dev.lock -o requirements/trainer.lock
+	$(UV_COMPILE) --no-deps --no-annotate requirements/test-model.in -o requirements/test-model.lock
 
 lint: deps
 	$(PY) -m ruff check .

@@ -22,18 +22,21 @@ ETCD_VERSION=$(module_version etcd go.etcd.io/etcd/server/v3)
 KWOK_VERSION=$(module_version kwok sigs.k8s.io/kwok)
 HELM_VERSION=$(module_version helm helm.sh/helm/v3)
 MINIO_VERSION=$(module_version minio github.com/minio/minio)
+COREDNS_VERSION=$(module_version coredns github.com/coredns/coredns)
 
 declare -A DIRS=(
   [kubernetes]="$CACHE/bin/kubernetes-$K8S_VERSION"
   [kubectl]="$CACHE/bin/kubectl-$K8S_VERSION"
+  [kubelet]="$CACHE/bin/kubelet-$K8S_VERSION"
   [etcd]="$CACHE/bin/etcd-$ETCD_VERSION"
   [kwok]="$CACHE/bin/kwok-$KWOK_VERSION"
   [helm]="$CACHE/bin/helm-$HELM_VERSION"
   [minio]="$CACHE/bin/minio-${MINIO_VERSION##*-}"
+  [coredns]="$CACHE/bin/coredns-$COREDNS_VERSION"
 )
 
 if [[ "${1:-}" == "--print" ]]; then
-  for k in kubernetes kubectl etcd kwok helm minio; do echo "$k=${DIRS[$k]}"; done
+  for k in kubernetes kubectl kubelet etcd kwok helm minio coredns; do echo "$k=${DIRS[$k]}"; done
   exit 0
 fi
 
@@ -75,9 +78,13 @@ build etcd etcd "-s -w" go.etcd.io/etcd/server/v3
 build kwok kwok "-s -w -X sigs.k8s.io/kwok/pkg/consts.Version=$KWOK_VERSION" sigs.k8s.io/kwok/cmd/kwok
 build helm helm "-s -w -X helm.sh/helm/v3/internal/version.version=$HELM_VERSION" helm.sh/helm/v3/cmd/helm
 build minio minio "-s -w" github.com/minio/minio
+# the dev cluster's DNS (Services, headless-Service pod names), for the kubelet nodes' pods
+build coredns coredns "-s -w" github.com/coredns/coredns
 build kubernetes k8s "$(k8s_ldflags)" \
   k8s.io/kubernetes/cmd/kube-apiserver k8s.io/kubernetes/cmd/kube-controller-manager \
   k8s.io/kubernetes/cmd/kube-scheduler
 # the client at the API server's version (a machine's kubectl may be outside the skew policy)
 build kubectl k8s "$(k8s_ldflags)" k8s.io/kubernetes/cmd/kubectl
+# the runner nodes' kubelets (on containerd): the node agent users' clusters run
+build kubelet k8s "$(k8s_ldflags)" k8s.io/kubernetes/cmd/kubelet
 echo "[build-tools] all pieces ready under $CACHE/bin"

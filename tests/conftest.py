@@ -73,7 +73,10 @@ def operator(dev_cluster, crd_installed):
     from kubetune.devcluster.procs import free_port
 
     proc = OperatorProcess(
-        dev_cluster.endpoints.kubeconfig, dev_cluster.workdir / "logs" / "operator.log", free_port()
+        dev_cluster.endpoints.kubeconfig,
+        dev_cluster.workdir / "logs" / "operator.log",
+        free_port(),
+        dev_cluster.operator_env(),
     )
     proc.start()
     yield proc

@@ -51,10 +51,11 @@ def tiny_sql_llama(dest: Path, **kw) -> Path:
 class OperatorProcess:
     """The real operator (`python -m kubetune run`) as a subprocess of the test session."""
 
-    def __init__(self, kubeconfig, log_path, metrics_port: int) -> None:
+    def __init__(self, kubeconfig, log_path, metrics_port: int, env: dict | None = None) -> None:
         self.kubeconfig = kubeconfig
         self.log_path = log_path
         self.metrics_port = metrics_port
+        self.env = env or {}  # the dev cluster's image settings (DevCluster.operator_env)
         self.proc = None
 
     def start(self) -> None:
@@ -68,6 +69,7 @@ class OperatorProcess:
             **os.environ,
             "KUBECONFIG": str(self.kubeconfig),
             "PYTHONPATH": repo_pythonpath(),
+            **self.env,
         }
         log = open(self.log_path, "ab")  # noqa: SIM115 - owned by the process
         self.proc = subprocess.Popen(

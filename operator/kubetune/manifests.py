@@ -22,7 +22,9 @@ TRAINER_IMAGES = {
     "cuda": f"ghcr.io/kubetune/trainer-cuda:{__version__}",
     "xpu": f"ghcr.io/kubetune/trainer-xpu:{__version__}",
     "ipex-llm": f"ghcr.io/kubetune/trainer-ipex-llm:{__version__}",
-    "cpu": f"ghcr.io/kubetune/trainer-cpu:{__version__}",
+    # the CUDA image runs the cpu backend too (KUBETUNE_BACKEND=cpu in the pod): one image
+    # for NVIDIA and CPU pools, the one the dev cluster runs
+    "cpu": f"ghcr.io/kubetune/trainer-cuda:{__version__}",
 }
 TRAINER_IMAGE_ENV = "KUBETUNE_TRAINER_IMAGE_"  # + CUDA, XPU, IPEX_LLM, CPU
 
@@ -97,6 +99,14 @@ def trainer_env(spec: FineTuneJobSpec, job: str, attempt: int, rank: int, uid: s
         {"name": "KUBETUNE_PROGRESS_PORT", "value": str(PROGRESS_PORT)},
         {"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
         {"name": "AWS_REGION", "value": spec.storage.region},
+        # torch sizes its thread pool by the node's cores, not the pod's share: two CPU
+        # trainers on one node then run 2x the threads the cores can take, and OpenMP's
+        # spinning makes that ~10x slower (measured on the dev cluster). The pod's CPU
+        # request, rounded up to whole cores, is its share (launch divides it per process).
+        {
+            "name": "OMP_NUM_THREADS",
+            "valueFrom": {"resourceFieldRef": {"containerName": "trainer", "resource": "requests.cpu"}},
+        },
     ]
     procs = max(spec.resources.gpus, 1)
     if spec.workers * procs > 1:
@@ -124,6 +134,9 @@ def trainer_env(spec: FineTuneJobSpec, job: str, attempt: int, rank: int, uid: s
         ]
     if spec.model.uri:
         env.append({"name": "HF_HUB_OFFLINE", "value": "1"})
+    if spec.resources.accelerator == Accelerator.cpu.value:
+        # the image's own backend is its accelerator's; a CPU pool runs the cpu one
+        env.append({"name": "KUBETUNE_BACKEND", "value": "cpu"})
     return env
 
 

@@ -85,9 +85,8 @@ def wait_status(custom, ns, name, pred, timeout_s, what) -> dict:
 
 
 def pod_log(dev_cluster, ns: str, pod: str) -> str:
-    logs = sorted((dev_cluster.workdir / "pods").glob(f"{ns}_{pod}_*/trainer.log"))
-    assert logs, f"no log for pod {pod}"
-    return logs[-1].read_text()
+    """The trainer's output, also after its pod is gone (the dev cluster keeps node logs)."""
+    return dev_cluster.pod_log(ns, pod)
 
 
 def adapter(s3, ns: str, name: str) -> dict:
@@ -227,8 +226,8 @@ def test_hard_loss_resumes_from_the_last_periodic_checkpoint(
         240,
         "a checkpoint and 3 steps",
     )
-    # no grace: the pod runner SIGKILLs the trainer at once, as a vanished VM would
-    core.delete_namespaced_pod("hard-a1-w0", namespace, grace_period_seconds=0)
+    # no grace: the trainer's processes stop at once and the pod is gone, as with a vanished VM
+    dev_cluster.lose_pod(namespace, "hard-a1-w0")
     st = wait_status(
         custom, namespace, "hard", lambda s: s.get("phase") in ("Succeeded", "Failed"), 300, "hard to finish"
     )

@@ -1,13 +1,10 @@
 """The dev cluster is a real Kubernetes: the real scheduler places GPU pods by extended
 resources, taints and labels; the API server enforces structural CRD schemas; the
-controller-manager garbage-collects; the pod runner runs pods as real processes."""
+controller-manager garbage-collects. Pods on the runner nodes (real kubelets): test_nodes.py."""
 
 from __future__ import annotations
 
 import json
-import signal
-import textwrap
-import time
 import uuid
 
 import pytest
@@ -200,155 +197,6 @@ def test_owned_child_is_garbage_collected(core, namespace):
     wait_for(child_gone, 60, "the controller-manager to collect the orphaned child")
 
 
-# -- the pod runner: real processes --------------------------------------------------------
-
-
-HOLD = "kubetune.dev/test-hold"  # keeps a deleted pod readable until the test lets go
-
-
-def runner_pod(name: str, script: str, grace_s: int = 30, env=(), hold: bool = False) -> dict:
-    return {
-        "metadata": {"name": name, "labels": {"app": "runner-test"}, "finalizers": [HOLD] if hold else []},
-        "spec": {
-            "restartPolicy": "Never",
-            "terminationGracePeriodSeconds": grace_s,
-            "nodeSelector": {RUNNER_LABEL: "true"},
-            "tolerations": [RUNNER_TOLERATION, SPOT_TOLERATION],
-            "containers": [
-                {
-                    "name": "main",
-                    "image": "python:3.11",
-                    "command": ["python", "-c", textwrap.dedent(script)],
-                    "env": [
-                        {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
-                        {"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
-                        {"name": "NODE_NAME", "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}},
-                        *env,
-                    ],
-                }
-            ],
-        },
-    }
-
-
-def phase(core, namespace, name):
-    return core.read_namespaced_pod(name, namespace).status.phase
-
-
-def test_runner_pod_runs_for_real_and_reports_exit_and_termination_message(core, namespace, tmp_path):
-    go = tmp_path / "go"
-    script = """
-        import json, os, pathlib, socket, time
-        # bind to the pod IP, as a server in a pod would
-        s = socket.socket(); s.bind((os.environ["POD_IP"], 0)); s.close()
-        while not pathlib.Path(os.environ["GO_FILE"]).exists():
-            time.sleep(0.05)
-        msg = {k: os.environ[k] for k in ("POD_NAME", "POD_IP", "NODE_NAME")}
-        msg["pid"] = os.getpid()
-        pathlib.Path("/dev/termination-log").write_text(json.dumps(msg))
-        raise SystemExit(int(os.environ["EXIT_CODE"]))
-    """
-    for name, code in (("ok", 0), ("fails", 3)):
-        core.create_namespaced_pod(
-            namespace,
-            runner_pod(
-                name,
-                script,
-                env=[{"name": "GO_FILE", "value": str(go)}, {"name": "EXIT_CODE", "value": str(code)}],
-            ),
-        )
-    for name in ("ok", "fails"):
-        wait_for(lambda n=name: phase(core, namespace, n) == "Running", 30, f"{name} Running")
-    running = core.read_namespaced_pod("ok", namespace)
-    assert running.status.pod_ip.startswith("127.0.") and running.status.pod_ip != "127.0.0.1"
-    assert running.status.container_statuses[0].state.running is not None
-    go.touch()
-
-    for name, code, want in (("ok", 0, "Succeeded"), ("fails", 3, "Failed")):
-        wait_for(lambda n=name, w=want: phase(core, namespace, n) == w, 30, f"{name} {want}")
-        pod = core.read_namespaced_pod(name, namespace)
-        term = pod.status.container_statuses[0].state.terminated
-        assert term.exit_code == code
-        assert term.reason == ("Completed" if code == 0 else "Error")
-        msg = json.loads(term.message)
-        assert msg["POD_NAME"] == name
-        assert msg["POD_IP"] == pod.status.pod_ip
-        assert msg["NODE_NAME"] == pod.spec.node_name
-        assert pod.status.container_statuses[0].container_id == f"runner://{msg['pid']}"
-
-
-def test_deleting_a_runner_pod_sends_sigterm_then_sigkill_after_grace(core, namespace, tmp_path):
-    marks = tmp_path / "marks"
-    script = """
-        import os, pathlib, signal, time
-        marks = pathlib.Path(os.environ["MARKS"])
-        def on_term(*_):
-            with marks.open("a") as f:
-                f.write(f"SIGTERM {time.monotonic()}\\n")
-        signal.signal(signal.SIGTERM, on_term)   # and keep running: only SIGKILL ends us
-        marks.write_text("started\\n")
-        while True:
-            time.sleep(0.05)
-    """
-    core.create_namespaced_pod(
-        namespace,
-        runner_pod("stubborn", script, grace_s=2, hold=True, env=[{"name": "MARKS", "value": str(marks)}]),
-    )
-    wait_for(lambda: "started" in marks.read_text(), 30, "the process to start")
-    deleted_at = time.monotonic()
-    core.delete_namespaced_pod("stubborn", namespace)
-    final = wait_for(lambda: _terminated(core, namespace, "stubborn"), 30, "the final container status")
-    killed_after = time.monotonic() - deleted_at
-    term_lines = [line for line in marks.read_text().splitlines() if line.startswith("SIGTERM")]
-    assert len(term_lines) == 1, "SIGTERM first, exactly once"
-    assert final.exit_code == 128 + signal.SIGKILL, "then SIGKILL"
-    assert killed_after >= 2, "not before the grace period is over"
-    core.patch_namespaced_pod("stubborn", namespace, {"metadata": {"finalizers": None}})
-    wait_for(lambda: _gone(core, namespace, "stubborn"), 30, "the pod object to be removed")
-
-
-def test_a_pod_that_exits_on_sigterm_reports_its_own_exit_code(core, namespace, tmp_path):
-    started = tmp_path / "started"
-    script = """
-        import os, pathlib, signal, sys, time
-        def on_term(*_):
-            pathlib.Path("/dev/termination-log").write_text('{"outcome": "preempted"}')
-            sys.exit(75)
-        signal.signal(signal.SIGTERM, on_term)
-        pathlib.Path(os.environ["STARTED"]).touch()
-        while True:
-            time.sleep(0.05)
-    """
-    core.create_namespaced_pod(
-        namespace,
-        runner_pod("polite", script, grace_s=30, hold=True, env=[{"name": "STARTED", "value": str(started)}]),
-    )
-    wait_for(lambda: started.exists(), 30, "the process to start")
-    core.delete_namespaced_pod("polite", namespace)
-    final = wait_for(lambda: _terminated(core, namespace, "polite"), 20, "the final container status")
-    assert final.exit_code == 75
-    assert json.loads(final.message) == {"outcome": "preempted"}
-    core.patch_namespaced_pod("polite", namespace, {"metadata": {"finalizers": None}})
-    wait_for(lambda: _gone(core, namespace, "polite"), 30, "the pod object to be removed")
-
-
-def _terminated(core, namespace, name):
-    try:
-        pod = core.read_namespaced_pod(name, namespace)
-    except ApiException:
-        return None
-    statuses = pod.status.container_statuses or []
-    return statuses and statuses[0].state.terminated
-
-
-def _gone(core, namespace, name):
-    try:
-        core.read_namespaced_pod(name, namespace)
-        return False
-    except ApiException as e:
-        return e.status == 404
-
-
 def test_s3_put_and_get(s3):
     bucket = f"b-{uuid.uuid4().hex[:8]}"
     s3.create_bucket(Bucket=bucket)
@@ -356,23 +204,3 @@ def test_s3_put_and_get(s3):
     assert s3.get_object(Bucket=bucket, Key="data/shard-0.jsonl")["Body"].read() == b'{"q": "select 1"}\n'
     keys = [o["Key"] for o in s3.list_objects_v2(Bucket=bucket, Prefix="data/")["Contents"]]
     assert keys == ["data/shard-0.jsonl"]
-
-
-def test_mount_namespace_keeps_sources_that_a_volume_covers(tmp_path):
-    """A volume mounted on /tmp must not hide what is bound after it from under /tmp (the
-    checkout, in CI clones): sources are opened first and mounted without canonicalizing."""
-    import subprocess
-
-    from kubetune.devcluster.podrunner import PodRunner, can_use_mount_namespaces
-
-    if not can_use_mount_namespaces():
-        pytest.skip("no mount namespaces here")
-    assert str(tmp_path).startswith("/tmp/")
-    volume, tree = tmp_path / "volume", tmp_path / "tree"
-    volume.mkdir()
-    tree.mkdir()
-    (tree / "marker.txt").write_text("still here")
-    binds = [(volume, "/tmp"), (tree, str(tree))]
-    argv = PodRunner._in_mount_ns(binds, "/", ["cat", str(tree / "marker.txt")], cwd_first=False)
-    out = subprocess.run(argv, capture_output=True, text=True)
-    assert out.returncode == 0 and out.stdout == "still here", out.stderr

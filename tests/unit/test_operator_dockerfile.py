@@ -1,6 +1,6 @@
 """The operator image's Dockerfile, checked statically like the trainer images' (no Docker
 engine needed): a pinned base, a non-root user, `python -m kubetune run` as the
-entrypoint, and the operator extra without torch. What the image ships is also imported
+entrypoint, and the operator's locked dependencies without torch. What the image ships is also imported
 for real, with every trainer-only dependency made unimportable."""
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from pathlib import Path, PurePosixPath
 import tomllib
 
 from tests.unit import test_dockerfiles as trainer_checks
-from tests.unit.test_dockerfiles import REQUIREMENT_WITH_EXTRAS, Dockerfile, copy_parts, norm, parse
+from tests.unit.test_dockerfiles import Dockerfile, copy_parts, norm, parse
 
 ROOT = Path(__file__).resolve().parents[2]
 PATH = ROOT / "operator" / "Dockerfile"
@@ -54,21 +54,18 @@ def test_runs_the_operator():
     assert json.loads(args) == ENTRYPOINT
 
 
-def test_installs_the_operator_extra_and_no_torch():
+def test_installs_the_operator_lock_and_no_torch():
+    """The operator extra's pins (requirements/operator.lock, which holds no trainer
+    dependency: tests/unit/test_lock.py), then the project itself without dependencies."""
     dockerfile = load()
     project = dockerfile.project_dir()
     installs = [tokens for _, tokens in dockerfile.pip_installs()]
-    extras = [
-        {e.strip() for e in m["extras"].split(",")}
-        for tokens in installs
-        for m in map(REQUIREMENT_WITH_EXTRAS.match, tokens)
-        if m and norm(m["name"]) == project
-    ]
-    assert extras == [{"operator"}], f"`pip install {project}[operator]` once, no other extra: {extras}"
+    assert any("--require-hashes" in tokens and "/tmp/operator.lock" in tokens for tokens in installs), installs
+    assert any(project in map(norm, tokens) and "--no-deps" in tokens for tokens in installs), installs
     trainer_only = trainer_only_modules()
     assert "torch" in trainer_only
     for tokens in installs:
-        assert "--no-deps" not in tokens
+        assert "--no-deps" in tokens, f"{tokens}: resolves versions outside the lock"
         named = {re.split(r"[<>=!~\[]", t, maxsplit=1)[0].lower().replace("-", "_") for t in tokens}
         assert not named & trainer_only, f"trainer dependencies in the operator image: {named & trainer_only}"
 
@@ -79,6 +76,8 @@ def image_tree(dest: Path) -> Path:
     project = PurePosixPath(dockerfile.project_dir())
     for ins in dockerfile.all("COPY", dockerfile.final):
         _, sources, target = copy_parts(ins)
+        if not PurePosixPath(target).is_relative_to(project):
+            continue  # the lock, read by pip only
         for source in sources:
             src = ROOT / source
             to = dest / PurePosixPath(target).relative_to(project)

@@ -1,6 +1,16 @@
 """A real Kubernetes control plane on loopback: etcd, kube-apiserver, controller-manager,
-scheduler, kwok for fake GPU nodes, the pod runner for nodes whose pods really run,
-and MinIO for S3. Used by `kubetune dev up` and by pytest as a session fixture."""
+scheduler, CoreDNS, kwok for fake GPU nodes, real kubelets on containerd for the nodes
+whose pods really run (kubelets.py), a registry serving the project's images to them, and
+MinIO for S3. Used by `kubetune dev up` and by pytest as a session fixture.
+
+    host (root)                                      pods: no route off 10.252.0.0/16
+    ├─ 127.0.0.1: etcd, kube-apiserver, controller-manager, scheduler, kwok, registry
+    ├─ bridge kubetune0 (10.252.0.1/16): MinIO, CoreDNS (:53); node IPs 10.252.0.1x
+    │   ├─ runner-0: containerd + kubelet (own mount namespace) ── pods 10.252.1.x
+    │   ├─ runner-1: containerd + kubelet                        ── pods 10.252.2.x
+    │   └─ runner-2: containerd + kubelet                        ── pods 10.252.3.x
+    └─ kwok: the fake GPU pools (Nodes and pods that never run)
+"""
 
 from __future__ import annotations
 
@@ -19,7 +29,7 @@ from pathlib import Path
 
 import yaml
 
-from . import procs
+from . import kubelets, procs
 from .certs import CertPaths, write_dev_certs
 from .minio import S3_REGION, minio_command, minio_env, s3_client
 from .nodes import NodeSpec, default_nodes, node_manifest
@@ -48,6 +58,44 @@ def tool_dirs() -> dict[str, Path]:
             "run hack/build-tools.sh (make tools) first"
         )
     return dirs
+
+
+def cache_dir() -> Path:
+    """The project's cache (hack/*.sh): binaries, venv, images, registry storage."""
+    base = (
+        os.environ.get("KUBETUNE_CACHE")
+        or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "kubetune"
+    )
+    return Path(base)
+
+
+@dataclass(frozen=True)
+class Images:
+    """The project's images as `make images` (hack/images.sh) pushed them: references by
+    digest under the dev cluster's registry name."""
+
+    operator: str
+    trainer: str
+    pause: str
+    registry_storage: Path
+    stamp: str
+
+    @classmethod
+    def load(cls) -> Images:
+        out = subprocess.run(
+            [str(REPO_ROOT / "hack" / "images.sh"), "--print"], check=True, capture_output=True, text=True
+        ).stdout.strip()
+        path = Path(out)
+        if not path.exists():
+            raise RuntimeError(
+                f"images not built for this tree: run hack/images.sh (make images) first ({path})"
+            )
+        data = json.loads(path.read_text())
+
+        def ref(k: str) -> str:
+            return f"{kubelets.REGISTRY_HOST}/{data[k]['repository']}@{data[k]['digest']}"
+
+        return cls(ref("operator"), ref("trainer"), ref("pause"), Path(data["registry_storage"]), path.stem)
 
 
 def tool_binary(piece: str) -> Path:
@@ -83,6 +131,8 @@ class Endpoints:
     s3_access_key: str
     s3_secret_key: str
     kubeconfig: Path
+    dns: str | None = None  # CoreDNS, for pods (on the bridge)
+    registry: str | None = None  # host:port on loopback, for containerd
 
 
 @dataclass
@@ -97,6 +147,10 @@ class DevCluster:
     # seconds from start() until each readiness check passed, in order
     timings: dict[str, float] = field(default_factory=dict)
     _t0: float = 0.0
+    images: Images | None = None
+    _kubelets: kubelets.KubeletNodes | None = None
+    _slot: kubelets.Slot | None = None
+    _guard: subprocess.Popen | None = None
 
     # -- public ---------------------------------------------------------------------------
 
@@ -118,9 +172,20 @@ class DevCluster:
     def stop(self) -> None:
         """Stop every process, newest first (the runner first, so its pods get their
         SIGTERM while the API server still takes their final status)."""
+        if self._kubelets:
+            self._kubelets.stop()  # their pods' SIGTERM while the API server takes their status
+            self._kubelets = None
         for _name, proc, _log in reversed(self._procs):
             procs.stop_group(proc)
         self._procs.clear()
+        if self._slot:
+            kubelets.bridge_down(self._slot.network)
+            self._slot.release()
+            self._slot = None
+        if self._guard:
+            self._guard.kill()
+            self._guard.wait()
+            self._guard = None
         shutil.rmtree(self.workdir / "etcd", ignore_errors=True)
         shutil.rmtree(self.workdir / "minio-data", ignore_errors=True)
 
@@ -146,7 +211,8 @@ class DevCluster:
         }
 
     def env(self) -> dict[str, str]:
-        """What a client of this cluster needs: kubeconfig and the S3 endpoint and keys."""
+        """What a client of this cluster needs: kubeconfig and the S3 endpoint and keys, and
+        for an operator, the trainer image its nodes pull."""
         ep = self.endpoints
         return {
             "KUBECONFIG": str(ep.kubeconfig),
@@ -154,7 +220,50 @@ class DevCluster:
             "AWS_ACCESS_KEY_ID": ep.s3_access_key,
             "AWS_SECRET_ACCESS_KEY": ep.s3_secret_key,
             "AWS_REGION": S3_REGION,
+            **self.operator_env(),
         }
+
+    def operator_env(self) -> dict[str, str]:
+        """The operator's image settings for this cluster (as the chart sets them): the
+        CUDA trainer image, for NVIDIA and CPU jobs alike."""
+        if not self.images:
+            return {}
+        return {
+            "KUBETUNE_TRAINER_IMAGE_CUDA": self.images.trainer,
+            "KUBETUNE_TRAINER_IMAGE_CPU": self.images.trainer,
+        }
+
+    @property
+    def network(self) -> kubelets.Network | None:
+        """The pod network of the runner nodes (None without them)."""
+        return self._slot.network if self._slot else None
+
+    def lose_pod(self, namespace: str, pod: str) -> None:
+        """A pod lost the way a vanished spot VM loses it: its processes stop at once, with
+        no SIGTERM and no chance to save anything, and the pod object is gone. (Deleting
+        with grace 0 alone would not do: the kubelet still gives SIGTERM and 2 s.) The
+        containers are frozen first, then the pod is deleted, then they are killed."""
+        from kubernetes import client, config
+
+        api = config.new_client_from_config(str(self.endpoints.kubeconfig))
+        try:
+            core = client.CoreV1Api(api)
+            obj = core.read_namespaced_pod(pod, namespace)
+            root = self.workdir / "nodes" / obj.spec.node_name / "runc"
+            ids = [s.container_id.split("://", 1)[1] for s in obj.status.container_statuses or [] if s.container_id]
+            for cid in ids:
+                subprocess.run(["runc", "--root", str(root), "pause", cid], check=True, capture_output=True)
+            core.delete_namespaced_pod(pod, namespace, grace_period_seconds=0)
+            for cid in ids:
+                subprocess.run(["runc", "--root", str(root), "kill", cid, "KILL"], check=True, capture_output=True)
+                subprocess.run(["runc", "--root", str(root), "resume", cid], check=False, capture_output=True)
+        finally:
+            api.close()
+
+    def pod_log(self, namespace: str, pod: str, container: str = "trainer") -> str:
+        """A container's output, kept after its pod is gone (kubectl logs only has it while
+        the pod exists): the log keeper hard-links each log file as the kubelet creates it."""
+        return kubelets.read_kept_logs(self.workdir / "pod-logs", namespace, pod, container)
 
     # -- start-up -------------------------------------------------------------------------
 
@@ -178,14 +287,28 @@ class DevCluster:
         shutil.rmtree(w / "minio-data", ignore_errors=True)
         certs = write_dev_certs(w / "pki")
         port = {
-            k: procs.free_port() for k in ("etcd", "peer", "api", "kcm", "sched", "kwok", "s3", "s3console")
+            k: procs.free_port()
+            for k in ("etcd", "peer", "api", "kcm", "sched", "kwok", "s3", "s3console", "registry")
         }
         api = f"https://127.0.0.1:{port['api']}"
         kubeconfig_path = w / "kubeconfig"
         kubeconfig_path.write_text(yaml.safe_dump(kubeconfig(api, certs)))
         kubeconfig_path.chmod(0o600)
         s3_key, s3_secret = "kubetune-" + secrets.token_hex(4), secrets.token_urlsafe(24)
-        self.endpoints = Endpoints(api, f"http://127.0.0.1:{port['s3']}", s3_key, s3_secret, kubeconfig_path)
+        runners = [n for n in self.nodes if n.runner]
+        # MinIO and CoreDNS listen where pods reach them: the host side of the pod bridge
+        host = "127.0.0.1"
+        if runners:
+            self.images = Images.load()
+            self._take_the_nodes(len(runners))
+            host = self._slot.network.host_ip
+        self.endpoints = Endpoints(api, f"http://{host}:{port['s3']}", s3_key, s3_secret, kubeconfig_path)
+        if runners:
+            self.endpoints.dns = host
+            self.endpoints.registry = f"127.0.0.1:{port['registry']}"
+            self._spawn(
+                "registry", ["docker-registry", "serve", str(self._registry_config(port["registry"]))]
+            )
 
         etcd = f"http://127.0.0.1:{port['etcd']}"
         peer = f"http://127.0.0.1:{port['peer']}"
@@ -207,7 +330,7 @@ class DevCluster:
         if self.minio:
             self._spawn(
                 "minio",
-                minio_command(bins["minio"] / "minio", port["s3"], port["s3console"], w / "minio-data"),
+                minio_command(bins["minio"] / "minio", port["s3"], port["s3console"], w / "minio-data", host),
                 env=minio_env(w, s3_key, s3_secret),
             )
         self._wait(lambda: _http_ok(f"{etcd}/health"), "etcd /health")
@@ -225,8 +348,15 @@ class DevCluster:
                 "--service-cluster-ip-range=10.0.0.0/24",
                 "--allow-privileged=true",
                 "--authorization-mode=Node,RBAC",
-                # as on GKE: pods asking for an extended resource tolerate the taint of that name
-                "--enable-admission-plugins=ExtendedResourceToleration",
+                # as on GKE: pods asking for an extended resource tolerate the taint of that name;
+                # NodeRestriction: a kubelet may only touch its own Node and its pods
+                "--enable-admission-plugins=ExtendedResourceToleration,NodeRestriction",
+                # logs, exec: the API server dials the kubelets at their node IP, checks their
+                # serving certificate against the dev CA and shows them the admin certificate
+                "--kubelet-preferred-address-types=InternalIP",
+                f"--kubelet-certificate-authority={c.ca_cert}",
+                f"--kubelet-client-certificate={c.admin_cert}",
+                f"--kubelet-client-key={c.admin_key}",
                 f"--tls-cert-file={c.admin_cert}",
                 f"--tls-private-key-file={c.admin_key}",
                 f"--client-ca-file={c.ca_cert}",
@@ -281,22 +411,23 @@ class DevCluster:
                 f"--server-address=127.0.0.1:{port['kwok']}",
             ],
         )
-        runner_nodes = [node_manifest(n) for n in self.nodes if n.runner]
-        if runner_nodes:
-            nodes_file = w / "runner-nodes.json"
-            nodes_file.write_text(json.dumps(runner_nodes))
-            self._spawn(
-                "pod-runner",
-                [
-                    sys.executable,
-                    "-m",
-                    "kubetune.devcluster.podrunner",
-                    kc,
-                    f"--workdir={w / 'pods'}",
-                    f"--nodes-file={nodes_file}",
-                ],
-                env={**os.environ, "PYTHONPATH": repo_pythonpath()},
+        if runners:
+            self._spawn("coredns", self._coredns_command(bins, kubeconfig_path, w))
+            self._kubelets = kubelets.KubeletNodes(
+                w, self._slot.network, bins["kubelet"] / "kubelet", certs, api, self.log
             )
+            seed = kubelets.seed_images(
+                cache_dir() / "node-images",
+                self.images.stamp,
+                [self.images.pause, self.images.trainer, self.images.operator],
+                self.endpoints.registry,
+                self.log,
+            )
+            nodes = [self._kubelets.node(n.name, i, n.labels, n.taints) for i, n in enumerate(runners)]
+            self._procs += self._kubelets.start(
+                nodes, self.endpoints.registry, self.images.pause, host, seed
+            )
+            self._spawn_log_keeper([n.log_pods for n in nodes])
 
         from kubernetes import client, config  # lazily: cluster code runs before deps exist
 
@@ -320,6 +451,65 @@ class DevCluster:
         api_client.close()
 
         (w / "env").write_text("".join(f"export {k}={v}\n" for k, v in self.env().items()))
+
+    def _take_the_nodes(self, count: int) -> None:
+        """Real nodes use host resources (a bridge, its subnet): take a free slot, clear what
+        an earlier, killed holder of it left behind, and start the guard that clears up
+        after this cluster if its process is killed."""
+        self._slot = kubelets.Slot(cache_dir() / "node-images", self.workdir)
+        if self._slot.previous:
+            kubelets.cleanup(Path(self._slot.previous) / "nodes")
+        kubelets.cleanup(self.workdir / "nodes")
+        self._guard = kubelets.start_guard(self.workdir, self._slot.network.slot)
+        kubelets.bridge_up(self._slot.network, count)
+
+    def _registry_config(self, port: int) -> Path:
+        """The CNCF distribution registry, read-only over the storage `make images` pushed to."""
+        path = self.workdir / "registry.yml"
+        path.write_text(
+            yaml.safe_dump(
+                {
+                    "version": 0.1,
+                    "log": {"level": "warn"},
+                    "storage": {
+                        "filesystem": {"rootdirectory": str(self.images.registry_storage)},
+                        "maintenance": {"readonly": {"enabled": True}},
+                    },
+                    "http": {"addr": f"127.0.0.1:{port}"},
+                }
+            )
+        )
+        return path
+
+    def _coredns_command(self, bins: dict[str, Path], kubeconfig_path: Path, w: Path) -> list[str]:
+        """CoreDNS with the kubernetes plugin: Services and the pod names of headless
+        Services (w0.<job> for distributed jobs). Nothing is forwarded off the machine."""
+        corefile = w / "Corefile"
+        corefile.write_text(
+            f"""{kubelets.CLUSTER_DOMAIN}:53 {{
+    bind {self._slot.network.host_ip}
+    errors
+    kubernetes {kubelets.CLUSTER_DOMAIN} {{
+        kubeconfig {kubeconfig_path} kubetune-dev
+        ttl 5
+    }}
+    cache 5
+}}
+.:53 {{
+    bind {self._slot.network.host_ip}
+    errors
+}}
+"""
+        )
+        return [str(bins["coredns"] / "coredns"), "-conf", str(corefile)]
+
+    def _spawn_log_keeper(self, dirs: list[Path]) -> None:
+        keep = self.workdir / "pod-logs"
+        self._spawn(
+            "log-keeper",
+            [sys.executable, "-m", "kubetune.devcluster.kubelets", "keep-logs", str(keep), *map(str, dirs)],
+            env={**os.environ, "PYTHONPATH": repo_pythonpath()},
+        )
 
 
 def repo_pythonpath() -> str:

@@ -14,13 +14,15 @@ from kubetune.devcluster import procs
 S3_REGION = "us-east-1"
 
 
-def minio_command(binary: Path, port: int, console_port: int, data: Path) -> list[str]:
+def minio_command(
+    binary: Path, port: int, console_port: int, data: Path, host: str = "127.0.0.1"
+) -> list[str]:
     return [
         str(binary),
         "server",
         "--quiet",
         "--address",
-        f"127.0.0.1:{port}",
+        f"{host}:{port}",
         "--console-address",
         f"127.0.0.1:{console_port}",
         str(data),

@@ -1,0 +1,3 @@
+module kubetune.invalid/pause
+
+go 1.26
