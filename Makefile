@@ -15,6 +15,12 @@ deps:
 tools:
 	@hack/build-tools.sh
 
+# The operator and trainer images (and the dev cluster's pause image), built daemonless
+# from their Dockerfiles and pushed to the registry storage the dev cluster serves; only
+# what changed is rebuilt.
+images:
+	@hack/images.sh >/dev/null
+
 # Recompile the locks after a change to pyproject.toml's dependencies (pins kept unless a
 # range excludes them; UPGRADE="--upgrade-package torch" or "--upgrade" to move them).
 # dev.lock is the resolution; the images' locks are its subsets, constrained to its pins.
@@ -37,16 +43,16 @@ generate: deps
 # The README's test command: lint, then unit, integration and e2e tests against a real
 # dev cluster that the test session starts and stops itself.
 # pytest exits 5 when it collected nothing: a broken suite, reported as such.
-test: deps tools lint
+test: deps tools images lint
 	@$(PY) -m pytest $(PYTEST_ARGS); rc=$$?; \
 	  if [ $$rc -eq 5 ]; then echo "pytest collected no tests: the suite is missing or broken" >&2; fi; \
 	  exit $$rc
 
 # The README's main-job command.
-demo: deps tools
+demo: deps tools images
 	$(PY) -m kubetune demo
 
-dev-up: deps tools
+dev-up: deps tools images
 	$(PY) -m kubetune dev up
 
 dev-down: deps
@@ -56,10 +62,10 @@ clean:
 	-$(PY) -m kubetune dev down
 	rm -rf .dev .pytest_cache .ruff_cache
 
-bench-startup: deps tools
+bench-startup: deps tools images
 	$(PY) benchmarks/dev_cluster_startup.py
 
-bench-operator: deps tools
+bench-operator: deps tools images
 	$(PY) benchmarks/operator_scale.py
 
 bench-trainer: deps
@@ -71,5 +77,5 @@ bench-data: deps tools
 bench-gpu: deps
 	$(PY) benchmarks/gpu_qlora.py
 
-bench-recovery: deps tools
+bench-recovery: deps tools images
 	$(PY) benchmarks/recovery.py

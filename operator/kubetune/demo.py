@@ -1,11 +1,13 @@
 """`make demo`: a real fine-tune on a throwaway dev cluster (real control plane, fake GPU
-pools, a pod runner, MinIO), start to finish:
+pools, real kubelets on containerd, MinIO), start to finish:
 
 1. the seed examples are applied and the real scheduler places them on their GPU pools;
 2. SmolLM2-135M-Instruct and the text-to-SQL data are uploaded to MinIO, and
-   examples/quickstart.yaml is applied: the real trainer runs on a spot runner node;
-3. mid-training the node is drained (as a spot reclaim would): the trainer checkpoints
-   on SIGTERM, the job is Preempted, the next attempt resumes from that step elsewhere;
+   examples/quickstart.yaml is applied: the trainer image (the one NVIDIA users get, on
+   its cpu backend) runs under a real kubelet on a spot runner node;
+3. mid-training the node is drained with `kubectl drain` (as a spot reclaim would): the
+   trainer checkpoints on SIGTERM, the job is Preempted, the next attempt resumes from
+   that step on another node;
 4. the job finishes: final status, the held-out exact match before and after, and where
    the adapter is."""
 
@@ -90,7 +92,9 @@ def run(workdir: Path | None = None) -> int:
             finetune(cluster, core, custom, kubectl, model_dir)
         finally:
             stop_group(operator)
-        say(f"\nLogs: {workdir / 'logs'} (operator, control plane) and {workdir / 'pods'} (trainer pods).")
+        say(
+            f"\nLogs: {workdir / 'logs'} (operator, control plane, kubelets) and {workdir / 'pod-logs'} (pods)."
+        )
         say(f"Demo done in {time.monotonic() - t_demo:.0f} s. Stopping the dev cluster.")
     return 0
 
@@ -101,7 +105,7 @@ def tour_nodes(core) -> None:
         labels, cap = n.metadata.labels, n.status.capacity or {}
         gpus = cap.get(NVIDIA_GPU) or cap.get("gpu.intel.com/i915") or "-"
         product = labels.get("nvidia.com/gpu.product") or labels.get("gpu.intel.com/product") or "cpu"
-        kind = "pod runner (runs pods for real)" if labels.get(RUNNER_LABEL) else "kwok (fake)"
+        kind = "kubelet + containerd (runs pods for real)" if labels.get(RUNNER_LABEL) else "kwok (fake)"
         spot = labels.get(GKE_SPOT_LABEL, "false")
         say(f"  {n.metadata.name:22} {product:32} gpus={gpus:3} spot={spot:5} {kind}")
 
@@ -142,7 +146,6 @@ def tour_placement(core, custom) -> None:
 
 
 def finetune(cluster, core, custom, kubectl, model_dir: Path) -> None:
-    from kubernetes import client
 
     say("\n2. A real fine-tune: SmolLM2-135M-Instruct, QLoRA on text-to-SQL, on a spot runner node.")
     s3 = cluster.s3_client()
@@ -173,9 +176,11 @@ def finetune(cluster, core, custom, kubectl, model_dir: Path) -> None:
     pod = f"quickstart-a{st['attempt']}-w0"
     node = core.read_namespaced_pod(pod, "default").spec.node_name
     say(f"\n3. Node {node} is reclaimed (as a spot VM would be): kubectl drain {node}")
-    core.patch_node(node, {"spec": {"unschedulable": True}})
-    core.create_namespaced_pod_eviction(
-        pod, "default", client.V1Eviction(metadata=client.V1ObjectMeta(name=pod, namespace="default"))
+    # the Eviction API, grace periods and all, as a node drain before a reclaim does it
+    subprocess.run(
+        [*kubectl, "drain", node, "--ignore-daemonsets", "--delete-emptydir-data", "--timeout=120s"],
+        check=True,
+        stdout=subprocess.DEVNULL,
     )
     st = watch.until(
         lambda s: s.get("attempt", 1) >= 2 and s.get("phase") == "Running", 300, "the resumed attempt"

@@ -1,7 +1,7 @@
 """One FineTuneJob across several worker pods, end to end: the real operator creates the
 workers behind a headless Service, holds them at a scheduling gate until all fit, and
-the real trainer processes on the pod runner's nodes train with gloo over the pods' own
-addresses (w0.<job> resolved as the cluster's DNS would)."""
+the trainer image's processes under the runner nodes' kubelets train with gloo over the
+pods' own addresses (w0.<job> resolved by the cluster's CoreDNS)."""
 
 from __future__ import annotations
 

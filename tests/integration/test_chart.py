@@ -1,16 +1,14 @@
 """The Helm chart: lint, render with default and non-default values, validate every
 manifest against the Kubernetes 1.34 schemas, check the RBAC rules and the Deployment;
-then install it into the dev cluster and run the operator with the chart's ServiceAccount
-token: its RBAC is enough to take a job to Succeeded, and Secrets stay out of reach."""
+then install it into the dev cluster with the operator image: the operator runs as the
+chart's pod under a real kubelet (its ServiceAccount token, probes and read-only root
+filesystem), its RBAC is enough to take a job to Succeeded, and Secrets stay out of reach."""
 
 from __future__ import annotations
 
 import contextlib
 import os
-import signal
 import subprocess
-import sys
-import urllib.request
 import uuid
 from pathlib import Path
 
@@ -20,8 +18,7 @@ import yaml
 
 from kubetune.api import GROUP, PLURAL, VERSION
 from kubetune.crd import CRD_FILE
-from kubetune.devcluster.cluster import REPO_ROOT, repo_pythonpath, tool_binary
-from kubetune.devcluster.procs import free_port
+from kubetune.devcluster.cluster import REPO_ROOT, tool_binary
 from tests.helpers import install_crd, make_namespace, wait_for
 
 CHART = REPO_ROOT / "charts" / "kubetune"
@@ -122,6 +119,15 @@ def container(docs: list[dict]) -> dict:
 
 
 # -- rendering, no cluster ------------------------------------------------------------
+
+
+def test_renders_offline_as_users_first_meet_it():
+    """`helm template` with no cluster and no --kube-version (helm then assumes 1.20): the
+    1.30 minimum is checked against a cluster at install time, not against that guess."""
+    out = helm("template", "kt", str(CHART), check=False)
+    assert out.returncode == 0, out.stderr
+    kinds = {d["kind"] for d in yaml.safe_load_all(out.stdout) if d}
+    assert {"Deployment", "CustomResourceDefinition", "ServiceAccount"} <= kinds
 
 
 @pytest.mark.parametrize("name", sorted(VALUES))
@@ -257,7 +263,7 @@ def test_deployment_defaults(tmp_path):
         "POD_ID": None,  # from the pod's name: kopf's identity among peers
         "KUBETUNE_TRAINER_IMAGE_CUDA": "ghcr.io/kubetune/trainer-cuda:0.1.0",
         "KUBETUNE_TRAINER_IMAGE_XPU": "ghcr.io/kubetune/trainer-xpu:0.1.0",
-        "KUBETUNE_TRAINER_IMAGE_CPU": "ghcr.io/kubetune/trainer-cpu:0.1.0",
+        "KUBETUNE_TRAINER_IMAGE_CPU": "ghcr.io/kubetune/trainer-cuda:0.1.0",
         "KUBETUNE_TRAINER_IMAGE_IPEX_LLM": "ghcr.io/kubetune/trainer-ipex-llm:0.1.0",
     }
     # the metrics Service reaches the pods on their metrics port
@@ -395,44 +401,64 @@ def installed(dev_cluster, api_client, core, release: str, values: dict, tmp_pat
             install_crd(api_client, CRD_FILE)  # replaced without helm's marks
 
 
-@contextlib.contextmanager
-def operator_as(kubeconfig: Path, deployment: dict, log: Path):
-    """The operator as the chart's Deployment runs it (its args and env), as a local
-    process authenticated by `kubeconfig`, ports moved to free ones; healthy when yielded."""
-    (c,) = deployment["spec"]["template"]["spec"]["containers"]
-    health, metrics = free_port(), free_port()
-    moved = {"--metrics-port": metrics, "--health-port": health, "--progress-interval": 1}
-    args = [a for a in c["args"] if a.partition("=")[0] not in moved]
-    args += [f"{k}={v}" for k, v in moved.items()] + ["--metrics-address=127.0.0.1"]
-    env = {e["name"]: e.get("value") or f"{deployment['metadata']['name']}-0" for e in c["env"]}
-    with open(log, "ab") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "kubetune", "run", *args],
-            env={**os.environ, **env, "KUBECONFIG": str(kubeconfig), "PYTHONPATH": repo_pythonpath()},
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-        )
-    try:
-        url = f"http://127.0.0.1:{health}/healthz"
+def in_cluster_values(dev_cluster) -> dict:
+    """Values that run the chart on the dev cluster's real nodes: its images by digest from
+    the dev registry, the operator pods on the runner nodes (kubelets on containerd), and the
+    API server's address. (The dev cluster has no kube-proxy: pods reach the API server at
+    the bridge address, as operator.extraEnv tells the kubernetes client.)"""
+    from urllib.parse import urlsplit
 
-        def healthy():
-            assert proc.poll() is None, f"the operator exited {proc.returncode}: see {log}"
-            try:
-                with urllib.request.urlopen(url, timeout=2) as r:
-                    return r.status == 200
-            except OSError:
-                return False
+    from kubetune.devcluster.nodes import GKE_SPOT_LABEL, RUNNER_LABEL
 
-        wait_for(healthy, 60, "the operator's /healthz")
-        yield proc
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+    def image(ref: str) -> dict:
+        repository, digest = ref.split("@")
+        return {"repository": repository, "digest": digest}
+
+    api = urlsplit(dev_cluster.endpoints.api)
+    images = dev_cluster.images
+    return {
+        "image": image(images.operator),
+        "trainerImages": {"cuda": image(images.trainer), "cpu": image(images.trainer)},
+        "nodeSelector": {RUNNER_LABEL: "true"},
+        "tolerations": [
+            {"key": RUNNER_LABEL, "operator": "Exists", "effect": "NoSchedule"},
+            {"key": GKE_SPOT_LABEL, "operator": "Exists", "effect": "NoSchedule"},
+        ],
+        "operator": {
+            "progressIntervalSeconds": 1,
+            "extraEnv": [
+                {"name": "KUBERNETES_SERVICE_HOST", "value": api.hostname},
+                {"name": "KUBERNETES_SERVICE_PORT", "value": str(api.port)},
+            ],
+        },
+    }
+
+
+def operator_pods(core, ns: str) -> list:
+    return core.list_namespaced_pod(ns, label_selector="app.kubernetes.io/name=kubetune").items
+
+
+def operator_logs(dev_cluster, core, ns: str):
+    """All of the release's operator pods' output, kept by the dev cluster's nodes."""
+    names = [p.metadata.name for p in operator_pods(core, ns)]
+    return lambda: "\n".join(dev_cluster.pod_log(ns, name, "operator") for name in names)
+
+
+def assert_runs_in_its_image_under_a_kubelet(core, ns: str, dev_cluster, replicas: int) -> None:
+    from kubetune.devcluster.nodes import RUNNER_LABEL
+
+    pods = operator_pods(core, ns)
+    assert len(pods) == replicas
+    for pod in pods:
+        node = core.read_node(pod.spec.node_name)
+        assert node.metadata.labels.get(RUNNER_LABEL) == "true"
+        assert node.status.node_info.container_runtime_version.startswith("containerd://")
+        (status,) = pod.status.container_statuses
+        assert status.ready and status.restart_count == 0
+        assert status.image_id.endswith(dev_cluster.images.operator.split("@")[1])
+        (c,) = pod.spec.containers
+        assert c.security_context.read_only_root_filesystem and c.readiness_probe and c.liveness_probe
+        assert pod.spec.service_account_name.endswith("kubetune")
 
 
 @pytest.fixture
@@ -477,16 +503,17 @@ def tiny_job(name: str, namespace: str, model_uri: str, s3_endpoint: str) -> dic
     return job
 
 
-def wait_phase(custom, ns: str, name: str, phase: str, timeout_s: float, log: Path) -> dict:
+def wait_phase(custom, ns: str, name: str, phase: str, timeout_s: float, logs) -> dict:
     """The job's status once it reached `phase`; fails early when it failed, or when the
-    operator was refused something (its RBAC is short)."""
+    operator was refused something (its RBAC is short): `logs()` is the operator's output."""
 
     def settled():
         st = custom.get_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, name).get("status") or {}
         if st.get("phase") in (phase, "Failed"):
             return st
-        if "Forbidden" in log.read_text():
-            return {"forbidden": log.read_text()[-3000:]}
+        text = logs()
+        if "Forbidden" in text:
+            return {"forbidden": text[-3000:]}
         return None
 
     st = wait_for(settled, timeout_s, f"{ns}/{name} to be {phase}", interval_s=1)
@@ -502,14 +529,15 @@ def test_installed_chart_namespaced_runs_a_job_with_its_service_account(
     from kubernetes.client.rest import ApiException
 
     with make_namespace(core) as jobs_ns:
-        values = {"watch": {"namespaces": [jobs_ns]}, "replicaCount": 2}  # peering, namespaced
+        # peering, namespaced
+        values = {**in_cluster_values(dev_cluster), "watch": {"namespaces": [jobs_ns]}, "replicaCount": 2}
         with installed(dev_cluster, api_client, core, "kt", values, tmp_path, adopt_crd=True) as (ns, notes):
             assert "kubectl" in notes and "get ftj" in notes and jobs_ns in notes
             # everything the chart makes is there, and the Deployment is available
             apps = client.AppsV1Api(api_client)
             rbac = client.RbacAuthorizationV1Api(api_client)
             deployment = apps.read_namespaced_deployment("kt-kubetune", ns)
-            assert deployment.status.available_replicas == 2
+            assert deployment.status.available_replicas == 2  # its pods passed their probes
             core.read_namespaced_service_account("kt-kubetune", ns)
             core.read_namespaced_service("kt-kubetune-metrics", ns)
             rbac.read_cluster_role(f"{ns}-kt-kubetune")
@@ -545,20 +573,24 @@ def test_installed_chart_namespaced_runs_a_job_with_its_service_account(
                 as_sa.list_secret_for_all_namespaces()
             assert denied.value.status == 403
 
-            # the operator, with the Deployment's args and env and nothing but the token
-            log = dev_cluster.workdir / "logs" / f"operator-chart-{jobs_ns}.log"
-            deployment_dict = api_client.sanitize_for_serialization(deployment)
-            with operator_as(kubeconfig, deployment_dict, log):
-                job = tiny_job("tiny", jobs_ns, tiny_job_inputs, dev_cluster.endpoints.s3)
-                custom.create_namespaced_custom_object(GROUP, VERSION, jobs_ns, PLURAL, job)
-                st = wait_phase(custom, jobs_ns, "tiny", "Succeeded", 420, log)
-                # kopf keeps itself alive in the peering object (POD_ID is its identity there)
+            # the operator in its pods, with nothing but the ServiceAccount's token
+            assert_runs_in_its_image_under_a_kubelet(core, ns, dev_cluster, replicas=2)
+            logs = operator_logs(dev_cluster, core, ns)
+            job = tiny_job("tiny", jobs_ns, tiny_job_inputs, dev_cluster.endpoints.s3)
+            custom.create_namespaced_custom_object(GROUP, VERSION, jobs_ns, PLURAL, job)
+            st = wait_phase(custom, jobs_ns, "tiny", "Succeeded", 420, logs)
+            # kopf keeps itself alive in the peering object (POD_ID, the pod's name, is its identity)
+            pod_names = {p.metadata.name for p in operator_pods(core, ns)}
+
+            def peers():
                 peering = custom.get_namespaced_custom_object(
                     "kopf.dev", "v1", jobs_ns, "kopfpeerings", "kt-kubetune"
                 )
-                assert "kt-kubetune-0" in (peering.get("status") or {}), peering
+                return set(peering.get("status") or {}) >= pod_names
+
+            wait_for(peers, 30, "both replicas in the peering object")
             assert st["adapter"]["uri"].startswith(f"s3://chart-runs/{jobs_ns}/tiny/out")
-            text = log.read_text()
+            text = logs()
             assert "Forbidden" not in text and " 403" not in text, text[-3000:]
 
 
@@ -566,9 +598,9 @@ def test_installed_chart_namespaced_runs_a_job_with_its_service_account(
 def test_installed_chart_cluster_wide_runs_pods_everywhere(
     dev_cluster, api_client, core, custom, session_operator_paused, tmp_path
 ):
-    from kubernetes import client
 
-    values = {"crds": {"enabled": False}}  # the session's CRD stays as it is: not the release's
+    # the session's CRD stays as it is: not the release's
+    values = {**in_cluster_values(dev_cluster), "crds": {"enabled": False}}
     with (
         make_namespace(core) as jobs_ns,
         installed(dev_cluster, api_client, core, "kw", values, tmp_path, adopt_crd=False) as (ns, notes),
@@ -584,26 +616,24 @@ def test_installed_chart_cluster_wide_runs_pods_everywhere(
             assert not sa_can("get", "configmaps", where)
         assert not sa_can("create", "clusterkopfpeerings", "", "kopf.dev")  # standalone: no peering
 
-        kubeconfig = token_kubeconfig(dev_cluster, core, ns, "kw-kubetune", tmp_path / "sa-kubeconfig")
-        deployment = client.AppsV1Api(api_client).read_namespaced_deployment("kw-kubetune", ns)
-        log = dev_cluster.workdir / "logs" / f"operator-chart-{jobs_ns}.log"
-        with operator_as(kubeconfig, api_client.sanitize_for_serialization(deployment), log):
-            # a CPU job without the runner override: placed on a kwok node, Running there
-            job = {
-                "apiVersion": f"{GROUP}/{VERSION}",
-                "kind": "FineTuneJob",
-                "metadata": {"name": "everywhere"},
-                "spec": {
-                    "model": {"uri": "s3://models/m/"},
-                    "dataset": {"uri": "s3://data/d/"},
-                    "resources": {"accelerator": "cpu", "cpu": "1", "memory": "1Gi"},
-                    "checkpoint": {"uri": "s3://runs/ckpt/"},
-                    "output": {"uri": "s3://runs/out/"},
-                    "storage": {"secretRef": {"name": "s3"}},
-                },
-            }
-            custom.create_namespaced_custom_object(GROUP, VERSION, jobs_ns, PLURAL, job)
-            wait_phase(custom, jobs_ns, "everywhere", "Running", 60, log)
+        assert_runs_in_its_image_under_a_kubelet(core, ns, dev_cluster, replicas=1)
+        logs = operator_logs(dev_cluster, core, ns)
+        # a CPU job without the runner override: placed on a kwok node, Running there
+        job = {
+            "apiVersion": f"{GROUP}/{VERSION}",
+            "kind": "FineTuneJob",
+            "metadata": {"name": "everywhere"},
+            "spec": {
+                "model": {"uri": "s3://models/m/"},
+                "dataset": {"uri": "s3://data/d/"},
+                "resources": {"accelerator": "cpu", "cpu": "1", "memory": "1Gi"},
+                "checkpoint": {"uri": "s3://runs/ckpt/"},
+                "output": {"uri": "s3://runs/out/"},
+                "storage": {"secretRef": {"name": "s3"}},
+            },
+        }
+        custom.create_namespaced_custom_object(GROUP, VERSION, jobs_ns, PLURAL, job)
+        wait_phase(custom, jobs_ns, "everywhere", "Running", 60, logs)
         assert core.list_namespaced_pod(jobs_ns, label_selector=f"{GROUP}/job=everywhere").items
-        text = log.read_text()
+        text = logs()
         assert "Forbidden" not in text and " 403" not in text, text[-3000:]

@@ -1,5 +1,5 @@
-"""`kubetune dev up/down` and interruption: no process of the cluster, nor of a pod the
-runner started, outlives it."""
+"""`kubetune dev up/down` and interruption: no process of the cluster, nor of a pod its
+kubelets started, outlives it; a SIGKILLed cluster is cleared up by its guard."""
 
 from __future__ import annotations
 
@@ -8,12 +8,14 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
 import yaml
 from kubernetes import client, config
 
-from kubetune.devcluster.cluster import repo_pythonpath
+from kubetune.devcluster.cluster import Images, repo_pythonpath
+from kubetune.devcluster.kubelets import SLOTS, Network
 from tests.helpers import wait_for
 
 pytestmark = pytest.mark.cluster
@@ -59,6 +61,19 @@ def kubetune(*args, workdir: Path, check=True):
     )
 
 
+def sleepers() -> set[int]:
+    """The test pod's process: containerd's shims are not the cluster's children (they
+    outlive containerd by design), so it is found by its command line."""
+    found = set()
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            if cmdline.read_bytes() == b"sleep\x003600\x00":
+                found.add(int(cmdline.parent.name))
+        except OSError:
+            continue
+    return found
+
+
 def start_sleeper_pod(kubeconfig: Path) -> None:
     core = client.CoreV1Api(config.new_client_from_config(str(kubeconfig)))
     wait_for(lambda: core.read_namespaced_service_account("default", "default"), 30, "default SA")
@@ -69,11 +84,11 @@ def start_sleeper_pod(kubeconfig: Path) -> None:
             "spec": {
                 "nodeSelector": {"kubetune.dev/pod-runner": "true"},
                 "tolerations": [{"operator": "Exists"}],
-                "containers": [{"name": "c", "image": "x", "command": ["sleep", "3600"]}],
+                "containers": [{"name": "c", "image": Images.load().operator, "command": ["sleep", "3600"]}],
             },
         },
     )
-    wait_for(lambda: core.read_namespaced_pod("sleeper", "default").status.phase == "Running", 30, "Running")
+    wait_for(lambda: core.read_namespaced_pod("sleeper", "default").status.phase == "Running", 60, "Running")
 
 
 def test_dev_up_then_interrupted_supervisor_leaves_no_orphans(tmp_path):
@@ -83,16 +98,22 @@ def test_dev_up_then_interrupted_supervisor_leaves_no_orphans(tmp_path):
     for key in ("KUBECONFIG", "AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
         assert f"export {key}=" in env_file
     kubeconfig = yaml.safe_load((tmp_path / "kubeconfig").read_text())
-    assert kubeconfig["clusters"][0]["cluster"]["server"].startswith("https://127.0.0.1:")
+    # on the host side of its pod bridge (pods reach the API server there)
+    server = urlsplit(kubeconfig["clusters"][0]["cluster"]["server"])
+    assert server.scheme == "https" and server.hostname in {Network(s).host_ip for s in range(SLOTS)}
     start_sleeper_pod(tmp_path / "kubeconfig")
 
     supervisor = int((tmp_path / "supervisor.pid").read_text())
     procs = descendants(supervisor)
     names = {Path(f"/proc/{p}/comm").read_text().strip() for p in alive(procs)}
-    assert {"etcd", "kube-apiserver", "kube-scheduler", "kwok", "minio", "sleep"} <= names, names
+    assert {"etcd", "kube-apiserver", "kube-scheduler", "kwok", "minio", "kubelet", "containerd"} <= names, (
+        names
+    )
+    pod = sleepers()
+    assert pod, "the pod's process"
 
     os.kill(supervisor, signal.SIGKILL)  # the worst interruption: no chance to clean up
-    wait_for(lambda: not alive(procs | {supervisor}), 30, "every cluster and pod process to exit")
+    wait_for(lambda: not alive(procs | pod | {supervisor}), 30, "every cluster and pod process to exit")
     assert "not running" in kubetune("down", workdir=tmp_path).stdout
 
 
@@ -101,6 +122,8 @@ def test_dev_down_stops_everything(tmp_path):
     supervisor = int((tmp_path / "supervisor.pid").read_text())
     procs = descendants(supervisor)
     assert len(alive(procs)) >= 6
+    start_sleeper_pod(tmp_path / "kubeconfig")
+    pod = sleepers()
     assert "stopped" in kubetune("down", workdir=tmp_path).stdout
-    assert not alive(procs | {supervisor})
+    assert not alive(procs | pod | {supervisor})
     assert not (tmp_path / "etcd").exists()

@@ -6,11 +6,11 @@ venv, the locks, the Dockerfiles or the docs disagree."""
 from __future__ import annotations
 
 import re
-import tomllib
 from importlib import metadata
 from pathlib import Path
 
 import pytest
+import tomllib
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
@@ -40,7 +40,8 @@ def project_requirements() -> dict[str, list[Requirement]]:
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     groups = {"dependencies": project["dependencies"], **project["optional-dependencies"]}
     return {
-        group: [Requirement(r) for r in reqs if not r.startswith("kubetune[")] for group, reqs in groups.items()
+        group: [Requirement(r) for r in reqs if not r.startswith("kubetune[")]
+        for group, reqs in groups.items()
     }
 
 
@@ -115,4 +116,6 @@ def test_the_xpu_image_pins_the_locks_torch():
 def test_the_docs_name_the_locked_versions():
     table = (ROOT / "trainer_image" / "README.md").read_text()
     for name in ("torch", "transformers", "peft", "bitsandbytes"):
-        assert f"{name} {DEV[name][0]}" in table, f"trainer_image/README.md does not say {name} {DEV[name][0]}"
+        assert f"{name} {DEV[name][0]}" in table, (
+            f"trainer_image/README.md does not say {name} {DEV[name][0]}"
+        )

@@ -60,7 +60,9 @@ def test_installs_the_operator_lock_and_no_torch():
     dockerfile = load()
     project = dockerfile.project_dir()
     installs = [tokens for _, tokens in dockerfile.pip_installs()]
-    assert any("--require-hashes" in tokens and "/tmp/operator.lock" in tokens for tokens in installs), installs
+    assert any("--require-hashes" in tokens and "/tmp/operator.lock" in tokens for tokens in installs), (
+        installs
+    )
     assert any(project in map(norm, tokens) and "--no-deps" in tokens for tokens in installs), installs
     trainer_only = trainer_only_modules()
     assert "torch" in trainer_only

@@ -29,7 +29,9 @@ def spec(cpu: str, procs: int) -> FineTuneJobSpec:
 
 
 def test_the_pod_gets_its_cpu_request_in_whole_cores_from_the_downward_api():
-    container = build_pod("j", "uid", spec("500m", 1), attempt=1, rank=0, preemptions=0)["spec"]["containers"][0]
+    container = build_pod("j", "uid", spec("500m", 1), attempt=1, rank=0, preemptions=0)["spec"][
+        "containers"
+    ][0]
     env = {e["name"]: e for e in container["env"]}
     # the kubelet rounds requests.cpu up to whole cores (divisor 1): 500m -> 1
     assert env["OMP_NUM_THREADS"]["valueFrom"]["resourceFieldRef"] == {
@@ -40,7 +42,9 @@ def test_the_pod_gets_its_cpu_request_in_whole_cores_from_the_downward_api():
     assert env["KUBETUNE_BACKEND"]["value"] == "cpu"  # the CUDA image, on a CPU pool
 
 
-@pytest.mark.parametrize(("cores", "procs", "expected"), [("1", 1, "1"), ("2", 1, "2"), ("8", 4, "2"), ("1", 4, "1")])
+@pytest.mark.parametrize(
+    ("cores", "procs", "expected"), [("1", 1, "1"), ("2", 1, "2"), ("8", 4, "2"), ("1", 4, "1")]
+)
 def test_a_pods_processes_share_its_cores(cores, procs, expected):
     environ = {"OMP_NUM_THREADS": cores, "KUBETUNE_PROCS_PER_WORKER": str(procs)}
     assert process_env(environ, local_rank=0)["OMP_NUM_THREADS"] == expected

@@ -113,3 +113,11 @@ release's own is read and patched (keep-alives). Call with (list "kopfpeerings" 
   resourceNames: [{{ include "kubetune.peeringName" $root | quote }}]
   verbs: [get, patch]
 {{- end }}
+
+{{/* Kubernetes >= 1.30, checked when helm talks to a cluster (install, upgrade,
+template --validate); offline rendering has no cluster to check and renders. */}}
+{{- define "kubetune.kubeVersionCheck" -}}
+{{- if and (lookup "v1" "Namespace" "" "kube-system") (semverCompare "<1.30.0-0" .Capabilities.KubeVersion.Version) }}
+{{- fail (printf "kubetune needs Kubernetes 1.30 or newer; this cluster runs %s" .Capabilities.KubeVersion.Version) }}
+{{- end }}
+{{- end }}

@@ -48,9 +48,9 @@ def _write_key(key: ec.EllipticCurvePrivateKey, path: Path) -> None:
     path.chmod(0o600)
 
 
-def write_dev_certs(directory: Path, days: int = 30) -> CertPaths:
-    """One CA and one cert that is both the API server's serving cert and a
-    system:masters client cert; its key also signs service-account tokens."""
+def write_dev_certs(directory: Path, days: int = 30, extra_ips: tuple[str, ...] = ()) -> CertPaths:
+    """One CA and one cert that is both the API server's serving cert (for 127.0.0.1 and
+    extra_ips) and a system:masters client cert; its key also signs service-account tokens."""
     directory.mkdir(parents=True, exist_ok=True)
     now = dt.datetime.now(dt.timezone.utc)
     not_before, not_after = now - dt.timedelta(minutes=5), now + dt.timedelta(days=days)
@@ -110,6 +110,11 @@ def write_dev_certs(directory: Path, days: int = 30) -> CertPaths:
                 + [
                     x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
                     x509.IPAddress(ipaddress.ip_address("10.0.0.1")),
+                ]
+                + [
+                    x509.IPAddress(ipaddress.ip_address(ip))
+                    for ip in dict.fromkeys(extra_ips)
+                    if ip != "127.0.0.1"
                 ]
             ),
             critical=False,

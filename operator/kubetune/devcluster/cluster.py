@@ -82,14 +82,12 @@ class Images:
 
     @classmethod
     def load(cls) -> Images:
-        out = subprocess.run(
-            [str(REPO_ROOT / "hack" / "images.sh"), "--print"], check=True, capture_output=True, text=True
-        ).stdout.strip()
-        path = Path(out)
-        if not path.exists():
-            raise RuntimeError(
-                f"images not built for this tree: run hack/images.sh (make images) first ({path})"
-            )
+        """The images of this tree, built and pushed first when an input changed (a code
+        edit rebuilds only the small top layer of the image it touches)."""
+        out = subprocess.run([str(REPO_ROOT / "hack" / "images.sh")], capture_output=True, text=True)
+        if out.returncode != 0:
+            raise RuntimeError(f"hack/images.sh failed:\n{out.stderr[-4000:]}")
+        path = Path(out.stdout.strip().splitlines()[-1])
         data = json.loads(path.read_text())
 
         def ref(k: str) -> str:
@@ -250,12 +248,18 @@ class DevCluster:
             core = client.CoreV1Api(api)
             obj = core.read_namespaced_pod(pod, namespace)
             root = self.workdir / "nodes" / obj.spec.node_name / "runc"
-            ids = [s.container_id.split("://", 1)[1] for s in obj.status.container_statuses or [] if s.container_id]
+            ids = [
+                s.container_id.split("://", 1)[1]
+                for s in obj.status.container_statuses or []
+                if s.container_id
+            ]
             for cid in ids:
                 subprocess.run(["runc", "--root", str(root), "pause", cid], check=True, capture_output=True)
             core.delete_namespaced_pod(pod, namespace, grace_period_seconds=0)
             for cid in ids:
-                subprocess.run(["runc", "--root", str(root), "kill", cid, "KILL"], check=True, capture_output=True)
+                subprocess.run(
+                    ["runc", "--root", str(root), "kill", cid, "KILL"], check=True, capture_output=True
+                )
                 subprocess.run(["runc", "--root", str(root), "resume", cid], check=False, capture_output=True)
         finally:
             api.close()
@@ -285,23 +289,25 @@ class DevCluster:
         (w / "logs").mkdir(exist_ok=True)
         shutil.rmtree(w / "etcd", ignore_errors=True)
         shutil.rmtree(w / "minio-data", ignore_errors=True)
-        certs = write_dev_certs(w / "pki")
-        port = {
-            k: procs.free_port()
-            for k in ("etcd", "peer", "api", "kcm", "sched", "kwok", "s3", "s3console", "registry")
-        }
-        api = f"https://127.0.0.1:{port['api']}"
-        kubeconfig_path = w / "kubeconfig"
-        kubeconfig_path.write_text(yaml.safe_dump(kubeconfig(api, certs)))
-        kubeconfig_path.chmod(0o600)
-        s3_key, s3_secret = "kubetune-" + secrets.token_hex(4), secrets.token_urlsafe(24)
         runners = [n for n in self.nodes if n.runner]
-        # MinIO and CoreDNS listen where pods reach them: the host side of the pod bridge
+        # The API server, MinIO and CoreDNS listen where pods reach them too: the host side
+        # of the pod bridge (pods have no route to loopback, and no kube-proxy serves them
+        # the kubernetes Service).
         host = "127.0.0.1"
         if runners:
             self.images = Images.load()
             self._take_the_nodes(len(runners))
             host = self._slot.network.host_ip
+        certs = write_dev_certs(w / "pki", extra_ips=(host,))
+        port = {
+            k: procs.free_port()
+            for k in ("etcd", "peer", "api", "kcm", "sched", "kwok", "s3", "s3console", "registry")
+        }
+        api = f"https://{host}:{port['api']}"
+        kubeconfig_path = w / "kubeconfig"
+        kubeconfig_path.write_text(yaml.safe_dump(kubeconfig(api, certs)))
+        kubeconfig_path.chmod(0o600)
+        s3_key, s3_secret = "kubetune-" + secrets.token_hex(4), secrets.token_urlsafe(24)
         self.endpoints = Endpoints(api, f"http://{host}:{port['s3']}", s3_key, s3_secret, kubeconfig_path)
         if runners:
             self.endpoints.dns = host
@@ -341,9 +347,9 @@ class DevCluster:
             [
                 str(bins["kubernetes"] / "kube-apiserver"),
                 f"--etcd-servers={etcd}",
-                "--bind-address=127.0.0.1",
+                f"--bind-address={host}",
                 f"--secure-port={port['api']}",
-                "--advertise-address=127.0.0.1",
+                f"--advertise-address={host}",
                 "--endpoint-reconciler-type=none",
                 "--service-cluster-ip-range=10.0.0.0/24",
                 "--allow-privileged=true",
@@ -424,9 +430,7 @@ class DevCluster:
                 self.log,
             )
             nodes = [self._kubelets.node(n.name, i, n.labels, n.taints) for i, n in enumerate(runners)]
-            self._procs += self._kubelets.start(
-                nodes, self.endpoints.registry, self.images.pause, host, seed
-            )
+            self._procs += self._kubelets.start(nodes, self.endpoints.registry, self.images.pause, host, seed)
             self._spawn_log_keeper([n.log_pods for n in nodes])
 
         from kubernetes import client, config  # lazily: cluster code runs before deps exist
@@ -458,8 +462,8 @@ class DevCluster:
         after this cluster if its process is killed."""
         self._slot = kubelets.Slot(cache_dir() / "node-images", self.workdir)
         if self._slot.previous:
-            kubelets.cleanup(Path(self._slot.previous) / "nodes")
-        kubelets.cleanup(self.workdir / "nodes")
+            kubelets.cleanup(Path(self._slot.previous) / "nodes", self._slot.network)
+        kubelets.cleanup(self.workdir / "nodes", self._slot.network)
         self._guard = kubelets.start_guard(self.workdir, self._slot.network.slot)
         kubelets.bridge_up(self._slot.network, count)
 

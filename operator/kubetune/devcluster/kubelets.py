@@ -81,6 +81,10 @@ class Network:
     def node_ip(self, index: int) -> str:
         return str(self.subnet.network_address + 11 + index)
 
+    @property
+    def run_dir(self) -> Path:
+        return Path("/run/kubetune") / str(self.slot)
+
     def pod_range(self, index: int) -> tuple[str, str]:
         """Node `index`'s pod addresses: 10.x.<index+1>.2-254."""
         base = self.subnet.network_address + 256 * (index + 1)
@@ -107,7 +111,8 @@ class KubeletNode:
 
     @property
     def socket(self) -> Path:
-        return self.dir / "containerd" / "containerd.sock"
+        """Under /run, not the work directory: a unix socket path has at most 104 bytes."""
+        return self.network.run_dir / self.name / "containerd.sock"
 
     @property
     def runc_root(self) -> Path:
@@ -260,7 +265,11 @@ for pair in $PRIVATE; do
   mount --bind "$src" "$dst"
 done
 "$CONTAINERD" --config "$NODE_DIR/containerd.toml" >>"$NODE_DIR/containerd.log" 2>&1 &
-for _ in $(seq 300); do [ -S "$SOCKET" ] && break; sleep 0.1; done
+containerd=$!
+until [ -S "$SOCKET" ]; do
+  kill -0 "$containerd" 2>/dev/null || { echo "containerd exited:"; tail -5 "$NODE_DIR/containerd.log"; exit 1; }
+  sleep 0.1
+done
 # leftovers of an earlier run in the kept image store: containers and sandboxes
 for c in $("$CTR" --address "$SOCKET" -n k8s.io containers ls -q); do
   "$CTR" --address "$SOCKET" -n k8s.io containers rm "$c" >/dev/null 2>&1 || true
@@ -272,9 +281,7 @@ exec "$KUBELET" "$@"
 class KubeletNodes:
     """Start, stop and clean up the dev cluster's kubelet nodes."""
 
-    def __init__(
-        self, workdir: Path, network: Network, kubelet: Path, certs: CertPaths, api: str, log=print
-    ):
+    def __init__(self, workdir: Path, network: Network, kubelet: Path, certs: CertPaths, api: str, log=print):
         self.workdir = workdir
         self.network = network
         self.kubelet = kubelet
@@ -310,6 +317,8 @@ class KubeletNodes:
         shutil.rmtree(d, ignore_errors=True)
         for sub in ("containerd", "cni", "ipam", "runc", f"certs.d/{REGISTRY_HOST}", "pki", *PRIVATE_PATHS):
             (d / sub).mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(node.socket.parent, ignore_errors=True)
+        node.socket.parent.mkdir(parents=True)
         clone_images(seed, node.images_dir)
         (d / "containerd.toml").write_text(containerd_config(node, pause_image, registry))
         (d / "certs.d" / REGISTRY_HOST / "hosts.toml").write_text(registry_hosts_toml(registry))
@@ -384,11 +393,12 @@ class KubeletNodes:
         for _name, proc, _log in self._procs:
             procs.stop_group(proc, grace_s=5)
         self._procs.clear()
-        cleanup(self.workdir / "nodes")
+        cleanup(self.workdir / "nodes", self.network)
 
 
 def _runc_leftovers(nodes_dir: Path) -> None:
-    for root in nodes_dir.glob("*/runc"):
+    # the shim's runc root is <Root>/<containerd namespace>
+    for root in nodes_dir.glob("*/runc/*"):
         out = subprocess.run(
             ["runc", "--root", str(root), "list", "-q"], capture_output=True, text=True, check=False
         )
@@ -398,12 +408,13 @@ def _runc_leftovers(nodes_dir: Path) -> None:
             )
 
 
-def _node_processes(nodes_dir: Path) -> list[int]:
+def _node_processes(markers: list[Path]) -> list[int]:
     """Processes started for these nodes that may outlive the kubelet: its containerd
     (a child of the node's shell, not of the cluster) and containerd's shims (they outlive
-    containerd by design). All of them name a path under nodes_dir."""
+    containerd by design). Each names a path under one of `markers` (the nodes' folder,
+    their sockets' folder)."""
     found = []
-    marker = str(nodes_dir).encode()
+    marker_bytes = [str(m).encode() for m in markers]
     for proc in Path("/proc").iterdir():
         if not proc.name.isdigit() or int(proc.name) == os.getpid():
             continue
@@ -414,7 +425,7 @@ def _node_processes(nodes_dir: Path) -> list[int]:
         if (
             cmd
             and cmd[0].rsplit(b"/", 1)[-1] in (b"containerd", b"containerd-shim-runc-v2", b"kubelet")
-            and any(marker in arg for arg in cmd)
+            and any(m in arg for arg in cmd for m in marker_bytes)
         ):
             found.append(int(proc.name))
     return found
@@ -438,16 +449,17 @@ def _iptables_cleanup() -> None:
                 subprocess.run([binary, "-w", "-t", table, "-X", chain], capture_output=True)
 
 
-def cleanup(nodes_dir: Path) -> None:
-    """Remove what the nodes under nodes_dir left behind: runc containers (and with them
-    their cgroups), containerd shims, the kubelet's iptables chains. Safe to run when
-    nothing is left, and after a SIGKILLed run."""
+def cleanup(nodes_dir: Path, network: Network) -> None:
+    """Remove what the nodes under nodes_dir (on `network`) left behind: runc containers
+    (and with them their cgroups), containerd and its shims, their sockets, the kubelet's
+    iptables chains. Safe to run when nothing is left, and after a SIGKILLed run."""
     _runc_leftovers(nodes_dir)
-    pids = _node_processes(nodes_dir)
+    pids = _node_processes([nodes_dir, network.run_dir])
     for pid in pids:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
     wait_gone(pids)
+    shutil.rmtree(network.run_dir, ignore_errors=True)
     _iptables_cleanup()
 
 
@@ -457,7 +469,8 @@ def bridge_up(network: Network, node_count: int) -> None:
     bridge_down(network)
     subprocess.run(["ip", "link", "add", network.bridge, "type", "bridge"], check=True)
     subprocess.run(
-        ["ip", "addr", "add", f"{network.host_ip}/{network.subnet.prefixlen}", "dev", network.bridge], check=True
+        ["ip", "addr", "add", f"{network.host_ip}/{network.subnet.prefixlen}", "dev", network.bridge],
+        check=True,
     )
     for i in range(node_count):
         subprocess.run(["ip", "addr", "add", f"{network.node_ip(i)}/32", "dev", network.bridge], check=True)
@@ -489,7 +502,9 @@ class Slot:
             f.flush()
             self.file, self.network = f, Network(slot)
             return
-        raise RuntimeError(f"{SLOTS} dev clusters with real nodes already run on this machine; stop one first")
+        raise RuntimeError(
+            f"{SLOTS} dev clusters with real nodes already run on this machine; stop one first"
+        )
 
     def release(self) -> None:
         self.file.close()
@@ -499,17 +514,34 @@ def guard(owner: int, workdir: Path, slot: int) -> None:
     """Outlives a killed cluster: when `owner` (the process that started the cluster) is
     gone, remove what its nodes left (containerd, shims, containers, chains, the bridge).
     Started in its own session, it survives the SIGKILL that ends the owner's process group."""
-    while Path(f"/proc/{owner}").exists():
+    while _alive(owner):
         time.sleep(0.5)
-    cleanup(workdir / "nodes")
+    cleanup(workdir / "nodes", Network(slot))
     bridge_down(Network(slot))
+
+
+def _alive(pid: int) -> bool:
+    """Running, not a zombie (a killed process nobody reaps keeps its /proc entry)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state not in ("Z", "X")
 
 
 def start_guard(workdir: Path, slot: int) -> subprocess.Popen:
     import sys
 
     return subprocess.Popen(
-        [sys.executable, "-m", "kubetune.devcluster.kubelets", "guard", str(os.getpid()), str(workdir), str(slot)],
+        [
+            sys.executable,
+            "-m",
+            "kubetune.devcluster.kubelets",
+            "guard",
+            str(os.getpid()),
+            str(workdir),
+            str(slot),
+        ],
         stdin=subprocess.DEVNULL,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
@@ -550,7 +582,8 @@ def seed_images(seed_dir: Path, stamp: str, refs: list[str], registry: str, log=
     shutil.rmtree(run, ignore_errors=True)
     (run / "certs.d" / REGISTRY_HOST).mkdir(parents=True)
     (run / "certs.d" / REGISTRY_HOST / "hosts.toml").write_text(registry_hosts_toml(registry))
-    socket = run / "containerd.sock"
+    socket = Path("/run/kubetune/seed.sock")  # short: a unix socket path has at most 104 bytes
+    socket.parent.mkdir(parents=True, exist_ok=True)
     config = run / "config.toml"
     config.write_text(SEED_CONFIG.format(root=seed_dir / "root", state=run / "state", socket=socket))
     proc = procs.spawn(
