@@ -7,7 +7,7 @@ export PYTHONPATH := $(CURDIR)/operator:$(CURDIR)/trainer_image
 export PATH := $(VENV)/bin:$(PATH)
 PYTEST_ARGS ?=
 
-.PHONY: deps tools lock images lint generate test demo dev-up dev-down clean bench-startup bench-operator bench-trainer bench-data bench-gpu bench-recovery
+.PHONY: deps tools lock images prereqs lint generate test demo dev-up dev-down clean bench-startup bench-operator bench-trainer bench-data bench-gpu bench-recovery
 
 deps:
 	@hack/ensure-env.sh >/dev/null
@@ -43,16 +43,21 @@ generate: deps
 # The README's test command: lint, then unit, integration and e2e tests against a real
 # dev cluster that the test session starts and stops itself.
 # pytest exits 5 when it collected nothing: a broken suite, reported as such.
-test: deps tools images lint
+# The binaries (Go builds: CPU) and the images (mostly downloads on a cold machine) at once.
+prereqs: deps
+	@hack/build-tools.sh & tools=$$!; hack/images.sh >/dev/null & images=$$!; \
+	  wait $$tools; t=$$?; wait $$images; i=$$?; exit $$((t || i))
+
+test: prereqs lint
 	@$(PY) -m pytest $(PYTEST_ARGS); rc=$$?; \
 	  if [ $$rc -eq 5 ]; then echo "pytest collected no tests: the suite is missing or broken" >&2; fi; \
 	  exit $$rc
 
 # The README's main-job command.
-demo: deps tools images
+demo: prereqs
 	$(PY) -m kubetune demo
 
-dev-up: deps tools images
+dev-up: prereqs
 	$(PY) -m kubetune dev up
 
 dev-down: deps

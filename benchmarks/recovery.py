@@ -1,12 +1,16 @@
 """Recovery after a spot eviction, end to end on the dev cluster: the real operator, the
-real trainer (tiny random Llama) on a pod-runner node, MinIO. A worker is evicted
-mid-training (its node cordoned, the Eviction API, its grace period kept), and the time
-to the first resumed training step is split into:
+trainer image (tiny random Llama) under a real kubelet on a runner node, MinIO. A worker is
+evicted mid-training (its node cordoned, the Eviction API, its grace period kept), and the
+time to the first resumed training step is split into:
 
   stop     eviction → the old pod's loss observable in the API (its SIGTERM checkpoint)
   detect   observable → the operator marks the job Preempted
   resched  Preempted → the next attempt's pod bound to a node
-  restore  bound → the trainer resumed from the checkpoint (start, imports, model, state)
+  restore  bound → the trainer resumed from the checkpoint, itself split into
+             image start  bound → container created (sandbox, network, runc; runc's state)
+             imports      created → the trainer's first log line (python, torch, transformers)
+             model        → model loaded (base model and checkpoint fetched from MinIO, 4-bit load)
+             checkpoint   → resumed (adapter, optimizer, scheduler, RNG state restored)
   first    resumed → its first training step done
 
 plus lost steps (last step trained before the eviction - the step resumed from). The
@@ -43,10 +47,10 @@ from tests.helpers import OperatorProcess, install_crd, tiny_sql_llama  # noqa: 
 NS = "default"
 
 
-def log_times(path: Path, needle: str) -> list[float]:
+def log_times(text: str, needle: str) -> list[float]:
     """Wall-clock times (the trainer logs milliseconds) of log lines containing needle."""
     out = []
-    for line in path.read_text().splitlines():
+    for line in text.splitlines():
         if needle in line:
             stamp = line.split(" ", 1)[0]
             out.append(
@@ -55,6 +59,19 @@ def log_times(path: Path, needle: str) -> list[float]:
                 .timestamp()
             )
     return out
+
+
+def container_created(cluster, node: str, container_id: str) -> float:
+    """When runc created the container (its state file on the node, nanoseconds)."""
+    cid = container_id.split("://", 1)[1]
+    state = json.loads(
+        (cluster.workdir / "nodes" / node / "runc" / "k8s.io" / cid / "state.json").read_text()
+    )
+    stamp = state["created"]  # RFC 3339 with nanoseconds
+    whole, _, frac = stamp.rstrip("Z").partition(".")
+    return dt.datetime.strptime(whole, "%Y-%m-%dT%H:%M:%S").replace(
+        tzinfo=dt.timezone.utc
+    ).timestamp() + float("0." + (frac or "0"))
 
 
 def main() -> None:
@@ -69,7 +86,7 @@ def main() -> None:
         model_uri = upload_tiny_model_and_data(s3, tiny_sql_llama(Path(d) / "tiny"))
         ep = cluster.endpoints
         core.create_namespaced_secret(NS, cluster.s3_secret("s3"))
-        op = OperatorProcess(ep.kubeconfig, Path(d) / "operator.log", free_port())
+        op = OperatorProcess(ep.kubeconfig, Path(d) / "operator.log", free_port(), cluster.operator_env())
         op.start()
         marks: dict[str, float] = {}
 
@@ -81,7 +98,12 @@ def main() -> None:
                     marks.setdefault("observable", time.time())
                 if name == "bench-a2-w0" and pod.spec.node_name:
                     marks.setdefault("bound", time.time())
-                if "bound" in marks:
+                statuses = (pod.status.container_statuses or []) if name == "bench-a2-w0" else []
+                if statuses and statuses[0].container_id and "created" not in marks:
+                    marks["created"] = container_created(
+                        cluster, pod.spec.node_name, statuses[0].container_id
+                    )
+                if "created" in marks:
                     return
 
         def watch_job():
@@ -122,21 +144,24 @@ def main() -> None:
             )
             for t in threads:
                 t.join(120)
-            logs = cluster.workdir / "pods"
-            log1 = sorted(logs.glob(f"{NS}_bench-a1-w0_*/trainer.log"))[-1]
-            log2 = wait_for(
-                lambda: sorted(logs.glob(f"{NS}_bench-a2-w0_*/trainer.log")), 60, "attempt 2's log"
-            )[-1]
-            wait_for(lambda: log_times(log2, '"event": "train"'), 180, "attempt 2's first step")
+            log1 = cluster.pod_log(NS, "bench-a1-w0")
+            wait_for(
+                lambda: log_times(cluster.pod_log(NS, "bench-a2-w0"), '"event": "train"'),
+                180,
+                "attempt 2's first step",
+            )
+            log2 = cluster.pod_log(NS, "bench-a2-w0")
+            first_line = log_times(log2, " INFO ")[0]
+            model_loaded = log_times(log2, "kubetune.train: model ")[0]
             restored = log_times(log2, "resumed from")[0]
             first = log_times(log2, '"event": "train"')[0]
             first_cold = log_times(log1, '"event": "train"')[0]
             trained = [
                 json.loads(x.split("kubetune.train: ", 1)[1])
-                for x in log1.read_text().splitlines()
+                for x in log1.splitlines()
                 if '"event": "train"' in x
             ]
-            resumed_step = int(log2.read_text().split("(step ")[1].split(")")[0])
+            resumed_step = int(log2.split("(step ")[1].split(")")[0])
             lost = trained[-1]["step"] - resumed_step
             custom.delete_namespaced_custom_object(GROUP, VERSION, NS, PLURAL, "bench")
         finally:
@@ -145,6 +170,12 @@ def main() -> None:
     detect = marks["detected"] - marks["observable"]
     resched = marks["bound"] - marks["detected"]
     restore = restored - marks["bound"]
+    parts = {
+        "image start": marks["created"] - marks["bound"],
+        "imports": first_line - marks["created"],
+        "model": model_loaded - first_line,
+        "checkpoint": restored - model_loaded,
+    }
     first_step = first - restored
     total = first - evicted
     cold = first_cold - created
@@ -152,6 +183,8 @@ def main() -> None:
     print(f"detect   (observable -> Preempted):                       {detect:6.2f} s")
     print(f"resched  (Preempted -> next pod bound):                   {resched:6.2f} s")
     print(f"restore  (bound -> resumed from checkpoint):              {restore:6.2f} s")
+    for what, seconds in parts.items():
+        print(f"  {what:12}{seconds:6.2f} s")
     print(f"first    (resumed -> first step):                         {first_step:6.2f} s")
     print(f"lost steps: {lost} (resumed at {resumed_step}, last trained {trained[-1]['step']})")
     print(f"baseline: the same job's cold start, created -> first step: {cold:.2f} s")

@@ -23,6 +23,8 @@ KWOK_VERSION=$(module_version kwok sigs.k8s.io/kwok)
 HELM_VERSION=$(module_version helm helm.sh/helm/v3)
 MINIO_VERSION=$(module_version minio github.com/minio/minio)
 COREDNS_VERSION=$(module_version coredns github.com/coredns/coredns)
+# our own code: keyed by its sources
+FAKEGPU_VERSION=$(cat "$HACK"/fakegpu/{main.go,go.mod,go.sum} | sha256sum | cut -c1-12)
 
 declare -A DIRS=(
   [kubernetes]="$CACHE/bin/kubernetes-$K8S_VERSION"
@@ -33,10 +35,11 @@ declare -A DIRS=(
   [helm]="$CACHE/bin/helm-$HELM_VERSION"
   [minio]="$CACHE/bin/minio-${MINIO_VERSION##*-}"
   [coredns]="$CACHE/bin/coredns-$COREDNS_VERSION"
+  [fake-gpu-plugin]="$CACHE/bin/fake-gpu-plugin-$FAKEGPU_VERSION"
 )
 
 if [[ "${1:-}" == "--print" ]]; then
-  for k in kubernetes kubectl kubelet etcd kwok helm minio coredns; do echo "$k=${DIRS[$k]}"; done
+  for k in kubernetes kubectl kubelet etcd kwok helm minio coredns fake-gpu-plugin; do echo "$k=${DIRS[$k]}"; done
   exit 0
 fi
 
@@ -80,6 +83,8 @@ build helm helm "-s -w -X helm.sh/helm/v3/internal/version.version=$HELM_VERSION
 build minio minio "-s -w" github.com/minio/minio
 # the dev cluster's DNS (Services, headless-Service pod names), for the kubelet nodes' pods
 build coredns coredns "-s -w" github.com/coredns/coredns
+# a kubelet device plugin advertising nvidia.com/gpu on one runner node (hack/fakegpu)
+build fake-gpu-plugin fakegpu "-s -w" .
 build kubernetes k8s "$(k8s_ldflags)" \
   k8s.io/kubernetes/cmd/kube-apiserver k8s.io/kubernetes/cmd/kube-controller-manager \
   k8s.io/kubernetes/cmd/kube-scheduler

@@ -129,7 +129,7 @@ def test_runner_nodes_are_kubelets_that_joined_with_node_certificates(core, dev_
 
 
 def test_a_pod_runs_in_its_image_and_reports_exit_code_and_termination_message(
-    core, namespace, image, tmp_path
+    core, namespace, image, tmp_path, dev_cluster
 ):
     script = """
         import json, os, pathlib, socket, sys, time
@@ -149,7 +149,8 @@ def test_a_pod_runs_in_its_image_and_reports_exit_code_and_termination_message(
     for name in ("ok", "fails"):
         wait_for(lambda n=name: phase(core, namespace, n) == "Running", 120, f"{name} Running")
     running = core.read_namespaced_pod("ok", namespace)
-    assert running.status.pod_ip.startswith("10.252.") and running.status.container_statuses[0].state.running
+    assert ipaddress.ip_address(running.status.pod_ip) in dev_cluster.network.subnet
+    assert running.status.container_statuses[0].state.running
     (tmp_path / "go").touch()
 
     for name, code, want in (("ok", 0, "Succeeded"), ("fails", 3, "Failed")):
@@ -314,3 +315,55 @@ def test_headless_service_names_resolve_to_the_pods(core, namespace, image, tmp_
     srv_pod = core.read_namespaced_pod("srv", namespace)
     assert final.message == srv_pod.status.pod_ip
     assert core.read_namespaced_pod("cli", namespace).spec.node_name != server_node
+
+
+def test_the_trainer_image_holds_exactly_the_locked_versions(core, namespace, dev_cluster):
+    """The image users get runs what the tests ran: every package of requirements/trainer.lock
+    at its locked version, and the trainer importable."""
+    from tests.unit.test_lock import LOCKS, read_lock
+
+    locked = {name: version for name, (version, _) in read_lock(LOCKS / "trainer.lock").items()}
+    script = """
+        import json, importlib.metadata as md
+        import kubetune_trainer.train  # the trainer and its heavy imports (torch, peft, bitsandbytes)
+        from packaging.utils import canonicalize_name
+        versions = {}
+        for d in md.distributions():  # in sys.path order: the first one is what imports
+            versions.setdefault(canonicalize_name(d.metadata["Name"]), d.version)
+        open("/dev/termination-log", "w").write(json.dumps(versions))
+    """
+    pod = node_pod(dev_cluster.images.trainer, "versions", script)
+    pod["spec"]["containers"][0]["resources"] = {"limits": {"memory": "2Gi"}}
+    core.create_namespaced_pod(namespace, pod)
+    final = wait_for(lambda: terminated(core, namespace, "versions"), 180, "the version listing")
+    assert final.exit_code == 0, final.message
+    installed = json.loads(final.message)
+    wrong = {n: (v, installed.get(n)) for n, v in locked.items() if installed.get(n) != v}
+    assert not wrong, f"the trainer image differs from requirements/trainer.lock (locked, installed): {wrong}"
+
+
+def test_gpus_from_a_device_plugin_are_allocated_by_the_kubelet(core, namespace, image):
+    """runner-2's kubelet has a (fake) NVIDIA device plugin: the kubelet advertises its
+    devices as nvidia.com/gpu, the scheduler counts them, and the kubelet allocates them
+    through the plugin, whose environment the container gets."""
+    node = core.read_node("runner-2")
+    assert node.status.capacity.get("nvidia.com/gpu") == "2"
+    script = """
+        import json, os
+        env = {k: os.environ.get(k) for k in ("NVIDIA_VISIBLE_DEVICES", "KUBETUNE_FAKE_GPU")}
+        open("/dev/termination-log", "w").write(json.dumps(env))
+    """
+    both = node_pod(image, "two-gpus", script, hold=False)
+    both["spec"]["containers"][0]["resources"] = {"limits": {"nvidia.com/gpu": "2"}}
+    core.create_namespaced_pod(namespace, both)
+    final = wait_for(lambda: terminated(core, namespace, "two-gpus"), 120, "the GPU pod")
+    env = json.loads(final.message)
+    assert sorted(env["NVIDIA_VISIBLE_DEVICES"].split(",")) == ["fake-gpu-0", "fake-gpu-1"], env
+    assert env["KUBETUNE_FAKE_GPU"] == "1"
+    assert core.read_namespaced_pod("two-gpus", namespace).spec.node_name == "runner-2"
+    # a finished pod's devices are free again: a second pod gets one
+    one = node_pod(image, "one-gpu", script)
+    one["spec"]["containers"][0]["resources"] = {"limits": {"nvidia.com/gpu": "1"}}
+    core.create_namespaced_pod(namespace, one)
+    final = wait_for(lambda: terminated(core, namespace, "one-gpu"), 120, "the second GPU pod")
+    assert json.loads(final.message)["NVIDIA_VISIBLE_DEVICES"] in ("fake-gpu-0", "fake-gpu-1")

@@ -32,7 +32,7 @@ import yaml
 from . import kubelets, procs
 from .certs import CertPaths, write_dev_certs
 from .minio import S3_REGION, minio_command, minio_env, s3_client
-from .nodes import NodeSpec, default_nodes, node_manifest
+from .nodes import NVIDIA_GPU, NodeSpec, default_nodes, node_manifest
 
 REPO_ROOT = Path(__file__).resolve().parents[3]
 STAGES_FILE = Path(__file__).with_name("kwok-stages.yaml")
@@ -420,7 +420,13 @@ class DevCluster:
         if runners:
             self._spawn("coredns", self._coredns_command(bins, kubeconfig_path, w))
             self._kubelets = kubelets.KubeletNodes(
-                w, self._slot.network, bins["kubelet"] / "kubelet", certs, api, self.log
+                w,
+                self._slot.network,
+                bins["kubelet"] / "kubelet",
+                certs,
+                api,
+                self.log,
+                fake_gpu_plugin=bins["fake-gpu-plugin"] / "fake-gpu-plugin",
             )
             seed = kubelets.seed_images(
                 cache_dir() / "node-images",
@@ -429,7 +435,9 @@ class DevCluster:
                 self.endpoints.registry,
                 self.log,
             )
-            nodes = [self._kubelets.node(n.name, i, n.labels, n.taints) for i, n in enumerate(runners)]
+            nodes = [
+                self._kubelets.node(n.name, i, n.labels, n.taints, n.fake_gpus) for i, n in enumerate(runners)
+            ]
             self._procs += self._kubelets.start(nodes, self.endpoints.registry, self.images.pause, host, seed)
             self._spawn_log_keeper([n.log_pods for n in nodes])
 
@@ -444,6 +452,14 @@ class DevCluster:
         if self.minio:
             self._wait(lambda: _http_ok(f"{self.endpoints.s3}/minio/health/ready"), "MinIO ready")
         self._wait(lambda: _ready_nodes(core) >= {n.name for n in self.nodes}, "all nodes Ready")
+        gpu_nodes = {n.name: str(n.fake_gpus) for n in self.nodes if n.runner and n.fake_gpus}
+        self._wait(
+            lambda: all(
+                (core.read_node(name).status.capacity or {}).get(NVIDIA_GPU) == count
+                for name, count in gpu_nodes.items()
+            ),
+            "the device plugin's GPUs on the runner nodes",
+        )
         self._wait(
             lambda: core.read_namespaced_service_account("default", "default"),
             "the default ServiceAccount (controller-manager)",

@@ -99,6 +99,7 @@ class KubeletNode:
     labels: dict[str, str]
     taints: tuple[dict[str, str], ...]
     dir: Path  # this run's state: kubelet root, logs, containerd's root, state and socket
+    fake_gpus: int = 0  # nvidia.com/gpu from the fake device plugin
 
     @property
     def ip(self) -> str:
@@ -266,6 +267,9 @@ for pair in $PRIVATE; do
 done
 "$CONTAINERD" --config "$NODE_DIR/containerd.toml" >>"$NODE_DIR/containerd.log" 2>&1 &
 containerd=$!
+if [ -n "${FAKE_GPU_PLUGIN:-}" ]; then
+  "$FAKE_GPU_PLUGIN" -count "$FAKE_GPUS" -node "$NODE_NAME" >>"$NODE_DIR/fake-gpu-plugin.log" 2>&1 &
+fi
 until [ -S "$SOCKET" ]; do
   kill -0 "$containerd" 2>/dev/null || { echo "containerd exited:"; tail -5 "$NODE_DIR/containerd.log"; exit 1; }
   sleep 0.1
@@ -281,7 +285,17 @@ exec "$KUBELET" "$@"
 class KubeletNodes:
     """Start, stop and clean up the dev cluster's kubelet nodes."""
 
-    def __init__(self, workdir: Path, network: Network, kubelet: Path, certs: CertPaths, api: str, log=print):
+    def __init__(
+        self,
+        workdir: Path,
+        network: Network,
+        kubelet: Path,
+        certs: CertPaths,
+        api: str,
+        log=print,
+        fake_gpu_plugin: Path | None = None,
+    ):
+        self.fake_gpu_plugin = fake_gpu_plugin
         self.workdir = workdir
         self.network = network
         self.kubelet = kubelet
@@ -291,7 +305,7 @@ class KubeletNodes:
         self.nodes: list[KubeletNode] = []
         self._procs: list[tuple[str, subprocess.Popen, Path]] = []
 
-    def node(self, name: str, index: int, labels: dict[str, str], taints) -> KubeletNode:
+    def node(self, name: str, index: int, labels: dict[str, str], taints, fake_gpus: int = 0) -> KubeletNode:
         return KubeletNode(
             name=name,
             index=index,
@@ -299,6 +313,7 @@ class KubeletNodes:
             labels=dict(labels),
             taints=tuple(taints),
             dir=self.workdir / "nodes" / name,
+            fake_gpus=fake_gpus,
         )
 
     def start(
@@ -361,7 +376,10 @@ class KubeletNodes:
             "CONTAINERD": shutil.which("containerd") or "containerd",
             "CTR": shutil.which("ctr") or "ctr",
             "KUBELET": str(self.kubelet),
+            "NODE_NAME": node.name,
         }
+        if node.fake_gpus:
+            env |= {"FAKE_GPU_PLUGIN": str(self.fake_gpu_plugin), "FAKE_GPUS": str(node.fake_gpus)}
         args = [
             "unshare",
             "--mount",
@@ -424,7 +442,8 @@ def _node_processes(markers: list[Path]) -> list[int]:
             continue
         if (
             cmd
-            and cmd[0].rsplit(b"/", 1)[-1] in (b"containerd", b"containerd-shim-runc-v2", b"kubelet")
+            and cmd[0].rsplit(b"/", 1)[-1]
+            in (b"containerd", b"containerd-shim-runc-v2", b"kubelet", b"fake-gpu-plugin")
             and any(m in arg for arg in cmd for m in marker_bytes)
         ):
             found.append(int(proc.name))

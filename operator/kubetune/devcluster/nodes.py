@@ -1,7 +1,7 @@
 """Fake nodes of the dev cluster, labelled, tainted and sized like real GPU pool nodes.
 
-kwok pretends to be the kubelet of the "fake" ones; the pod runner is the kubelet
-of the "runner" ones and executes their pods as local processes.
+kwok pretends to be the kubelet of the "fake" ones; the "runner" ones are real kubelets on
+containerd (kubelets.py) that run their pods in the project's images.
 """
 
 from __future__ import annotations
@@ -22,7 +22,8 @@ class NodeSpec:
     labels: dict[str, str] = field(default_factory=dict)
     taints: tuple[dict[str, str], ...] = ()
     capacity: dict[str, str] = field(default_factory=dict)
-    runner: bool = False  # True: executed by the pod runner, not kwok
+    runner: bool = False  # True: a real kubelet, not kwok
+    fake_gpus: int = 0  # runner nodes: nvidia.com/gpu advertised by the fake device plugin
 
 
 BASE_CAPACITY = {"cpu": "96", "memory": "1024Gi", "pods": "110", "ephemeral-storage": "1Ti"}
@@ -117,7 +118,8 @@ def default_nodes() -> list[NodeSpec]:
         )
     )
     # Runner nodes: tainted so that only pods meant to really run (they tolerate the
-    # taint and select the label) land there; two spot, one on-demand.
+    # taint and select the label) land there; two spot, one on-demand, which also has two
+    # (fake) NVIDIA GPUs through a device plugin, allocated by the kubelet.
     for i, spot in enumerate((True, True, False)):
         name = f"runner-{i}"
         extra = {RUNNER_LABEL: "true", **({GKE_SPOT_LABEL: "true"} if spot else {})}
@@ -128,6 +130,7 @@ def default_nodes() -> list[NodeSpec]:
                 taints=(RUNNER_TAINT, *((SPOT_TAINT,) if spot else ())),
                 capacity={**BASE_CAPACITY, "cpu": "16", "memory": "64Gi"},
                 runner=True,
+                fake_gpus=0 if spot else 2,
             )
         )
     return nodes
