@@ -74,6 +74,17 @@ def sleepers() -> set[int]:
     return found
 
 
+def container_cgroups(pids: set[int]) -> list[Path]:
+    """The cgroup v1 folders (one per controller) the processes run in."""
+    found = []
+    for pid in pids:
+        for line in Path(f"/proc/{pid}/cgroup").read_text().splitlines():
+            _, controllers, path = line.split(":", 2)
+            if "k8s.io" in path and controllers:
+                found.append(Path("/sys/fs/cgroup") / controllers.split(",")[0] / path.lstrip("/"))
+    return [c for c in found if c.exists()]
+
+
 def start_sleeper_pod(kubeconfig: Path) -> None:
     core = client.CoreV1Api(config.new_client_from_config(str(kubeconfig)))
     wait_for(lambda: core.read_namespaced_service_account("default", "default"), 30, "default SA")
@@ -111,9 +122,13 @@ def test_dev_up_then_interrupted_supervisor_leaves_no_orphans(tmp_path):
     )
     pod = sleepers()
     assert pod, "the pod's process"
+    cgroups = container_cgroups(pod)
+    assert cgroups
 
     os.kill(supervisor, signal.SIGKILL)  # the worst interruption: no chance to clean up
     wait_for(lambda: not alive(procs | pod | {supervisor}), 30, "every cluster and pod process to exit")
+    # the guard removed the containers through runc, and their cgroups with them
+    wait_for(lambda: not any(c.exists() for c in cgroups), 30, "the pod's cgroups to be removed")
     assert "not running" in kubetune("down", workdir=tmp_path).stdout
 
 

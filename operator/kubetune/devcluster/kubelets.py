@@ -468,6 +468,18 @@ def _iptables_cleanup() -> None:
                 subprocess.run([binary, "-w", "-t", table, "-X", chain], capture_output=True)
 
 
+def _empty_container_cgroups(min_age_s: float = 60) -> None:
+    """runc removes a container's cgroups when it deletes it; a run killed at the wrong
+    moment can leave empty ones under each controller's k8s.io/. Removed when empty and
+    older than a minute (a container being created elsewhere has a fresh, empty one);
+    rmdir refuses a cgroup that still has processes."""
+    now = time.time()
+    for cg in Path("/sys/fs/cgroup").glob("*/k8s.io/*"):
+        if len(cg.name) == 64 and cg.is_dir() and now - cg.stat().st_mtime > min_age_s:
+            with contextlib.suppress(OSError):
+                cg.rmdir()
+
+
 def cleanup(nodes_dir: Path, network: Network) -> None:
     """Remove what the nodes under nodes_dir (on `network`) left behind: runc containers
     (and with them their cgroups), containerd and its shims, their sockets, the kubelet's
@@ -479,6 +491,7 @@ def cleanup(nodes_dir: Path, network: Network) -> None:
             os.kill(pid, signal.SIGKILL)
     wait_gone(pids)
     shutil.rmtree(network.run_dir, ignore_errors=True)
+    _empty_container_cgroups()
     _iptables_cleanup()
 
 
