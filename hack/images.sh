@@ -44,7 +44,10 @@ if [[ -f "$IMAGES_FILE" ]]; then echo "$IMAGES_FILE"; exit 0; fi
 
 start=$SECONDS
 missing=()
-for p in "${PACKAGES[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
+for p in "${PACKAGES[@]}"; do
+  # installed, not merely known: a removed package keeps its config ("deinstall ... config-files")
+  [[ $(dpkg-query -W -f='${Status}' "$p" 2>/dev/null) == "install ok installed" ]] || missing+=("$p")
+done
 if ((${#missing[@]})); then
   [[ $(id -u) == 0 ]] || { log "missing Debian packages (${missing[*]}): install them as root"; exit 1; }
   log "installing ${missing[*]} (apt-get)"
