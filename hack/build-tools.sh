@@ -6,6 +6,7 @@
 #   hack/build-tools.sh            build what is missing
 #   hack/build-tools.sh --print    print the cache dirs (KEY=dir), build nothing
 set -euo pipefail
+shopt -s inherit_errexit  # a failure inside $(...) stops the script too
 
 HACK="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 CACHE="${KUBETUNE_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/kubetune}"

@@ -11,6 +11,7 @@
 # The images file (JSON) names each image by repository and digest in the registry storage
 # ($CACHE/registry), which the dev cluster serves on loopback for its nodes to pull from.
 set -euo pipefail
+shopt -s inherit_errexit  # a failure inside $(...) stops the script too
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 CACHE="${KUBETUNE_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/kubetune}"
@@ -100,6 +101,18 @@ EOF
   fi
 fi
 
+# A cold trainer build needs room: its ~6 GB layer, a copy of it while podman commits it,
+# the compressed copy in the registry and the nodes' unpacked store.
+if ! podman image exists "localhost/kubetune/trainer:$(key trainer)"; then
+  avail_gb=$(($(df --output=avail -k "$CACHE" | tail -1) / 1024 / 1024))
+  if ((avail_gb < 25)); then
+    log "only ${avail_gb} GB free under $CACHE: building the trainer image needs about 25 GB"
+    exit 1
+  fi
+fi
+export TMPDIR="$CONF/tmp"  # podman's copies of layers while it commits them: beside its storage
+mkdir -p "$TMPDIR"
+
 # The build's pip reaches PyPI with the host's CA bundle, mounted for the build only.
 CA_BUNDLE=/etc/ssl/certs/ca-certificates.crt
 build() { # NAME DOCKERFILE [CONTEXT]
@@ -140,8 +153,9 @@ for _ in $(seq 100); do curl -sf "http://127.0.0.1:$port/v2/" >/dev/null && brea
 push() { # TAG REPOSITORY -> digest
   local t0=$SECONDS digestfile digest
   # pushed before (the tag is the inputs' hash): podman would recompress every layer to find out
-  digest=$(curl -sfI -H "Accept: application/vnd.oci.image.manifest.v1+json" \
-    "http://127.0.0.1:$port/v2/$2/manifests/${1##*:}" | tr -d '\r' | awk 'tolower($1)=="docker-content-digest:" {print $2}')
+  digest=$( (curl -sfI -H "Accept: application/vnd.oci.image.manifest.v1+json" \
+    "http://127.0.0.1:$port/v2/$2/manifests/${1##*:}" || true) | tr -d '\r' |
+    awk 'tolower($1)=="docker-content-digest:" {print $2}')
   if [[ -n $digest ]]; then
     log "$2: ${1##*:} already in the registry"
     echo "$digest"
