@@ -103,7 +103,8 @@ fi
 
 # A cold trainer build needs room: its ~6 GB layer, a copy of it while podman commits it,
 # the compressed copy in the registry and the nodes' unpacked store.
-if ! podman image exists "localhost/kubetune/trainer:$(key trainer)"; then
+# (an earlier trainer image means its big layer is cached: a rebuild adds a small one)
+if [[ -z $(podman images -q localhost/kubetune/trainer) ]]; then
   avail_gb=$(($(df --output=avail -k "$CACHE" | tail -1) / 1024 / 1024))
   if ((avail_gb < 25)); then
     log "only ${avail_gb} GB free under $CACHE: building the trainer image needs about 25 GB"

@@ -64,6 +64,7 @@ func main() {
 	resource := flag.String("resource", "nvidia.com/gpu", "extended resource name")
 	dir := flag.String("dir", pluginapi.DevicePluginPath, "the kubelet's device-plugin folder")
 	node := flag.String("node", "", "the node's name (for the log)")
+	flag.String("owner", "", "the node's folder: names this process for the dev cluster's cleanup")
 	flag.Parse()
 
 	p := &plugin{}

@@ -247,7 +247,7 @@ class DevCluster:
         try:
             core = client.CoreV1Api(api)
             obj = core.read_namespaced_pod(pod, namespace)
-            root = self.workdir / "nodes" / obj.spec.node_name / "runc"
+            root = self.workdir / "nodes" / obj.spec.node_name / "runc" / "k8s.io"  # <Root>/<namespace>
             ids = [
                 s.container_id.split("://", 1)[1]
                 for s in obj.status.container_statuses or []

@@ -268,7 +268,7 @@ done
 "$CONTAINERD" --config "$NODE_DIR/containerd.toml" >>"$NODE_DIR/containerd.log" 2>&1 &
 containerd=$!
 if [ -n "${FAKE_GPU_PLUGIN:-}" ]; then
-  "$FAKE_GPU_PLUGIN" -count "$FAKE_GPUS" -node "$NODE_NAME" >>"$NODE_DIR/fake-gpu-plugin.log" 2>&1 &
+  "$FAKE_GPU_PLUGIN" -count "$FAKE_GPUS" -node "$NODE_NAME" -owner "$NODE_DIR" >>"$NODE_DIR/fake-gpu-plugin.log" 2>&1 &
 fi
 until [ -S "$SOCKET" ]; do
   kill -0 "$containerd" 2>/dev/null || { echo "containerd exited:"; tail -5 "$NODE_DIR/containerd.log"; exit 1; }
