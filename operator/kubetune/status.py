@@ -162,14 +162,24 @@ def classify_loss(pod: dict | None, name: str) -> Loss:
     return Loss("failure", name, node, "Error", summary or f"exit code {code}")
 
 
+# What in a CreateContainerConfigError says the spec itself is wrong. The kubelet reports
+# passing trouble under the same reason ("failed to sync secret cache: timed out waiting
+# for the condition" while its watch of a new Secret catches up) and retries it itself.
+PERMANENT_CONFIG_ERRORS = ("not found", "couldn't find key")
+
+
 def config_error(pods: list[dict]) -> str | None:
     """The kubelet's word on a spec it cannot run: a missing Secret, ConfigMap or key.
     (The operator never reads Secrets itself: least privilege.)"""
     for pod in pods:
         for cs in (pod.get("status") or {}).get("containerStatuses") or []:
             waiting = (cs.get("state") or {}).get("waiting") or {}
-            if waiting.get("reason") in ("CreateContainerConfigError", "InvalidImageName"):
-                return f"{pod['metadata']['name']}: {waiting.get('message') or waiting['reason']}"
+            message = waiting.get("message") or ""
+            if waiting.get("reason") == "InvalidImageName" or (
+                waiting.get("reason") == "CreateContainerConfigError"
+                and any(m in message for m in PERMANENT_CONFIG_ERRORS)
+            ):
+                return f"{pod['metadata']['name']}: {message or waiting['reason']}"
     return None
 
 

@@ -179,6 +179,28 @@ def test_config_errors_fail_at_once():
     assert (st["phase"], st["reason"], st["failures"]) == ("Failed", "ConfigError", 0)
 
 
+@pytest.mark.parametrize(
+    ("message", "permanent"),
+    [
+        ('secret "s3" not found', True),
+        ("couldn't find key AWS_ACCESS_KEY_ID in Secret ns/s3", True),
+        ("failed to sync secret cache: timed out waiting for the condition", False),  # the kubelet retries
+    ],
+)
+def test_only_a_missing_secret_or_key_is_a_permanent_config_error(message, permanent):
+    from kubetune.status import config_error
+
+    pod = {
+        "metadata": {"name": "j-a1-w0"},
+        "status": {
+            "containerStatuses": [
+                {"state": {"waiting": {"reason": "CreateContainerConfigError", "message": message}}}
+            ]
+        },
+    }
+    assert (config_error([pod]) is not None) == permanent
+
+
 def test_too_many_preemptions():
     w = World(job(spot={"enabled": True, "maxPreemptions": 1}))
     w.reconcile()
