@@ -19,13 +19,18 @@ SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2 = "SmolLM2-135M-Instruct"
 
 
-def models_dir() -> Path:
-    """Where converted local models are cached: the project cache (hack/ensure-env.sh's)."""
+def project_cache() -> Path:
+    """The project's cache, as hack/*.sh name it: venv, binaries, images, models."""
     cache = (
         os.environ.get("KUBETUNE_CACHE")
         or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "kubetune"
     )
-    return Path(cache) / "models"
+    return Path(cache)
+
+
+def models_dir() -> Path:
+    """Where converted local models are cached: in the project cache."""
+    return project_cache() / "models"
 
 
 def cached_smollm2(models: Path | None = None) -> Path:

@@ -62,11 +62,9 @@ def tool_dirs() -> dict[str, Path]:
 
 def cache_dir() -> Path:
     """The project's cache (hack/*.sh): binaries, venv, images, registry storage."""
-    base = (
-        os.environ.get("KUBETUNE_CACHE")
-        or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "kubetune"
-    )
-    return Path(base)
+    from kubetune_trainer.local_models import project_cache
+
+    return project_cache()
 
 
 @dataclass(frozen=True)

@@ -546,19 +546,10 @@ def guard(owner: int, workdir: Path, slot: int) -> None:
     """Outlives a killed cluster: when `owner` (the process that started the cluster) is
     gone, remove what its nodes left (containerd, shims, containers, chains, the bridge).
     Started in its own session, it survives the SIGKILL that ends the owner's process group."""
-    while _alive(owner):
+    while procs.alive(owner):
         time.sleep(0.5)
     cleanup(workdir / "nodes", Network(slot))
     bridge_down(Network(slot))
-
-
-def _alive(pid: int) -> bool:
-    """Running, not a zombie (a killed process nobody reaps keeps its /proc entry)."""
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return False
-    return state not in ("Z", "X")
 
 
 def start_guard(workdir: Path, slot: int) -> subprocess.Popen:

@@ -43,6 +43,16 @@ def spawn(
         )
 
 
+def alive(pid: int) -> bool:
+    """Running, not a zombie (a killed process nobody reaps keeps its /proc entry; some
+    containers never reap)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state not in ("Z", "X")
+
+
 def stop_group(proc: subprocess.Popen, grace_s: float = 5.0) -> int | None:
     """SIGTERM the process group, SIGKILL it after grace_s; returns the exit status."""
     if proc.poll() is None:

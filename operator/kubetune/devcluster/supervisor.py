@@ -22,10 +22,9 @@ def _pid(workdir: Path) -> int | None:
     """The supervisor's pid if it is alive (a zombie, never reaped in some containers, is not)."""
     try:
         pid = int((workdir / "supervisor.pid").read_text())
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, ValueError, IndexError):
+    except (OSError, ValueError):
         return None
-    return None if state in ("Z", "X") else pid
+    return pid if procs.alive(pid) else None
 
 
 def serve(workdir: Path) -> int:
