@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import OperatorProcess, install_crd, make_namespace
+from tests.helpers import OPERATOR_LOG, OperatorProcess, install_crd, make_namespace
 
 STARTUP_TIMES: dict[str, float] = {}
 
@@ -80,12 +80,9 @@ def operator(dev_cluster, crd_installed):
     """The operator, running for real against the session's dev cluster."""
     from kubetune.devcluster.procs import free_port
 
-    proc = OperatorProcess(
-        dev_cluster.endpoints.kubeconfig,
-        dev_cluster.workdir / "logs" / "operator.log",
-        free_port(),
-        dev_cluster.operator_env(),
-    )
+    log = dev_cluster.workdir / "logs" / "operator.log"
+    OPERATOR_LOG[:] = [log]
+    proc = OperatorProcess(dev_cluster.endpoints.kubeconfig, log, free_port(), dev_cluster.operator_env())
     proc.start()
     yield proc
     proc.stop()

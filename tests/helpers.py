@@ -48,6 +48,9 @@ def tiny_sql_llama(dest: Path, **kw) -> Path:
     return tiny_llama(dest, texts, **kw)
 
 
+OPERATOR_LOG: list = []  # the session operator's log (set by its fixture), for failure messages
+
+
 class OperatorProcess:
     """The real operator (`python -m kubetune run`) as a subprocess of the test session."""
 
@@ -82,6 +85,7 @@ class OperatorProcess:
                 f"--metrics-port={self.metrics_port}",
                 "--metrics-address=127.0.0.1",
                 "--progress-interval=1",
+                "--verbose",  # a line per reconcile: what a failed test's message shows
             ],
             env=env,
             stdout=log,

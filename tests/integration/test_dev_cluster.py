@@ -71,6 +71,32 @@ def test_eight_gpu_spot_pod_lands_on_a_spot_a100(core, namespace):
     wait_for(lambda: core.read_namespaced_pod("a100", namespace).status.phase == "Running", 30, "Running")
 
 
+def test_fake_pods_and_nodes_have_addresses_that_stay_on_the_machine(core, namespace, dev_cluster):
+    """The operator asks every running pod for its progress, kwok's fake ones too: their
+    addresses must lie on the cluster's own bridge (and on no link of it), never on a
+    route off the machine, and clear of the real nodes' pod ranges."""
+    import ipaddress
+    import subprocess
+
+    core.create_namespaced_pod(namespace, gpu_pod("addr", {NVIDIA_GPU: "1"}, [SPOT_TOLERATION]))
+    pod = wait_for(
+        lambda: (p := core.read_namespaced_pod("addr", namespace)).status.pod_ip and p, 30, "a pod IP"
+    )
+    network = dev_cluster.network
+    fake = ipaddress.ip_network(network.fake_pod_cidr)
+    node_ips = [
+        a.address for a in core.read_node(pod.spec.node_name).status.addresses if a.type == "InternalIP"
+    ]
+    for ip in (pod.status.pod_ip, pod.status.host_ip, *node_ips):
+        assert ipaddress.ip_address(ip) in network.subnet, ip
+        route = subprocess.run(["ip", "route", "get", ip], capture_output=True, text=True, check=True).stdout
+        assert f"dev {network.bridge}" in route and " via " not in route, route
+    assert ipaddress.ip_address(pod.status.pod_ip) in fake
+    for i in range(3):
+        first, _ = network.pod_range(i)
+        assert ipaddress.ip_address(first) not in fake
+
+
 def test_gpu_pod_without_the_spot_toleration_stays_off_spot_nodes(core, namespace):
     core.create_namespaced_pod(namespace, gpu_pod("on-demand", {NVIDIA_GPU: "8"}))
     labels = bound_node(core, namespace, "on-demand")

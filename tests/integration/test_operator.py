@@ -15,7 +15,8 @@ from kubernetes.client.rest import ApiException
 
 from kubetune.api import GROUP, PLURAL, VERSION
 from kubetune.devcluster.nodes import GKE_SPOT_LABEL, RUNNER_LABEL
-from tests.helpers import kubectl, wait_for
+from kubetune.devcluster.procs import tail
+from tests.helpers import OPERATOR_LOG, kubectl, wait_for
 
 pytestmark = pytest.mark.cluster
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
@@ -55,11 +56,21 @@ def status(custom, namespace, name) -> dict:
 
 
 def wait_phase(custom, namespace, name, phase, timeout_s=30) -> dict:
-    return wait_for(
-        lambda: (s := status(custom, namespace, name)).get("phase") == phase and s,
-        timeout_s,
-        f"{name} to be {phase} (now {status(custom, namespace, name)})",
-    )
+    try:
+        return wait_for(
+            lambda: (s := status(custom, namespace, name)).get("phase") == phase and s,
+            timeout_s,
+            f"{name} to be {phase}",
+        )
+    except TimeoutError as e:
+        # what the job and the operator show at the end of the wait, not at its start
+        raise TimeoutError(
+            f"{e}; status now {status(custom, namespace, name)}; operator log:\n{operator_log_tail()}"
+        ) from None
+
+
+def operator_log_tail() -> str:
+    return tail(OPERATOR_LOG[0], 40) if OPERATOR_LOG else "(no operator)"
 
 
 def job_pods(core, namespace, name):

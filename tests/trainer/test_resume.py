@@ -4,8 +4,12 @@ Real trainer processes, data streamed from a real MinIO."""
 
 from __future__ import annotations
 
+import hashlib
+import json
+import pickle
 import random
 import signal
+from pathlib import Path
 
 import pytest
 
@@ -102,7 +106,60 @@ def test_corrupt_and_incomplete_newest_checkpoints_are_skipped(baseline, tiny_mo
 
     second = run_trainer(cfg, tmp_path, minio, "second")
     log = second.log_text()
-    assert "skipping checkpoint step 40: adapter_model.safetensors: sha256" in log
+    assert "skipping checkpoint step 40: ValueError: adapter_model.safetensors: sha256" in log
     assert "skipping checkpoint step 30: no manifest" in log
     assert second.steps()[0]["step"] == 21, "should resume from step 20, the newest intact checkpoint"
+    assert max_abs_diff(adapter_tensors(minio, cfg["output"]["uri"]), base_adapter) <= 1e-5
+
+
+class Planted:
+    """A pickle that, unpickled, leaves a file behind: what an attacker who can write the
+    checkpoint prefix would put in optimizer.pt."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.write_text, (self.marker, "code ran"))
+
+
+def replant(s3, prefix: str, step: int, files: dict[str, bytes]) -> None:
+    """Rewrite checkpoint `step` with `files` and a manifest that matches them, as anyone
+    with write access to the prefix can: the manifest's hashes prove nothing."""
+    from kubetune_trainer.checkpoints import FORMAT_VERSION, step_dir
+
+    folder = f"{prefix}/{step_dir(step)}"
+    manifest = json.loads(s3.get_object(Bucket="runs", Key=f"{folder}/{MANIFEST}")["Body"].read())
+    for name, body in files.items():
+        s3.put_object(Bucket="runs", Key=f"{folder}/{name.lstrip('/')}", Body=body)
+        manifest["files"][name] = {"sha256": hashlib.sha256(body).hexdigest(), "size": len(body)}
+    assert manifest["format"] == FORMAT_VERSION
+    s3.put_object(Bucket="runs", Key=f"{folder}/{MANIFEST}", Body=json.dumps(manifest).encode())
+
+
+def test_planted_and_broken_checkpoints_are_skipped_without_running_or_writing_anything(
+    baseline, tiny_model, minio, tmp_path
+):
+    _, base_adapter = baseline
+    cfg = tiny_config(tiny_model, "planted")
+    cfg["checkpoint"]["keep"] = 4
+    run_trainer(cfg, tmp_path, minio, "first")  # checkpoints 10, 20, 30, 40
+    s3, prefix = minio.client(), "planted/ckpt"
+    marker, escaped = tmp_path / "code-ran", tmp_path / "escaped" / "file"
+    # 40: a pickle payload as its optimizer state, with a matching manifest
+    replant(s3, prefix, 40, {"optimizer.pt": pickle.dumps(Planted(marker))})
+    # 30: a manifest entry naming an absolute path (and the object it would fetch there)
+    replant(s3, prefix, 30, {str(escaped): b"planted"})
+    # 20: a manifest entry whose object is gone (deleted after the listing): an S3 404
+    replant(s3, prefix, 20, {"gone.bin": b"x"})
+    s3.delete_object(Bucket="runs", Key=f"{prefix}/step-00000020/gone.bin")
+
+    second = run_trainer(cfg, tmp_path, minio, "second")
+    log = second.log_text()
+    assert not marker.exists(), "the planted pickle ran"
+    assert not escaped.exists(), "a manifest name wrote outside the checkpoint folder"
+    assert "skipping checkpoint step 40: UnpicklingError" in log
+    assert "skipping checkpoint step 30: UnsafePath" in log
+    assert "skipping checkpoint step 20: ClientError" in log
+    assert second.steps()[0]["step"] == 11, "should resume from step 10, the newest usable checkpoint"
     assert max_abs_diff(adapter_tensors(minio, cfg["output"]["uri"]), base_adapter) <= 1e-5

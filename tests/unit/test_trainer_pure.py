@@ -72,13 +72,15 @@ def test_chat_uses_the_tokenizers_template():
         render({"messages": msgs[:1]}, "chat", {}, None, Tok())
 
 
-def test_retention_keeps_newest_complete_and_a_newer_upload_in_progress():
-    assert to_prune(complete=[10, 20, 30, 40], all_steps=[10, 20, 30, 40], keep=2) == [10, 20]
-    # 35 has no manifest and is older than the newest complete: a dead upload, pruned
-    assert to_prune(complete=[10, 20, 40], all_steps=[10, 20, 35, 40], keep=3) == [35]
-    # 50 has no manifest and is newer: maybe still uploading, kept
-    assert to_prune(complete=[10, 20, 40], all_steps=[10, 20, 40, 50], keep=2) == [10]
-    assert to_prune(complete=[], all_steps=[5], keep=2) == []
+def test_retention_keeps_newest_verified_and_a_newer_upload_in_progress():
+    assert to_prune(verified=[10, 20, 30, 40], all_steps=[10, 20, 30, 40], keep=2) == [10, 20]
+    # 35 is not verified and is older than the newest verified: a dead upload, pruned
+    assert to_prune(verified=[10, 20, 40], all_steps=[10, 20, 35, 40], keep=3) == [35]
+    # 50 is newer than every verified one: maybe still uploading, kept
+    assert to_prune(verified=[10, 20, 40], all_steps=[10, 20, 40, 50], keep=2) == [10]
+    assert to_prune(verified=[], all_steps=[5], keep=2) == []
+    # keep=1 and a newest checkpoint that is complete but corrupt (20): the good one stays
+    assert to_prune(verified=[10], all_steps=[10, 20], keep=1) == []
     assert steps_in(["step-00000010/a", "step-00000010/manifest.json", "junk/x", "step-12/a"]) == {
         10: {"a", "manifest.json"}
     }

@@ -13,20 +13,22 @@ import concurrent.futures
 import hashlib
 import json
 import logging
+import pickle
 import re
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from kubetune_trainer.storage import Store, join
+from kubetune_trainer.storage import Store, inside, join, missing
 
 log = logging.getLogger("kubetune.checkpoints")
 
 MANIFEST = "manifest.json"
 STEP_DIR = re.compile(r"^step-(\d{8})$")
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: RNG and scheduler state as JSON, no pickle but the weights-only optimizer
 
 
 def step_dir(step: int) -> str:
@@ -64,17 +66,16 @@ def steps_in(keys: list[str]) -> dict[int, set[str]]:
     return found
 
 
-def to_prune(complete: list[int], all_steps: list[int], keep: int) -> list[int]:
-    """Keep the newest `keep` complete checkpoints; drop older complete ones and any
-    incomplete one older than the newest complete (a newer incomplete one may still be
-    uploading)."""
-    kept = sorted(complete, reverse=True)[:keep]
+def to_prune(verified: list[int], all_steps: list[int], keep: int) -> list[int]:
+    """Keep the newest `keep` verified checkpoints; drop everything older than the oldest
+    of them, and anything else older than the newest of them. A checkpoint newer than every
+    verified one stays, whatever it is: it may still be uploading, and one that is corrupt
+    must not be what pushes the good ones out."""
+    kept = sorted(verified, reverse=True)[:keep]
     if not kept:
         return []
-    oldest_kept, newest = min(kept), max(kept)
-    return sorted(
-        s for s in all_steps if s not in kept and (s < oldest_kept or (s not in complete and s < newest))
-    )
+    newest = max(kept)
+    return sorted(s for s in all_steps if s not in kept and s < newest)
 
 
 @dataclass
@@ -82,6 +83,12 @@ class Restored:
     step: int
     folder: Path  # local copy, verified
     uri: str
+    contents: dict | None = None  # what `read` made of the folder
+
+
+# what makes a checkpoint unusable (and skipped) rather than the resume fail: bad or missing
+# files, a name outside its folder, a payload the weights-only reader refuses
+UNUSABLE = (ValueError, KeyError, TypeError, OSError, pickle.UnpicklingError, RuntimeError)
 
 
 class CheckpointStore:
@@ -91,6 +98,9 @@ class CheckpointStore:
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.uploader = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="ckpt-upload")
         self.in_flight: concurrent.futures.Future | None = None
+        # steps known good: committed by this process or restored after every check. Pruning
+        # counts only these, so a corrupt newest checkpoint never displaces the good ones.
+        self.verified: set[int] = set()
 
     def uri(self, step: int) -> str:
         return f"{self.store.uri.rstrip('/')}/{step_dir(step)}/"
@@ -143,33 +153,44 @@ class CheckpointStore:
             time.monotonic() - t0,
         )
         shutil.rmtree(folder, ignore_errors=True)
+        self.verified.add(step)
         self.prune()
 
     def prune(self) -> None:
         try:
             listing = steps_in([o.key for o in self.store.list()])
-            complete = [s for s, files in listing.items() if MANIFEST in files]
-            for s in to_prune(complete, list(listing), self.keep):
+            verified = [s for s in listing if s in self.verified]
+            for s in to_prune(verified, list(listing), self.keep):
                 self.store.delete([join(step_dir(s), f) for f in listing[s]])
                 log.info("pruned checkpoint step %d", s)
         except Exception as e:  # pruning is housekeeping: never fail training over it
             log.warning("could not prune old checkpoints: %s", e)
 
     # -- resume -------------------------------------------------------------------------
-    def latest(self) -> Restored | None:
-        """The newest checkpoint whose files all match its manifest, copied locally."""
+    def latest(self, read: Callable[[Path], dict] | None = None) -> Restored | None:
+        """The newest checkpoint whose files all match its manifest and that `read` (which
+        parses them) accepts, copied locally. Anything else is skipped with a warning: an
+        incomplete upload, a file gone since the listing, a hash or name that does not
+        hold, a payload that is not plain data."""
         listing = steps_in([o.key for o in self.store.list()])
         for step in sorted(listing, reverse=True):
             files = listing[step]
             if MANIFEST not in files:
                 log.warning("skipping checkpoint step %d: no manifest (incomplete upload)", step)
                 continue
+            folder = None
             try:
                 folder = self._fetch_verified(step)
-            except (ValueError, KeyError, OSError) as e:
-                log.warning("skipping checkpoint step %d: %s", step, e)
+                contents = read(folder) if read else None
+            except Exception as e:
+                if not (isinstance(e, UNUSABLE) or missing(e)):
+                    raise  # S3 unreachable, say: fail the attempt, never resume older work
+                log.warning("skipping checkpoint step %d: %s: %s", step, type(e).__name__, e)
+                if folder is not None:
+                    shutil.rmtree(folder, ignore_errors=True)
                 continue
-            return Restored(step, folder, self.uri(step))
+            self.verified.add(step)
+            return Restored(step, folder, self.uri(step), contents)
         return None
 
     def _fetch_verified(self, step: int) -> Path:
@@ -182,7 +203,7 @@ class CheckpointStore:
         folder = self.workdir / f"restore-{prefix}"
         shutil.rmtree(folder, ignore_errors=True)
         for name, meta in manifest["files"].items():
-            dest = folder / name
+            dest = inside(folder, name)
             self.store.download(join(prefix, name), dest)
             digest = sha256_file(dest)
             if digest != meta["sha256"]:

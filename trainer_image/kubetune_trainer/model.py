@@ -18,7 +18,7 @@ import os
 import time
 from pathlib import Path
 
-from kubetune_trainer.storage import open_store
+from kubetune_trainer.storage import inside, open_store
 
 log = logging.getLogger("kubetune.model")
 
@@ -131,7 +131,7 @@ def model_dir(model_cfg, cache: Path) -> str:
         raise FileNotFoundError(f"no model files under {uri}")
     log.info("downloading the base model from %s (%d files)", uri, len(objects))
     for obj in objects:
-        store.download(obj.key, dest / obj.key)
+        store.download(obj.key, inside(dest, obj.key))
     (dest / ".complete").touch()
     return str(dest)
 

@@ -49,6 +49,33 @@ def join(*parts: str) -> str:
     return "/".join(p.strip("/") for p in parts if p.strip("/"))
 
 
+class UnsafePath(ValueError):
+    """An object key or manifest name that would land outside its folder."""
+
+
+def inside(root: Path, name: str) -> Path:
+    """root/name, refused unless it stays inside root (the zip-slip rule). Keys and
+    manifest names come from a bucket others may write to: an absolute name, a `..`
+    component, a backslash or an empty component is never made into a path."""
+    parts = name.split("/")
+    odd = "\\" in name or "\0" in name
+    if odd or any(p in ("", ".", "..") for p in parts):
+        raise UnsafePath(f"refusing {name!r}: not a plain relative path")
+    path = root.joinpath(*parts)
+    base = root.resolve()
+    if not path.resolve().is_relative_to(base):  # a symlink already in root pointing out
+        raise UnsafePath(f"refusing {name!r}: resolves outside {root}")
+    return path
+
+
+def missing(error: Exception) -> bool:
+    """An S3 error that says the object or bucket is not there (gone since a listing)."""
+    response = getattr(error, "response", None)
+    if not isinstance(response, dict):
+        return False
+    return str((response.get("Error") or {}).get("Code")) in ("404", "NoSuchKey", "NotFound", "NoSuchBucket")
+
+
 def open_store(uri: str) -> Store:
     """s3://bucket/prefix, file:///abs/path or a plain local path."""
     parsed = urlparse(uri)
@@ -67,7 +94,7 @@ class LocalStore:
         self.uri = f"file://{root.resolve()}"
 
     def _path(self, key: str) -> Path:
-        return self.root / key if key else self.root
+        return inside(self.root, key) if key else self.root
 
     def list(self, prefix: str = "") -> list[ObjectInfo]:
         base = self._path(prefix)
@@ -154,6 +181,8 @@ class S3Store:
         for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=full):
             for obj in page.get("Contents", []):
                 key = obj["Key"]
+                if key.endswith("/"):
+                    continue  # a "folder" marker (S3 consoles create them), not a file
                 if key == full or key.startswith(folder):
                     rel = key[len(self.prefix) :].lstrip("/") if self.prefix else key
                     out.append(ObjectInfo(rel, obj["Size"]))

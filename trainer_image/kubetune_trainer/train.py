@@ -94,12 +94,19 @@ def seed_everything(seed: int) -> None:
 
 
 def rng_state() -> dict:
+    """Every RNG the training draws from, as plain JSON: a checkpoint holds no pickle."""
     import numpy as np
     import torch
 
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    version, words, gauss = random.getstate()
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {
+        "python": [version, list(words), gauss],
+        "numpy": [name, keys.tolist(), int(pos), int(has_gauss), float(cached)],
+        "torch": torch.get_rng_state().tolist(),
+    }
     if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+        state["cuda"] = [s.tolist() for s in torch.cuda.get_rng_state_all()]
     return state
 
 
@@ -107,11 +114,30 @@ def set_rng_state(state: dict) -> None:
     import numpy as np
     import torch
 
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
+    version, words, gauss = state["python"]
+    random.setstate((version, tuple(words), gauss))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in state["cuda"]])
+
+
+def read_checkpoint(folder: Path) -> dict:
+    """A verified checkpoint's contents, read as data only. The files come from a bucket
+    others may write to, and the manifest's hashes sit beside them: tensors load through
+    safetensors or torch's weights-only unpickler, everything else is JSON, so a planted
+    pickle raises here (and the checkpoint is skipped) instead of running."""
+    import torch
+    from safetensors.torch import load_file
+
+    return {
+        "weights": load_file(str(folder / ADAPTER_FILE)),
+        "optimizer": torch.load(folder / "optimizer.pt", weights_only=True),
+        "scheduler": json.loads((folder / "scheduler.json").read_text()),
+        "rng": json.loads((folder / "rng.json").read_text()),
+        "state": json.loads((folder / STATE_FILE).read_text()),
+    }
 
 
 def make_optimizer(name: str, params, lr: float, weight_decay: float):
@@ -223,10 +249,8 @@ class Trainer:
         self.ckpts = CheckpointStore(
             open_store(cfg.checkpoint.uri), cfg.checkpoint.keep, self.workdir / "ckpt"
         )
-        self.restored = self.ckpts.latest()
-        resumed_dtype = None
-        if self.restored:
-            resumed_dtype = json.loads((self.restored.folder / STATE_FILE).read_text()).get("compute_dtype")
+        self.restored = self.ckpts.latest(read=read_checkpoint)
+        resumed_dtype = self.restored.contents["state"].get("compute_dtype") if self.restored else None
         self.compute_dtype = resolve_compute_dtype(
             cfg, self.backend, self.dist.local_rank, agree, resumed=resumed_dtype
         )
@@ -413,8 +437,8 @@ class Trainer:
         weights = {k: v.detach().cpu().contiguous() for k, v in adapter.items()}
         save_file(weights, str(folder / ADAPTER_FILE))
         torch.save(optimizer, folder / "optimizer.pt")
-        torch.save(self.scheduler.state_dict(), folder / "scheduler.pt")
-        torch.save(rng_state(), folder / "rng.pt")
+        (folder / "scheduler.json").write_text(json.dumps(self.scheduler.state_dict()))
+        (folder / "rng.json").write_text(json.dumps(rng_state()))
         state = {
             "step": step,
             "data": data_state,
@@ -431,12 +455,10 @@ class Trainer:
         return ref
 
     def restore(self, restored: Restored) -> dict:
-        import torch
         from peft import set_peft_model_state_dict
-        from safetensors.torch import load_file
 
-        weights = load_file(str(restored.folder / ADAPTER_FILE))
-        optimizer = torch.load(restored.folder / "optimizer.pt", weights_only=False)
+        contents = restored.contents
+        weights, optimizer = contents["weights"], contents["optimizer"]
         if self.sharded:
             # every rank read the whole checkpoint; each keeps its own shard of it
             from peft.utils.save_and_load import _insert_adapter_name_into_state_dict
@@ -453,11 +475,10 @@ class Trainer:
         else:
             set_peft_model_state_dict(self.model, weights)
             self.optimizer.load_state_dict(optimizer)
-        self.scheduler.load_state_dict(torch.load(restored.folder / "scheduler.pt", weights_only=False))
-        set_rng_state(torch.load(restored.folder / "rng.pt", weights_only=False))
-        state = json.loads((restored.folder / STATE_FILE).read_text())
+        self.scheduler.load_state_dict(contents["scheduler"])
+        set_rng_state(contents["rng"])
         shutil.rmtree(restored.folder, ignore_errors=True)
-        return state
+        return contents["state"]
 
     # -- the loop ------------------------------------------------------------------------
     def run(self) -> Result:

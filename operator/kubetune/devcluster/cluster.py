@@ -9,7 +9,9 @@ MinIO for S3. Used by `kubetune dev up` and by pytest as a session fixture.
     │   ├─ runner-0: containerd + kubelet (own mount namespace) ── pods 10.252.1.x
     │   ├─ runner-1: containerd + kubelet                        ── pods 10.252.2.x
     │   └─ runner-2: containerd + kubelet                        ── pods 10.252.3.x
-    └─ kwok: the fake GPU pools (Nodes and pods that never run)
+    └─ kwok: the fake GPU pools (Nodes and pods that never run), their addresses on the
+       bridge (pods 10.252.128.0/17, nodes 10.252.0.5) but on no link: nothing sent to
+       them leaves the machine
 """
 
 from __future__ import annotations
@@ -291,11 +293,13 @@ class DevCluster:
         # The API server, MinIO and CoreDNS listen where pods reach them too: the host side
         # of the pod bridge (pods have no route to loopback, and no kube-proxy serves them
         # the kubernetes Service).
-        host = "127.0.0.1"
         if runners:
             self.images = Images.load()
-            self._take_the_nodes(len(runners))
-            host = self._slot.network.host_ip
+        # a network slot also without real nodes: kwok's fake pods and nodes get addresses
+        # on its bridge, so nothing sent to them can leave the machine
+        self._take_the_nodes(len(runners))
+        network = self._slot.network
+        host = network.host_ip
         certs = write_dev_certs(w / "pki", extra_ips=(host,))
         port = {
             k: procs.free_port()
@@ -411,7 +415,8 @@ class DevCluster:
                 "--manage-all-nodes=false",
                 "--manage-nodes-with-annotation-selector=kwok.x-k8s.io/node=fake",
                 "--node-lease-duration-seconds=40",
-                "--cidr=10.244.0.0/16",
+                f"--cidr={network.fake_pod_cidr}",
+                f"--node-ip={network.fake_node_ip}",
                 f"--server-address=127.0.0.1:{port['kwok']}",
             ],
         )

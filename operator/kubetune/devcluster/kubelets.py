@@ -85,6 +85,18 @@ class Network:
     def run_dir(self) -> Path:
         return Path("/run/kubetune") / str(self.slot)
 
+    @property
+    def fake_pod_cidr(self) -> str:
+        """kwok's pods: the subnet's upper half, on the bridge but never assigned to a link.
+        Whatever connects to a fake pod (the operator asking for its progress) then stays on
+        this bridge and fails there, instead of following the default route off the machine."""
+        return f"{self.subnet.network_address + 128 * 256}/17"
+
+    @property
+    def fake_node_ip(self) -> str:
+        """kwok's nodes' InternalIP: on the bridge, never assigned (see fake_pod_cidr)."""
+        return str(self.subnet.network_address + 5)
+
     def pod_range(self, index: int) -> tuple[str, str]:
         """Node `index`'s pod addresses: 10.x.<index+1>.2-254."""
         base = self.subnet.network_address + 256 * (index + 1)
