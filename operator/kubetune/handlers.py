@@ -10,9 +10,9 @@ import contextlib
 import datetime as dt
 import json
 import logging
+import socket
 import threading
 import time
-import urllib.request
 
 import kopf
 from kubernetes.client.rest import ApiException
@@ -275,31 +275,59 @@ class Controller:
     def poll_progress(self, interval_s: float, stopping: threading.Event, loop) -> None:
         """GET /progress from every running job's rank-0 pod; a changed answer queues a
         reconcile, which folds it into status.progress (one status write, as always)."""
-        # concurrent GETs: one slow or unreachable pod (2 s timeout) must not hold up the rest
-        pool = concurrent.futures.ThreadPoolExecutor(PROGRESS_FETCHERS, thread_name_prefix="progress")
 
-        backoff = PollBackoff(interval_s)
-
-        def poll(key, pod):
-            name = pod["metadata"]["name"]
-            body = fetch_progress(pod["status"]["podIP"])
-            backoff.record(name, body is not None, time.monotonic())
+        def changed(key, name, body):
             seen = (name, body)
-            if body is not None and self.progress.get(key) != seen:
+            if self.progress.get(key) != seen:
                 self.progress[key] = seen
                 loop.call_soon_threadsafe(self.queue.add, key)
 
+        poller = ProgressPoller(interval_s, fetch_progress, changed)
         while not stopping.wait(interval_s):
-            now = time.monotonic()
             targets = []
             for key, job in list(self.jobs.items()):
                 if (job.get("status") or {}).get("phase") == "Running":
                     pod = running_rank0(list(self.pods.get(key, {}).values()), job["status"].get("attempt"))
                     if pod is not None:
-                        targets.append((key, pod))
-            backoff.keep({pod["metadata"]["name"] for _, pod in targets})
-            targets = [(key, pod) for key, pod in targets if backoff.due(pod["metadata"]["name"], now)]
-            list(pool.map(lambda t: poll(*t), targets))
+                        targets.append((key, pod["metadata"]["name"], pod["status"]["podIP"]))
+            poller.tick(targets, time.monotonic())
+
+
+class ProgressPoller:
+    """One round of progress requests per tick, never waited for: each request runs on a
+    fetcher thread under its own total deadline, a pod whose request is still in flight is
+    skipped this round, and an unanswered pod is asked less often (PollBackoff). One slow
+    or silent trainer thus costs a fetcher for a couple of seconds now and then; it never
+    holds up another job's progress."""
+
+    def __init__(self, interval_s: float, fetch, changed, fetchers: int = 16) -> None:
+        self.fetch, self.changed = fetch, changed
+        self.backoff = PollBackoff(interval_s)
+        self.pool = concurrent.futures.ThreadPoolExecutor(fetchers, thread_name_prefix="progress")
+        self.in_flight: dict[str, concurrent.futures.Future] = {}
+
+    def tick(self, targets: list[tuple], now: float) -> list[str]:
+        """Start a request for each (key, pod name, address) that is due and not already
+        asked; returns the pods asked."""
+        for name in [n for n, f in self.in_flight.items() if f.done()]:
+            del self.in_flight[name]
+        self.backoff.keep({name for _, name, _ in targets})
+        asked = []
+        for key, name, address in targets:
+            if name in self.in_flight or not self.backoff.due(name, now):
+                continue
+            self.in_flight[name] = self.pool.submit(self._ask, key, name, address)
+            asked.append(name)
+        return asked
+
+    def _ask(self, key, name: str, address: str) -> None:
+        body = self.fetch(address)
+        self.backoff.record(name, body is not None, time.monotonic())
+        if body is not None:
+            self.changed(key, name, body)
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=False, cancel_futures=True)
 
 
 class PollBackoff:
@@ -347,7 +375,6 @@ class NoDiffBase(kopf.DiffBaseStorage):
         pass
 
 
-PROGRESS_FETCHERS = 16
 CONTROLLER: Controller | None = None
 STOPPING = threading.Event()
 
@@ -372,14 +399,37 @@ def running_rank0(pods: list[dict], attempt: int | None) -> dict | None:
     return None
 
 
-def fetch_progress(ip: str, timeout_s: float = 2.0) -> dict | None:
-    """The trainer's /progress, or None (starting up, busy, gone): never an error."""
+def fetch_progress(address: str, port: int = PROGRESS_PORT, deadline_s: float = 2.0) -> dict | None:
+    """The trainer's /progress, or None (starting up, busy, gone, too slow, too big, not
+    a JSON object): never an error. The deadline is for the whole exchange, not per read:
+    a trainer that trickles a byte a second cannot hold a fetcher for longer."""
+    end = time.monotonic() + deadline_s
     try:
-        with urllib.request.urlopen(f"http://{ip}:{PROGRESS_PORT}/progress", timeout=timeout_s) as r:
-            body = json.loads(r.read(65536))
+        with socket.create_connection((address, port), timeout=deadline_s) as sock:
+            sock.settimeout(max(end - time.monotonic(), 0.001))
+            sock.sendall(f"GET /progress HTTP/1.0\r\nHost: {address}\r\nConnection: close\r\n\r\n".encode())
+            data = bytearray()
+            while len(data) <= MAX_PROGRESS_RESPONSE:
+                remaining = end - time.monotonic()
+                if remaining <= 0:
+                    return None
+                sock.settimeout(remaining)
+                chunk = sock.recv(16384)
+                if not chunk:
+                    break
+                data += chunk
+            else:
+                return None  # larger than any progress report
+        head, sep, payload = bytes(data).partition(b"\r\n\r\n")
+        if not sep or head.split(b" ", 2)[1:2] != [b"200"]:
+            return None
+        body = json.loads(payload)
         return body if isinstance(body, dict) else None
-    except (OSError, ValueError):
+    except (OSError, ValueError, IndexError):
         return None
+
+
+MAX_PROGRESS_RESPONSE = 64 * 1024
 
 
 def register(

@@ -29,6 +29,7 @@ TOO_MANY_PREEMPTIONS = "TooManyPreemptions"
 DEADLINE_EXCEEDED = "DeadlineExceeded"
 CONFIG_ERROR = "ConfigError"
 WAITING_FOR_CAPACITY = "WaitingForCapacity"
+LOSS_NOT_FINITE = "LossNotFinite"
 GANG_RECHECK_S = 5.0  # capacity frees up without touching the job: look again this often
 
 EX_TEMPFAIL = 75  # the trainer stopped on request after committing a checkpoint
@@ -110,12 +111,39 @@ def termination_message(pod: dict) -> dict:
     return msg if isinstance(msg, dict) else {}
 
 
+# What a trainer says (its /progress body, its termination message) is its word, not
+# trusted: only values of the expected type go into status. A NaN, an infinity or a string
+# where a number belongs would make the status write invalid JSON or fail the schema,
+# and the job's status would stop moving.
+MAX_COUNT = 2**53
+
+
+def finite(v) -> float | None:
+    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) else None
+
+
+def count(v) -> int | None:
+    """A non-negative whole number (a step, a size), or None."""
+    f = finite(v)
+    return int(f) if f is not None and f == int(f) and 0 <= f < MAX_COUNT else None
+
+
+def text(v, limit: int = 512) -> str | None:
+    return v[:limit] if isinstance(v, str) else None
+
+
+def known(values: dict, kinds: dict) -> dict:
+    """values' keys in kinds, each through its checker; the ones that fail left out."""
+    out = {k: kinds[k](values.get(k)) for k in kinds if k in values}
+    return {k: v for k, v in out.items() if v is not None}
+
+
 def record_checkpoint(status: dict, message: dict) -> None:
     """status.lastCheckpoint from a trainer's termination message (known keys only)."""
     if isinstance(message.get("checkpoint"), dict):
-        status["lastCheckpoint"] = {
-            k: v for k, v in message["checkpoint"].items() if k in ("step", "uri", "time")
-        }
+        checkpoint = known(message["checkpoint"], {"step": count, "uri": text, "time": text})
+        if checkpoint:
+            status["lastCheckpoint"] = checkpoint
 
 
 def is_stopped(pod: dict) -> bool:
@@ -143,7 +171,7 @@ def classify_loss(pod: dict | None, name: str) -> Loss:
         return Loss("preemption", name, node, status["reason"], status.get("message") or "")
     term = terminated(pod) or {}
     code = term.get("exitCode")
-    summary = termination_message(pod).get("error") or term.get("message") or ""
+    summary = text(termination_message(pod).get("error")) or text(term.get("message")) or ""
     if code == EX_TEMPFAIL:
         return Loss("preemption", name, node, "StoppedForPreemption", "the trainer checkpointed and stopped")
     if pod["metadata"].get("deletionTimestamp") and code in (137, 143):
@@ -244,12 +272,13 @@ def format_eta(seconds: float | None) -> str | None:
 
 
 def progress_from_trainer(p: dict) -> dict:
-    """status.progress from the trainer's GET /progress (known keys only, typed)."""
-    step, total = int(p.get("step") or 0), int(p.get("totalSteps") or 0)
+    """status.progress from the trainer's GET /progress (known keys only, typed; a value
+    of the wrong type, NaN or infinite is left out)."""
+    step, total = count(p.get("step")) or 0, count(p.get("totalSteps")) or 0
 
     def num(key):
-        v = p.get(key)
-        return round(float(v), 4) if isinstance(v, (int, float)) else None
+        v = finite(p.get(key))
+        return round(v, 4) if v is not None else None
 
     out = {
         "step": step,
@@ -260,9 +289,19 @@ def progress_from_trainer(p: dict) -> dict:
         "evalLoss": num("evalLoss"),
         "tokensPerSecond": num("tokensPerSecond"),
         "eta": format_eta(num("etaSeconds")),
-        "updatedAt": p.get("updatedAt") if isinstance(p.get("updatedAt"), str) else None,
+        "updatedAt": text(p.get("updatedAt"), 64),
     }
     return {k: v for k, v in out.items() if v is not None}
+
+
+def loss_not_finite(p: dict) -> str | None:
+    """ "nan" or "inf" when the trainer reports a loss that is not a finite number."""
+    v = p.get("loss")
+    if isinstance(v, float) and not math.isfinite(v):
+        return "nan" if math.isnan(v) else "inf"
+    if isinstance(v, str) and v.strip().lower().lstrip("+-") in ("nan", "inf", "infinity"):
+        return "nan" if "nan" in v.lower() else "inf"
+    return None
 
 
 class Ctx:
@@ -487,11 +526,27 @@ def _observe_progress(c: Ctx, rank0: dict | None) -> None:
         return
     if c.progress[1].get("phase") in ("starting", "loading"):
         return  # a resumed trainer reports step 0 until its checkpoint is loaded
-    new = progress_from_trainer(c.progress[1])
+    body = c.progress[1]
+    new = progress_from_trainer(body)
     old = c.st.get("progress") or {}
-    if new.get("updatedAt") and new["updatedAt"] >= (old.get("updatedAt") or ""):
-        # what the trainer has not reported yet (the loss right after a resume) stays as it was
-        c.st["progress"] = {**old, **new}
+    if not (new.get("updatedAt") and new["updatedAt"] >= (old.get("updatedAt") or "")):
+        return
+    # what the trainer has not reported yet (the loss right after a resume) stays as it was
+    c.st["progress"] = {**old, **new}
+    bad = loss_not_finite(body)
+    was = next((x for x in c.st.get("conditions") or [] if x["type"] == LOSS_NOT_FINITE), None)
+    if bad:
+        c.st["progress"].pop("loss", None)  # shown as none, never as a stale finite value
+        message = (
+            f"the training loss is {bad} at step {new.get('step', 0)}: the run is diverging or "
+            "overflowing (fp16 compute often does); lower training.learningRate or use "
+            "quantization.computeDtype bfloat16/float32"
+        )
+        if not (was and was["status"] == "True"):
+            c.plan.events.append(("Warning", LOSS_NOT_FINITE, message))
+        c.cond(LOSS_NOT_FINITE, True, LOSS_NOT_FINITE, message)
+    elif was and was["status"] == "True":
+        c.cond(LOSS_NOT_FINITE, False, "LossFinite", "the training loss is finite again")
 
 
 def memory_hint(spec: FineTuneJobSpec) -> str:
@@ -555,17 +610,20 @@ def _succeeded(c: Ctx, rank0: dict) -> None:
     msg = termination_message(rank0)
     st = c.st
     if isinstance(msg.get("adapter"), dict):
-        st["adapter"] = {k: v for k, v in msg["adapter"].items() if k in ("uri", "sha256", "sizeBytes")}
+        adapter = known(msg["adapter"], {"uri": text, "sha256": lambda v: text(v, 64), "sizeBytes": count})
+        if adapter.get("uri"):
+            st["adapter"] = adapter
     evaluation = evaluation_from_message(msg)
     if evaluation:
         st["evaluation"] = evaluation
     record_checkpoint(st, msg)
-    if isinstance(msg.get("step"), int):
-        total = (st.get("progress") or {}).get("totalSteps", msg["step"])
+    step = count(msg.get("step"))
+    if step is not None:
+        total = (st.get("progress") or {}).get("totalSteps", step)
         st["progress"] = {
             **(st.get("progress") or {}),
-            "step": msg["step"],
-            "summary": progress_summary(msg["step"], total),
+            "step": step,
+            "summary": progress_summary(step, total),
         }
     st["completionTime"] = c.now_s
     where = f"; adapter at {st['adapter']['uri']}" if st.get("adapter") else ""

@@ -6,8 +6,11 @@ from __future__ import annotations
 
 import copy
 import datetime as dt
+import json
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as hs
 
 from kubetune.gang import GANG_GATE, Fit
 from kubetune.status import classify_loss, decide, format_eta, merge_patch, progress_from_trainer
@@ -440,3 +443,97 @@ def test_an_unschedulable_job_with_auto_gpu_memory_names_the_estimate():
         w.reconcile()
         w.pods["j-a1-w0"]["status"] = {"phase": "Pending", "conditions": [refusal]}
         assert "estimate" not in w.reconcile()["message"]
+
+
+def running_world() -> World:
+    w = World(job())
+    w.reconcile()
+    w.set_pod("j-a1-w0", "Running", podIP="10.0.0.5")
+    w.reconcile()
+    return w
+
+
+def conditions(st: dict) -> dict:
+    return {c["type"]: c for c in st.get("conditions") or []}
+
+
+def test_a_loss_that_is_not_finite_shows_as_none_with_a_warning_and_status_keeps_moving():
+    w = running_world()
+    at = "2026-01-01T00:00:{:02d}Z".format
+    w.reconcile(progress=("j-a1-w0", {"step": 10, "totalSteps": 100, "loss": 0.5, "updatedAt": at(1)}))
+    st = w.reconcile(
+        progress=("j-a1-w0", {"step": 11, "totalSteps": 100, "loss": float("nan"), "updatedAt": at(2)})
+    )
+    # the status write is valid JSON (no NaN), the stale 0.5 is not shown as the loss
+    json.dumps(st, allow_nan=False)
+    assert st["progress"]["step"] == 11 and "loss" not in st["progress"]
+    cond = conditions(st)["LossNotFinite"]
+    assert cond["status"] == "True" and "nan at step 11" in cond["message"]
+    assert [e[1] for e in w.plans[-1].events] == ["LossNotFinite"] and w.plans[-1].events[0][0] == "Warning"
+    # still not finite: no second Event; the step keeps moving
+    st = w.reconcile(
+        progress=("j-a1-w0", {"step": 12, "totalSteps": 100, "loss": float("inf"), "updatedAt": at(3)})
+    )
+    assert st["progress"]["step"] == 12 and not w.plans[-1].events
+    # finite again: the condition turns False, the loss is back
+    st = w.reconcile(progress=("j-a1-w0", {"step": 13, "totalSteps": 100, "loss": 0.25, "updatedAt": at(4)}))
+    assert conditions(st)["LossNotFinite"]["status"] == "False" and st["progress"]["loss"] == 0.25
+
+
+def test_a_termination_message_of_the_wrong_types_never_breaks_the_status():
+    w = running_world()
+    message = {
+        "outcome": "succeeded",
+        "step": float("nan"),
+        "adapter": {"uri": ["x"], "sha256": "a" * 500, "sizeBytes": float("inf")},
+        "checkpoint": {"step": -3, "uri": 7, "time": {"a": 1}},
+        "evaluation": {"evalLoss": float("nan"), "split": 3},
+        "error": {"not": "a string"},
+    }
+    w.set_pod(
+        "j-a1-w0",
+        "Succeeded",
+        containerStatuses=[{"state": {"terminated": {"exitCode": 0, "message": json.dumps(message)}}}],
+    )
+    st = w.reconcile()
+    json.dumps(st, allow_nan=False)
+    assert st["phase"] == "Succeeded"
+    # no adapter without its URI; no checkpoint without a valid step
+    assert "adapter" not in st and "lastCheckpoint" not in st
+
+
+JSONISH = hs.recursive(
+    hs.none()
+    | hs.booleans()
+    | hs.integers(min_value=-(2**70), max_value=2**70)
+    | hs.floats(allow_nan=True, allow_infinity=True)
+    | hs.text(max_size=40),
+    lambda children: (
+        hs.lists(children, max_size=3) | hs.dictionaries(hs.text(max_size=8), children, max_size=3)
+    ),
+    max_leaves=8,
+)
+PROGRESS_KEYS = [
+    "step",
+    "totalSteps",
+    "epoch",
+    "loss",
+    "evalLoss",
+    "tokensPerSecond",
+    "etaSeconds",
+    "updatedAt",
+    "phase",
+]
+
+
+@settings(max_examples=300, deadline=None)
+@given(hs.dictionaries(hs.sampled_from(PROGRESS_KEYS), JSONISH, max_size=len(PROGRESS_KEYS)))
+def test_fuzzed_progress_bodies_always_give_a_valid_status(body):
+    w = running_world()
+    before = w.job["status"]["progress"]["step"]
+    st = w.reconcile(progress=("j-a1-w0", {**body, "updatedAt": "2026-01-01T00:00:10Z"}))
+    json.dumps(st, allow_nan=False)  # what the API server would be sent
+    p = st["progress"]
+    assert isinstance(p["step"], int) and p["step"] >= 0 and isinstance(p["totalSteps"], int)
+    assert all(isinstance(p[k], float) for k in ("loss", "evalLoss", "epoch", "tokensPerSecond") if k in p)
+    assert st["phase"] == "Running" and before == 0
