@@ -6,6 +6,7 @@ The training part is the trainer's own TrainingConfig, so both read one model.""
 
 from __future__ import annotations
 
+import re
 from enum import Enum
 from typing import Annotated, Literal
 
@@ -22,6 +23,15 @@ SHORT_NAME = "ftj"
 MAX_NAME_LENGTH = 48
 
 QUANTITY_PATTERN = r"^[0-9]+(\.[0-9]+)?(m|k|Ki|M|Mi|G|Gi|T|Ti)?$"
+# Kubernetes' own rules for what the pods carry, checked at admission so that a job the
+# API server would refuse pods for is refused itself, with the field named.
+DNS_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
+LABEL_KEY = (
+    r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?"
+    r"[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$"
+)
+LABEL_VALUE = r"^(([A-Za-z0-9][-A-Za-z0-9_.]{0,61})?[A-Za-z0-9])?$"
+MAX_POD_LABELS = 64
 
 
 AUTO = "auto"
@@ -158,6 +168,29 @@ class Toleration(ApiModel):
         None, description="How long a NoExecute taint is tolerated before eviction; unset: for ever."
     )
 
+    @model_validator(mode="after")
+    def _as_kubernetes_allows(self) -> Toleration:
+        if self.operator == "Exists" and self.value:
+            raise ValueError("a toleration with operator Exists must not set a value")
+        if not self.key and self.operator != "Exists":
+            raise ValueError("a toleration without a key must have operator Exists")
+        return self
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                {
+                    "rule": "!has(self.operator) || self.operator != 'Exists' || !has(self.value) || self.value == ''",
+                    "message": "a toleration with operator Exists must not set a value",
+                },
+                {
+                    "rule": "(has(self.key) && self.key != '') || (has(self.operator) && self.operator == 'Exists')",
+                    "message": "a toleration without a key must have operator Exists",
+                },
+            ]
+        }
+    )
+
 
 class PodOverrides(ApiModel):
     image: str | None = Field(None, min_length=1, description="Trainer image (default: by accelerator).")
@@ -172,7 +205,35 @@ class PodOverrides(ApiModel):
     tolerations: list[Toleration] = Field(
         default_factory=list, description="Added to the worker pods' tolerations."
     )
-    labels: dict[str, str] = Field(default_factory=dict, description="Added to the worker pods' labels.")
+    labels: dict[str, str] = Field(
+        default_factory=dict,
+        max_length=MAX_POD_LABELS,
+        description="Added to the worker pods' labels (Kubernetes label keys and values).",
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                {
+                    "rule": f"self.all(k, k.size() <= 317 && k.matches(r'{LABEL_KEY}'))",
+                    "message": "label keys must be Kubernetes qualified names ([prefix/]name, name up to 63 "
+                    "characters of letters, digits, '-', '_', '.')",
+                },
+                {
+                    "rule": f"self.all(k, self[k].size() <= 63 && self[k].matches(r'{LABEL_VALUE}'))",
+                    "message": "label values must be up to 63 characters of letters, digits, '-', '_', '.', "
+                    "starting and ending with a letter or digit",
+                },
+            ]
+        },
+    )
+
+    @model_validator(mode="after")
+    def _labels_as_kubernetes_allows(self) -> PodOverrides:
+        for k, v in self.labels.items():
+            if not re.match(LABEL_KEY, k) or len(k) > 317:
+                raise ValueError(f"podOverrides.labels: {k!r} is not a Kubernetes label key")
+            if not re.match(LABEL_VALUE, v) or len(v) > 63:
+                raise ValueError(f"podOverrides.labels[{k!r}]: {v!r} is not a Kubernetes label value")
+        return self
+
     annotations: dict[str, str] = Field(
         default_factory=dict, description="Added to the worker pods' annotations."
     )
@@ -199,7 +260,10 @@ class FineTuneJobSpec(TrainingConfig):
         90, ge=1, le=3600, description="Time a preempted worker gets to commit its final checkpoint."
     )
     queue_name: str | None = Field(
-        None, description="Kueue LocalQueue; pods then carry Kueue pod-group labels."
+        None,
+        max_length=63,
+        pattern=LABEL_VALUE,
+        description="Kueue LocalQueue; pods then carry Kueue pod-group labels (so it is a label value).",
     )
     pod_overrides: PodOverrides = Field(
         default_factory=PodOverrides, description="Settings added to the worker pods the operator creates."

@@ -83,9 +83,42 @@ def structural(schema: dict, defs: dict) -> dict:
     return out
 
 
+# What a run is: changing any of these under a running job would resume its checkpoints
+# into another model or data. (Training settings, resources and spot may change.)
+IMMUTABLE = ("model", "dataset", "method", "lora", "quantization")
+
+
 def spec_schema() -> dict:
     raw = api.FineTuneJobSpec.model_json_schema(by_alias=True, mode="validation")
-    return structural(raw, raw.get("$defs", {}))
+    schema = structural(raw, raw.get("$defs", {}))
+    schema.setdefault("x-kubernetes-validations", []).extend(
+        {
+            "rule": f"has(self.{f}) == has(oldSelf.{f}) && (!has(self.{f}) || self.{f} == oldSelf.{f})",
+            "message": f"spec.{f} cannot change once the job exists: its checkpoints belong to the "
+            "original run; create a new FineTuneJob",
+        }
+        for f in IMMUTABLE
+    )
+    return schema
+
+
+NAME_RULES = [
+    {
+        "rule": f"self.metadata.name.size() <= {api.MAX_NAME_LENGTH}",
+        "message": f"metadata.name must be at most {api.MAX_NAME_LENGTH} characters "
+        "(pod and host names are derived from it)",
+    },
+    {
+        "rule": f"self.metadata.name.matches(r'{api.DNS_LABEL}')",
+        "message": "metadata.name must be a DNS label (lowercase letters, digits and '-', no dots): "
+        "it is the worker pods' subdomain",
+    },
+    {
+        "rule": "!has(self.spec.workers) || self.spec.workers <= 1 || self.metadata.name.matches('^[a-z]')",
+        "message": "with workers > 1, metadata.name must start with a letter: it names the job's headless "
+        "Service",
+    },
+]
 
 
 def status_schema() -> dict:
@@ -142,13 +175,7 @@ def crd() -> dict:
                                 "spec": spec_schema(),
                                 "status": status_schema(),
                             },
-                            "x-kubernetes-validations": [
-                                {
-                                    "rule": f"self.metadata.name.size() <= {api.MAX_NAME_LENGTH}",
-                                    "message": f"metadata.name must be at most {api.MAX_NAME_LENGTH} characters "
-                                    "(pod and host names are derived from it)",
-                                }
-                            ],
+                            "x-kubernetes-validations": NAME_RULES,
                         }
                     },
                 }

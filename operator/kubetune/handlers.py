@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import dataclasses
 import datetime as dt
 import json
 import logging
@@ -22,7 +23,7 @@ from kubetune.api import GROUP, PLURAL, VERSION
 from kubetune.gang import gang_fit, gated, without_gang_gate
 from kubetune.kube import Kube, watch_pods
 from kubetune.manifests import ATTEMPT_LABEL, JOB_LABEL, PROGRESS_PORT, RANK_LABEL, build_service
-from kubetune.status import decide, iso, merge_patch, pod_attempt
+from kubetune.status import after_refusal, decide, iso, merge_patch, pod_attempt
 
 log = logging.getLogger("kubetune")
 RESYNC_S = 30.0  # a running job is looked at again at least this often
@@ -122,6 +123,7 @@ class Controller:
         self.progress: dict[tuple[str, str], tuple[str, dict]] = {}
         # one gang is checked and released at a time: two must not share free capacity
         self.gang_lock = threading.Lock()
+        self.refusals: dict[tuple[str, str], Refusal] = {}  # jobs whose last create was refused
 
     # -- watch side (event loop) ----------------------------------------------------------
 
@@ -132,6 +134,7 @@ class Controller:
             self.pods.pop(key, None)
             self.progress.pop(key, None)
             self.first_seen.pop(key, None)
+            self.refusals.pop(key, None)
             metrics.forget_job(key)
             return
         old = self.jobs.get(key)
@@ -183,6 +186,11 @@ class Controller:
         job = self.jobs.get(key)
         if job is None or job["metadata"].get("deletionTimestamp"):
             return None
+        refused = self.refusals.get(key)
+        if refused and refused.generation == job["metadata"].get("generation"):
+            wait = refused.not_before - time.monotonic()
+            if wait > 0:
+                return wait  # backing off after a refused create (a spec change retries at once)
         t0 = time.perf_counter()
         now = dt.datetime.now(dt.timezone.utc)
         pods = list(self.pods.get(key, {}).values())
@@ -209,6 +217,10 @@ class Controller:
                     self.pods[key][name] = released
         try:
             self._apply(key, job, plan, now)
+        except Refused as r:
+            return self._refused(key, job, plan, r, now)
+        try:
+            self._after_apply(key, job, plan, now)
             log.debug(
                 "reconciled %s/%s: attempt %s, %d pod(s) seen, phase %s, create %d, delete %d",
                 *key,
@@ -234,15 +246,50 @@ class Controller:
         return RESYNC_S if plan.status.get("phase") not in ("Succeeded", "Failed", "Suspended") else None
 
     def _apply(self, key, job: dict, plan, now: dt.datetime) -> None:
+        """Create the new attempt's Service and pods; Refused when the API server turns one
+        down for a reason a retry right away would not change."""
         ns, name = key
-        if plan.create and job["spec"].get("workers", 1) > 1:
-            self.kube.create(ns, build_service(name, job["metadata"]["uid"]))
-        for obj in plan.create:
-            created = self.kube.create(ns, obj)
-            if created is not None:
-                self.pods.setdefault(key, {})[created["metadata"]["name"]] = created
-        if plan.create and key in self.first_seen:
-            metrics.observe_pods_created(time.monotonic() - self.first_seen.pop(key))
+        objects = [build_service(name, job["metadata"]["uid"])] if job["spec"].get("workers", 1) > 1 else []
+        try:
+            for obj in objects + plan.create if plan.create else []:
+                created = self.kube.create(ns, obj)
+                if created is not None and created["kind"] == "Pod":
+                    self.pods.setdefault(key, {})[created["metadata"]["name"]] = created
+        except ApiException as e:
+            if e.status in (400, 403, 404, 422):
+                raise Refused(e.status, api_message(e)) from e
+            raise  # 429, 5xx, a conflict: the usual retry
+        if plan.create:
+            self.refusals.pop(key, None)
+            if key in self.first_seen:
+                metrics.observe_pods_created(time.monotonic() - self.first_seen.pop(key))
+
+    def _refused(self, key, job: dict, plan, refusal: Refused, now: dt.datetime) -> float | None:
+        """The Job controller's way with a refused create: a FailedCreate Event, the API
+        server's message in status, exponential backoff; Failed/InvalidSpec when the
+        objects themselves are invalid."""
+        ns, name = key
+        count = (self.refusals[key].count if key in self.refusals else 0) + 1
+        gen = job["metadata"].get("generation")
+        stamp = iso(now)
+        status, event, delay = after_refusal(plan.status, refusal.code, refusal.message, stamp, gen, count)
+        log.info("%s/%s: %s", ns, name, event[2])
+        if delay is None:
+            self.refusals.pop(key, None)
+        else:  # before the status write, which may conflict: the backoff holds either way
+            self.refusals[key] = Refusal(count, time.monotonic() + delay, gen)
+        patch = merge_patch(job.get("status") or {}, status)
+        if patch:
+            updated = self.kube.patch_job_status(ns, name, patch, job["metadata"].get("resourceVersion"))
+            if _newer(updated, self.jobs.get(key)):
+                self.jobs[key] = updated
+            job = updated
+        metrics.set_phase(key, status.get("phase"))
+        self.events.submit(self._event, job, *event, stamp)
+        return delay
+
+    def _after_apply(self, key, job: dict, plan, now: dt.datetime) -> None:
+        ns, name = key
         for pod in plan.delete:
             self.kube.delete_pod(ns, pod)
         for loss in plan.losses:
@@ -291,6 +338,27 @@ class Controller:
                     if pod is not None:
                         targets.append((key, pod["metadata"]["name"], pod["status"]["podIP"]))
             poller.tick(targets, time.monotonic())
+
+
+class Refused(Exception):
+    def __init__(self, code: int, message: str) -> None:
+        super().__init__(message)
+        self.code, self.message = code, message
+
+
+@dataclasses.dataclass(frozen=True)
+class Refusal:
+    count: int  # refusals in a row
+    not_before: float  # monotonic time of the next try
+    generation: int | None  # the spec they were for
+
+
+def api_message(e: ApiException) -> str:
+    """The API server's own words (its Status message), not the HTTP reason phrase."""
+    try:
+        return str(json.loads(e.body).get("message") or e.reason)
+    except (TypeError, ValueError, AttributeError):
+        return str(e.reason)
 
 
 class ProgressPoller:

@@ -30,6 +30,12 @@ DEADLINE_EXCEEDED = "DeadlineExceeded"
 CONFIG_ERROR = "ConfigError"
 WAITING_FOR_CAPACITY = "WaitingForCapacity"
 LOSS_NOT_FINITE = "LossNotFinite"
+FAILED_CREATE = "FailedCreate"
+PODS_CREATED = "PodsCreated"  # a condition only once a create was refused
+# 400 Bad Request, 422 Invalid: the objects themselves are wrong, and a retry never helps.
+# Anything else (403 from a quota, a missing ServiceAccount or PriorityClass) may pass later.
+PERMANENT_CREATE_CODES = (400, 422)
+CREATE_BACKOFF_MAX_S = 300.0
 GANG_RECHECK_S = 5.0  # capacity frees up without touching the job: look again this often
 
 EX_TEMPFAIL = 75  # the trainer stopped on request after committing a checkpoint
@@ -416,6 +422,34 @@ def decide(
     return c.plan
 
 
+def create_backoff(refusals: int) -> float:
+    """Seconds before creating again after the n-th refusal in a row (2, 4, 8, ... 300),
+    as the Job controller backs off."""
+    return min(2.0 * 2 ** (refusals - 1), CREATE_BACKOFF_MAX_S)
+
+
+def after_refusal(
+    status: dict, code: int, message: str, now: str, gen: int | None, refusals: int
+) -> tuple[dict, tuple[str, str, str], float | None]:
+    """The status to write when the API server refused a pod or the Service of a new
+    attempt, the Event to post, and when to try again (None: never, the job failed). The
+    attempt is left not started, so the next reconcile creates its pods again."""
+    st = copy.deepcopy(status)
+    st.pop("attemptStartTime", None)
+    text_ = f"the API server refused the attempt's pods: {message}"
+    if code in PERMANENT_CREATE_CODES:
+        st.update(phase=Phase.failed.value, reason=INVALID_SPEC, message=text_[:1024])
+        set_condition(st, FAILED, True, INVALID_SPEC, text_, now, gen)
+        set_condition(st, RUNNING, False, INVALID_SPEC, text_, now, gen)
+        st.setdefault("completionTime", now)
+        return st, ("Warning", FAILED_CREATE, text_[:1024]), None
+    delay = create_backoff(refusals)
+    text_ = f"{text_} (refused {refusals} time(s) in a row; next try in {delay:.0f} s)"
+    st.update(reason=FAILED_CREATE, message=text_[:1024])
+    set_condition(st, PODS_CREATED, False, FAILED_CREATE, text_, now, gen)
+    return st, ("Warning", FAILED_CREATE, text_[:1024]), delay
+
+
 def validation_messages(e: ValidationError) -> list[str]:
     return [f"spec.{'.'.join(str(x) for x in err['loc'])}: {err['msg']}" for err in e.errors()]
 
@@ -475,6 +509,11 @@ def _attempt(c: Ctx, spec: FineTuneJobSpec) -> None:
             return
         c.plan.create += build_pods(c.name, c.uid, spec, attempt, st["preemptions"])
         st["attemptStartTime"] = c.now_s
+        if st.get("reason") == FAILED_CREATE:  # a retry after a refusal: it went through
+            c.transition(
+                Phase.pending.value, "Created", f"attempt {attempt} of {spec.workers} worker(s) created"
+            )
+            c.cond(PODS_CREATED, True, "Created", "the attempt's pods were created")
         return
 
     names = {r: pod_name(c.name, attempt, r) for r in range(spec.workers)}

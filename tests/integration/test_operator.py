@@ -236,6 +236,13 @@ INVALID = [  # (path, value, text the API server's message must contain)
     ("storage.endpoint", "minio:9000", "spec.storage.endpoint"),
     ("resources", {"accelerator": "cpu", "gpusPerWorker": 2}, "gpusPerWorker must be 0 or unset"),
     ("resources", {"accelerator": "nvidia", "gpusPerWorker": 0}, "gpusPerWorker must be at least 1"),
+    # what the API server would refuse the pods for, refused with the job itself
+    ("podOverrides.labels", {"bad key!": "x"}, "label keys must be Kubernetes qualified names"),
+    ("podOverrides.labels", {"team": "a b"}, "label values must be up to 63 characters"),
+    ("podOverrides.tolerations", [{"key": "k", "operator": "Exists", "value": "x"}], "must not set a value"),
+    ("podOverrides.tolerations", [{"operator": "Equal", "value": "x"}], "without a key must have operator"),
+    ("queueName", "q" * 64, "spec.queueName"),
+    ("queueName", "team queue", "spec.queueName"),
 ]
 
 
@@ -253,6 +260,82 @@ def test_a_name_too_long_for_pod_names_is_rejected(custom, crd_installed, namesp
     with pytest.raises(ApiException) as err:
         create(custom, namespace, minimal_job("x" * 49))
     assert "at most 48 characters" in json.loads(err.value.body)["message"]
+
+
+@pytest.mark.parametrize(
+    ("name", "workers", "needle"),
+    [
+        ("my.job", 1, "must be a DNS label"),
+        ("My-Job", 1, "must be a DNS label"),
+        ("7b-sql", 2, "must start with a letter"),
+    ],
+)
+def test_names_the_pods_and_service_cannot_carry_are_rejected(
+    custom, crd_installed, namespace, name, workers, needle
+):
+    with pytest.raises(ApiException) as err:
+        create(custom, namespace, minimal_job(name, workers=workers))
+    assert needle in json.loads(err.value.body)["message"]
+    create(custom, namespace, minimal_job("7b-sql-single"))  # a digit first is fine with one worker
+
+
+@pytest.mark.parametrize("field", ["model", "dataset", "lora", "quantization", "method"])
+def test_what_makes_the_run_cannot_change_but_training_settings_can(custom, crd_installed, namespace, field):
+    create(custom, namespace, minimal_job("fixed"))
+    change = {
+        "model": {"name": "other/model"},
+        "dataset": {"uri": "s3://other/data/"},
+        "lora": {"r": 4},
+        "quantization": {"type": "fp4"},
+        "method": "lora",
+    }[field]
+    with pytest.raises(ApiException) as err:
+        custom.patch_namespaced_custom_object(
+            GROUP, VERSION, namespace, PLURAL, "fixed", {"spec": {field: change}}
+        )
+    assert err.value.status == 422
+    assert f"spec.{field} cannot change once the job exists" in json.loads(err.value.body)["message"]
+    custom.patch_namespaced_custom_object(
+        GROUP, VERSION, namespace, PLURAL, "fixed", {"spec": {"training": {"maxSteps": 77}}}
+    )
+    assert get(custom, namespace, "fixed")["spec"]["training"]["maxSteps"] == 77
+
+
+def warnings(core, namespace: str, name: str, reason: str) -> list[str]:
+    return [
+        e.message
+        for e in core.list_namespaced_event(namespace).items
+        if e.involved_object.name == name and e.reason == reason and e.type == "Warning"
+    ]
+
+
+def test_a_refused_pod_create_is_shown_backed_off_and_retried_until_it_passes(
+    operator, core, custom, namespace
+):
+    # a ServiceAccount that does not exist yet: the API server refuses the pods (403)
+    create(custom, namespace, minimal_job("no-sa", podOverrides={"serviceAccountName": "trainer"}))
+    st = wait_for(
+        lambda: (s := status(custom, namespace, "no-sa")).get("reason") == "FailedCreate" and s,
+        30,
+        "a FailedCreate status",
+    )
+    assert st["phase"] == "Pending" and 'serviceaccount "trainer" not found' in st["message"]
+    assert condition(st, "PodsCreated")["status"] == "False"
+    wait_for(lambda: warnings(core, namespace, "no-sa", "FailedCreate"), 30, "a FailedCreate Event")
+    assert not job_pods(core, namespace, "no-sa")
+    core.create_namespaced_service_account(namespace, {"metadata": {"name": "trainer"}})
+    st = wait_phase(custom, namespace, "no-sa", "Running", timeout_s=60)
+    assert condition(st, "PodsCreated")["status"] == "True" and st["attempt"] == 1
+    assert [p.metadata.name for p in job_pods(core, namespace, "no-sa")] == ["no-sa-a1-w0"]
+
+
+def test_pods_the_api_server_finds_invalid_fail_the_job_as_an_invalid_spec(operator, core, custom, namespace):
+    # not seen by the schema: a node selector key Kubernetes does not accept
+    create(custom, namespace, minimal_job("bad-selector", podOverrides={"nodeSelector": {"bad key!": "x"}}))
+    st = wait_phase(custom, namespace, "bad-selector", "Failed")
+    assert st["reason"] == "InvalidSpec" and "spec.nodeSelector" in st["message"], st
+    wait_for(lambda: warnings(core, namespace, "bad-selector", "FailedCreate"), 30, "a FailedCreate Event")
+    assert not job_pods(core, namespace, "bad-selector")
 
 
 def test_a_missing_secret_fails_the_job_with_a_clear_message(operator, custom, namespace):

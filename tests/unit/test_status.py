@@ -13,7 +13,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as hs
 
 from kubetune.gang import GANG_GATE, Fit
-from kubetune.status import classify_loss, decide, format_eta, merge_patch, progress_from_trainer
+from kubetune.status import (
+    after_refusal,
+    classify_loss,
+    create_backoff,
+    decide,
+    format_eta,
+    merge_patch,
+    progress_from_trainer,
+)
 
 T0 = dt.datetime(2026, 11, 23, 12, 0, tzinfo=dt.timezone.utc)
 
@@ -537,3 +545,31 @@ def test_fuzzed_progress_bodies_always_give_a_valid_status(body):
     assert isinstance(p["step"], int) and p["step"] >= 0 and isinstance(p["totalSteps"], int)
     assert all(isinstance(p[k], float) for k in ("loss", "evalLoss", "epoch", "tokensPerSecond") if k in p)
     assert st["phase"] == "Running" and before == 0
+
+
+def test_a_refused_create_backs_off_and_leaves_the_attempt_to_be_created_again():
+    w = World(job())
+    plan = decide(w.job, [], T0)
+    assert plan.create and plan.status["attemptStartTime"]
+    st, event, delay = after_refusal(
+        plan.status, 403, 'pods "j-a1-w0" is forbidden: exceeded quota', "t", 1, 1
+    )
+    assert delay == 2.0 and event[:2] == ("Warning", "FailedCreate") and "exceeded quota" in event[2]
+    assert "attemptStartTime" not in st and st["phase"] == "Pending" and st["reason"] == "FailedCreate"
+    assert conditions(st)["PodsCreated"]["status"] == "False"
+    assert [create_backoff(n) for n in (1, 2, 3, 8, 9, 20)] == [2, 4, 8, 256, 300, 300]
+    # the next reconcile creates the pods again, and says so once they are
+    w.job["status"] = st
+    again = decide(w.job, [], T0)
+    assert [p["metadata"]["name"] for p in again.create] == ["j-a1-w0"]
+    assert again.status["reason"] == "Created" and conditions(again.status)["PodsCreated"]["status"] == "True"
+
+
+def test_an_invalid_pod_fails_the_job_as_an_invalid_spec():
+    plan = decide(job(), [], T0)
+    st, event, delay = after_refusal(
+        plan.status, 422, 'Pod "j-a1-w0" is invalid: spec.nodeSelector', "t", 1, 1
+    )
+    assert delay is None and st["phase"] == "Failed" and st["reason"] == "InvalidSpec"
+    assert event[:2] == ("Warning", "FailedCreate")
+    assert "spec.nodeSelector" in st["message"] and conditions(st)["Failed"]["status"] == "True"
