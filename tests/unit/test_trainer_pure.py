@@ -96,6 +96,32 @@ def test_termination_message_is_json_small_and_free_of_secrets(monkeypatch):
     assert redact("key=s3cr3t-value-123") == "key=***"
 
 
+@pytest.mark.parametrize("cut", range(0, 41, 5))
+def test_a_secret_at_the_cut_is_scrubbed_before_the_message_is_cut(monkeypatch, cut):
+    secret = "AKIAsecretsecretsecretsecretsecret123456"[:40]
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", secret)
+    # an error whose JSON form crosses 4096 bytes `cut` characters into the secret
+    pad = "x" * (MAX_MESSAGE - len('{"outcome":"failed","error":""}') - cut)
+    text = termination_message("failed", error=pad + secret + " and more text after it" * 20)
+    assert len(text.encode()) <= MAX_MESSAGE
+    body = json.loads(text)
+    assert not any(secret[i : i + 8] in text for i in range(len(secret) - 7)), "part of the secret leaked"
+    assert body["outcome"] == "failed"
+
+
+def test_the_message_stays_valid_json_under_4_kib_whatever_it_carries(monkeypatch):
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", 'quote"and\\slash')
+    text = termination_message(
+        "failed",
+        error="é\n\"" * 3000 + 'quote"and\\slash',
+        evaluation={"evalLoss": float("nan"), "note": 'quote"and\\slash'},
+    )
+    assert len(text.encode()) <= MAX_MESSAGE
+    body = json.loads(text)
+    assert body["evaluation"] == {"evalLoss": None, "note": "***"}
+    assert 'quote"and' not in json.dumps(body)
+
+
 def test_compute_dtype_auto():
     assert compute_dtype_name("auto", "cpu") == "float32"
     assert compute_dtype_name("auto", "cuda-bnb", (7, 5)) == "float16"  # T4

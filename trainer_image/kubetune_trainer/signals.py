@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import signal
 import threading
@@ -73,13 +74,43 @@ class RedactingFilter(logging.Filter):
         return True
 
 
-def termination_message(outcome: str, **fields) -> str:
-    """JSON, within the kubelet's 4 KiB, secrets scrubbed."""
-    body = {"outcome": outcome, **{k: v for k, v in fields.items() if v is not None}}
-    text = redact(json.dumps(body, separators=(",", ":")))
-    if len(text) > MAX_MESSAGE and "error" in body:
-        body["error"] = body["error"][: max(0, len(body["error"]) - (len(text) - MAX_MESSAGE) - 16)] + "…"
-        text = redact(json.dumps(body, separators=(",", ":")))
+def scrub(value, environ=os.environ):
+    """Every string inside value (dicts, lists) with credentials replaced; a NaN or an
+    infinity (a loss that diverged) as null, which JSON can say."""
+    if isinstance(value, str):
+        return redact(value, environ)
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: scrub(v, environ) for k, v in value.items()}
+    if isinstance(value, list):
+        return [scrub(v, environ) for v in value]
+    return value
+
+
+def termination_message(outcome: str, environ=os.environ, **fields) -> str:
+    """JSON within the kubelet's 4096 bytes, credentials scrubbed. Scrubbed first, cut
+    second: cutting first could split a secret, and the part left would no longer match
+    (a 40-character key once showed 39 of its characters)."""
+    body = scrub({"outcome": outcome, **{k: v for k, v in fields.items() if v is not None}}, environ)
+
+    def dump(b: dict) -> str:
+        return json.dumps(b, separators=(",", ":"), allow_nan=False, default=str)
+
+    text = dump(body)
+    error = body.get("error")
+    if len(text.encode()) > MAX_MESSAGE and isinstance(error, str):
+        # the longest head of the error that fits (escapes make bytes and characters differ)
+        lo, hi = 0, len(error)
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if len(dump({**body, "error": error[:mid] + "…"}).encode()) <= MAX_MESSAGE:
+                lo = mid
+            else:
+                hi = mid - 1
+        text = dump({**body, "error": error[:lo] + "…"})
+    if len(text.encode()) > MAX_MESSAGE:  # something other than the error is that large
+        text = json.dumps({"outcome": outcome, "error": "termination message too large"})
     return text
 
 
