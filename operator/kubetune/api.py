@@ -239,6 +239,13 @@ class PodOverrides(ApiModel):
     )
 
 
+# Inputs may be file:// (a model or data baked into a custom image); outputs may not.
+LOCAL_OUTPUT_MESSAGE = (
+    "spec.{field}.uri must be s3://: a file:// path is inside the pod, and what is written there "
+    "is lost with it (file:// is for `kubetune train` on one machine)"
+)
+
+
 class FineTuneJobSpec(TrainingConfig):
     resources: Resources = Field(
         default_factory=Resources, description="What each worker pod runs on and asks for."
@@ -267,6 +274,25 @@ class FineTuneJobSpec(TrainingConfig):
     )
     pod_overrides: PodOverrides = Field(
         default_factory=PodOverrides, description="Settings added to the worker pods the operator creates."
+    )
+
+    @model_validator(mode="after")
+    def _outputs_outlive_the_pod(self) -> FineTuneJobSpec:
+        for field, uri in (("checkpoint", self.checkpoint.uri), ("output", self.output.uri)):
+            if uri.startswith("file:"):
+                raise ValueError(LOCAL_OUTPUT_MESSAGE.format(field=field))
+        return self
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                {
+                    "rule": f"!self.{f}.uri.startsWith('file:')",
+                    "message": LOCAL_OUTPUT_MESSAGE.format(field=f),
+                }
+                for f in ("checkpoint", "output")
+            ]
+        }
     )
 
 

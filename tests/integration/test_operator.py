@@ -226,6 +226,8 @@ INVALID = [  # (path, value, text the API server's message must contain)
     ("dataset.template", "custom", "format is required with template custom"),
     ("dataset.validation", {"fraction": 0.1, "uri": "s3://d/v/"}, "at most one of fraction and uri"),
     ("checkpoint.uri", "/local/path", "spec.checkpoint.uri"),
+    ("checkpoint.uri", "file:///ckpt/", "spec.checkpoint.uri must be s3://"),
+    ("output.uri", "file:///adapter/", "spec.output.uri must be s3://"),
     ("checkpoint.everySteps", 0, "spec.checkpoint.everySteps"),
     ("output", DELETE, "spec.output"),
     ("model", {"name": "a/b", "uri": "s3://m/b/"}, "exactly one of name and uri"),

@@ -113,7 +113,7 @@ def test_the_message_stays_valid_json_under_4_kib_whatever_it_carries(monkeypatc
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", 'quote"and\\slash')
     text = termination_message(
         "failed",
-        error="é\n\"" * 3000 + 'quote"and\\slash',
+        error='é\n"' * 3000 + 'quote"and\\slash',
         evaluation={"evalLoss": float("nan"), "note": 'quote"and\\slash'},
     )
     assert len(text.encode()) <= MAX_MESSAGE
