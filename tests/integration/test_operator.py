@@ -224,6 +224,11 @@ INVALID = [  # (path, value, text the API server's message must contain)
     ("dataset.maxSeqLength", 8, "spec.dataset.maxSeqLength"),
     ("dataset.template", "sql", "spec.dataset.template"),
     ("dataset.template", "custom", "format is required with template custom"),
+    (
+        "dataset",
+        {"uri": "s3://data/x/", "template": "custom", "format": "Q: {q} A:"},
+        "format must contain {output}",
+    ),
     ("dataset.validation", {"fraction": 0.1, "uri": "s3://d/v/"}, "at most one of fraction and uri"),
     ("checkpoint.uri", "/local/path", "spec.checkpoint.uri"),
     ("checkpoint.uri", "file:///ckpt/", "spec.checkpoint.uri must be s3://"),

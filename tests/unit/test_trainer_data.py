@@ -116,6 +116,20 @@ def test_malformed_records_are_counted_then_fatal_past_the_threshold(tmp_path):
         list(RecordStream(LocalStore(tmp_path / "bad"), seed=0, max_bad_fraction=0.02, epochs=1))
 
 
+def test_a_pass_with_no_training_record_is_an_error_not_an_endless_loop(tmp_path):
+    (tmp_path / "blank").mkdir()
+    (tmp_path / "blank" / "a.jsonl").write_text("\n\n   \n")
+    with pytest.raises(DataError, match="no training record in a whole pass over file://"):
+        next(iter(RecordStream(LocalStore(tmp_path / "blank"), seed=0)))
+    # every record held out for validation: the same
+    store = write_shards(tmp_path / "held", "jsonl", [rows(20)])
+    with pytest.raises(DataError, match="holds every record out"):
+        next(iter(RecordStream(store, seed=0, keep=lambda r: False)))
+    # a stream resumed at the very end of an epoch is not mistaken for an empty one
+    state = StreamState(epoch=0, shard_pos=1)
+    assert next(iter(RecordStream(store, seed=0, state=state))).sample_id.startswith("r")
+
+
 def test_no_shards_is_a_clear_error(tmp_path):
     (tmp_path / "notes.txt").write_text("hi")
     with pytest.raises(DataError, match=r"no \.jsonl, \.jsonl\.gz, \.jsonl\.zst, \.parquet shards under"):

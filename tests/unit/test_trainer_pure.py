@@ -177,3 +177,15 @@ def test_a_resumed_run_keeps_the_compute_dtype_of_the_run_it_resumes():
     assert resolve_compute_dtype(auto, "cpu", agree=lambda _: False) == torch.float32  # ranks disagree
     chosen = SimpleNamespace(quantization=SimpleNamespace(compute_dtype="float32"))
     assert resolve_compute_dtype(chosen, "cpu", resumed="bfloat16") == torch.float32  # spec wins
+
+
+def test_a_custom_format_without_the_output_field_is_a_config_error():
+    from pydantic import ValidationError
+
+    from kubetune_trainer.config import Dataset
+
+    with pytest.raises(ValidationError, match=r"dataset.format must contain \{output\}"):
+        Dataset(uri="s3://data/x/", template="custom", format="Q: {q} A:")
+    with pytest.raises(ValidationError, match=r"must contain \{label\}"):
+        Dataset(uri="s3://data/x/", template="custom", format="{q} {output}", fields={"output": "label"})
+    assert Dataset(uri="s3://data/x/", template="custom", format="{q} => {label}", fields={"output": "label"})

@@ -141,6 +141,9 @@ class Dataset(ApiModel):
     def _custom_needs_format(self) -> Dataset:
         if (self.template == Template.custom.value) != (self.format is not None):
             raise ValueError("dataset.format is required with template custom and only allowed with it")
+        marker = "{" + self.fields.get("output", "output") + "}"
+        if self.format is not None and marker not in self.format:
+            raise ValueError(f"dataset.format must contain {marker}: the response starts there")
         return self
 
     model_config = ConfigDict(
@@ -149,7 +152,13 @@ class Dataset(ApiModel):
                 {
                     "rule": "(self.template == 'custom') == has(self.format)",
                     "message": "format is required with template custom and only allowed with it",
-                }
+                },
+                {
+                    "rule": "!has(self.format) || self.format.contains('{' + "
+                    "(has(self.fields) && 'output' in self.fields ? self.fields['output'] : 'output') + '}')",
+                    "message": "format must contain {output} (or the field that fields.output names): "
+                    "the response starts there",
+                },
             ]
         }
     )

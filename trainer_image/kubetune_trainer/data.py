@@ -223,11 +223,21 @@ class RecordStream:
     def __iter__(self) -> Iterator[Record]:
         st = self.state
         while self.epochs is None or st.epoch < self.epochs:
+            whole = st.shard_pos == 0 and st.window_record == 0 and st.taken == 0  # not a resumed one
+            kept = 0
             order = shard_order(self.keys, self.seed, st.epoch, self.shuffle)
             while st.shard_pos < len(order):
                 key = order[st.shard_pos]
-                yield from self._shard(key)
+                for record in self._shard(key):
+                    kept += 1
+                    yield record
                 st.shard_pos, st.window_record, st.window_byte, st.taken = st.shard_pos + 1, 0, 0, 0
+            if whole and not kept and self.epochs is None:
+                # an endless stream with nothing in it would read every shard for ever
+                raise DataError(
+                    f"no training record in a whole pass over {self.store.uri}: the shards are empty or "
+                    "blank, or dataset.validation.fraction holds every record out"
+                )
             st.epoch, st.shard_pos = st.epoch + 1, 0
 
     def _shard(self, key: str) -> Iterator[Record]:
