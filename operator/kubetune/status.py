@@ -31,6 +31,9 @@ CONFIG_ERROR = "ConfigError"
 WAITING_FOR_CAPACITY = "WaitingForCapacity"
 LOSS_NOT_FINITE = "LossNotFinite"
 FAILED_CREATE = "FailedCreate"
+WAITING_FOR_CONFIG = "WaitingForConfig"
+# how long a missing Secret, ConfigMap or key may take to appear before the job fails
+CONFIG_ERROR_GRACE_S = 30.0
 PODS_CREATED = "PodsCreated"  # a condition only once a create was refused
 # 400 Bad Request, 422 Invalid: the objects themselves are wrong, and a retry never helps.
 # Anything else (403 from a quota, a missing ServiceAccount or PriorityClass) may pass later.
@@ -530,6 +533,18 @@ def _attempt(c: Ctx, spec: FineTuneJobSpec) -> None:
     pods = list(current.values())
     problem = config_error(pods)
     if problem:
+        started = parse_time(st.get("attemptStartTime"))
+        left = CONFIG_ERROR_GRACE_S - ((c.now - started).total_seconds() if started else CONFIG_ERROR_GRACE_S)
+        if left > 0:
+            # a Secret made a moment after the job (External Secrets, a GitOps sync) is normal
+            c.transition(
+                Phase.pending.value,
+                WAITING_FOR_CONFIG,
+                f"{problem}; the job fails if it is still missing {left:.0f} s from now",
+                "Warning",
+            )
+            c.plan.requeue_after = left
+            return None
         return c.fail(INVALID_SPEC, problem)
     waiting = sorted(p["metadata"]["name"] for p in pods if gated(p))
     if waiting:

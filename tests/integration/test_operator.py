@@ -353,10 +353,42 @@ def test_a_missing_secret_fails_the_job_with_a_clear_message(operator, custom, n
         podOverrides=RUNNER_OVERRIDES,
     )
     create(custom, namespace, job)
-    st = wait_phase(custom, namespace, "no-secret", "Failed")
+    st = wait_for(
+        lambda: (s := status(custom, namespace, "no-secret")).get("reason") == "WaitingForConfig" and s,
+        60,
+        "the job to wait for its Secret",
+    )
+    assert 'secret "does-not-exist" not found' in st["message"] and st["phase"] == "Pending"
+    st = wait_phase(custom, namespace, "no-secret", "Failed", timeout_s=60)  # after the 30 s grace
     assert st["reason"] == "InvalidSpec"
     assert 'secret "does-not-exist" not found' in st["message"]
     assert condition(st, "Failed")["status"] == "True"
+
+
+def test_a_secret_created_a_little_after_the_job_is_waited_for(
+    operator, core, custom, namespace, dev_cluster
+):
+    job = minimal_job(
+        "late-secret",
+        resources={"accelerator": "cpu", "cpu": "1", "memory": "1Gi"},
+        storage={"secretRef": {"name": "made-later"}, "endpoint": dev_cluster.endpoints.s3},
+        podOverrides=RUNNER_OVERRIDES,
+    )
+    create(custom, namespace, job)
+    wait_for(
+        lambda: status(custom, namespace, "late-secret").get("reason") == "WaitingForConfig",
+        60,
+        "the job to wait for its Secret",
+    )
+    core.create_namespaced_secret(
+        namespace,
+        {
+            "metadata": {"name": "made-later"},
+            "stringData": {"AWS_ACCESS_KEY_ID": "k", "AWS_SECRET_ACCESS_KEY": "s"},
+        },
+    )
+    st = wait_phase(custom, namespace, "late-secret", "Running", timeout_s=90)
+    assert st["attempt"] == 1 and st["failures"] == 0
 
 
 RUNNER_OVERRIDES = {

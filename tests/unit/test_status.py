@@ -212,6 +212,31 @@ def test_only_a_missing_secret_or_key_is_a_permanent_config_error(message, perma
     assert (config_error([pod]) is not None) == permanent
 
 
+def test_a_missing_secret_is_waited_for_a_while_then_fails_the_job():
+    w = World(job())
+    w.reconcile()
+    waiting = {
+        "state": {"waiting": {"reason": "CreateContainerConfigError", "message": 'secret "s3" not found'}}
+    }
+    w.set_pod("j-a1-w0", "Pending", containerStatuses=[waiting])
+    st = w.reconcile()
+    assert (st["phase"], st["reason"]) == ("Pending", "WaitingForConfig") and 'secret "s3"' in st["message"]
+    assert w.plans[-1].requeue_after == 30 and w.plans[-1].events[0][:2] == ("Warning", "WaitingForConfig")
+    w.now += dt.timedelta(seconds=10)
+    st = w.reconcile()
+    assert st["phase"] == "Pending" and w.plans[-1].requeue_after == 20 and not w.plans[-1].events
+    # the Secret appeared: the pod runs, the job with it
+    w.set_pod("j-a1-w0", "Running")
+    assert w.reconcile()["phase"] == "Running"
+    # ... or it did not, within the grace
+    w2 = World(job())
+    w2.reconcile()
+    w2.set_pod("j-a1-w0", "Pending", containerStatuses=[waiting])
+    w2.now += dt.timedelta(seconds=31)
+    st = w2.reconcile()
+    assert (st["phase"], st["reason"]) == ("Failed", "InvalidSpec")
+
+
 def test_too_many_preemptions():
     w = World(job(spot={"enabled": True, "maxPreemptions": 1}))
     w.reconcile()
