@@ -92,6 +92,9 @@ def test_output_is_a_peft_adapter_with_card_metrics_and_loss_curve(tiny_model, m
         "loss_curve.png",
         "README.md",
     } <= keys
+    # written last, listing exactly what is there; nothing left in staging
+    marker = json.loads(s3.get_object(Bucket="runs", Key="export/out/_COMPLETE.json")["Body"].read())
+    assert set(marker["files"]) == keys - {"_COMPLETE.json"}
     local = tmp_path / "adapter"
     local.mkdir()
     for k in keys:

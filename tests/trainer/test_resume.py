@@ -163,3 +163,19 @@ def test_planted_and_broken_checkpoints_are_skipped_without_running_or_writing_a
     assert "skipping checkpoint step 20: ClientError" in log
     assert second.steps()[0]["step"] == 11, "should resume from step 10, the newest usable checkpoint"
     assert max_abs_diff(adapter_tensors(minio, cfg["output"]["uri"]), base_adapter) <= 1e-5
+
+
+def test_checkpoints_of_another_run_are_refused_not_resumed(tiny_model, minio, sql_bucket, tmp_path):
+    cfg = tiny_config(tiny_model, "mixed", maxSteps=10)
+    run_trainer(cfg, tmp_path, minio, "first")
+    # the same checkpoint prefix, another adapter shape: resuming would train something else
+    other = tiny_config(tiny_model, "mixed", maxSteps=20)
+    other["lora"]["r"] = 4
+    second = start_trainer(other, tmp_path, minio, "second")
+    assert second.wait(120) == 78, second.log_text()[-3000:]
+    msg = second.termination_message()
+    assert msg["outcome"] == "config-error" and "made by another run" in msg["error"], msg
+    # more steps of the same run resume from its checkpoint
+    longer = tiny_config(tiny_model, "mixed", maxSteps=20)
+    third = run_trainer(longer, tmp_path, minio, "third")
+    assert third.steps()[0]["step"] == 11

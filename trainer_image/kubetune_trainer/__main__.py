@@ -55,6 +55,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from pydantic import ValidationError
 
+    from kubetune_trainer.checkpoints import RunMismatch
     from kubetune_trainer.config import load_config
     from kubetune_trainer.data import DataError
 
@@ -70,8 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     port = args.progress_port
     if port is None and "KUBETUNE_PROGRESS_PORT" in os.environ:
         port = int(os.environ["KUBETUNE_PROGRESS_PORT"])
-    # on the pod's own IP when known (the dev cluster's pod runner gives every pod its
-    # own 127.0.0.N, so two trainers on one machine do not fight over the port)
+    # on the pod's own IP when known (the downward API gives it), else on every address
     progress = ProgressServer(port if rank == 0 else None, os.environ.get("POD_IP") or "0.0.0.0")
     t0 = time.monotonic()
     try:
@@ -115,6 +115,8 @@ def main(argv: list[str] | None = None) -> int:
         )
     except DataError as e:
         return finish(EXIT_DATA, "data-error", error=str(e))
+    except RunMismatch as e:
+        return finish(EXIT_CONFIG, "config-error", error=str(e))
     except FileNotFoundError as e:
         return finish(EXIT_NO_INPUT, "no-input", error=str(e))
     except Exception as e:

@@ -78,6 +78,10 @@ def to_prune(verified: list[int], all_steps: list[int], keep: int) -> list[int]:
     return sorted(s for s in all_steps if s not in kept and s < newest)
 
 
+class RunMismatch(Exception):
+    """The checkpoint prefix holds another run's checkpoints."""
+
+
 @dataclass
 class Restored:
     step: int

@@ -1,11 +1,14 @@
 """What a finished run leaves at output.uri: the adapter (adapter_model.safetensors +
 adapter_config.json, loadable with peft's PeftModel.from_pretrained), the tokenizer,
-training metrics, a loss-curve PNG and a short model card; optionally the merged model."""
+training metrics, a loss-curve PNG and a short model card; optionally the merged model;
+and, written last, _COMPLETE.json listing every file's sha256 (see publish)."""
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import logging
+import uuid
 from pathlib import Path
 
 from kubetune_trainer.checkpoints import sha256_file
@@ -162,19 +165,40 @@ def export(
     if cfg.output.merged_model:
         _merge(cfg, out, model_path, metrics["compute_dtype"] or "float32", backend)
     store = open_store(cfg.output.uri)
-    files = sorted(p for p in out.rglob("*") if p.is_file())
-    # the adapter weights last: their presence means the upload is complete
-    files.sort(key=lambda p: p.name == "adapter_model.safetensors")
-    for p in files:
-        store.put_file(p, p.relative_to(out).as_posix())
+    files = publish(store, out)
     adapter = out / "adapter_model.safetensors"
     info = {
         "uri": store.uri.rstrip("/") + "/",
-        "sha256": sha256_file(adapter),
+        "sha256": files["adapter_model.safetensors"],
         "sizeBytes": adapter.stat().st_size,
     }
     log.info("adapter uploaded to %s (%d files, %.1f MB)", info["uri"], len(files), info["sizeBytes"] / 1e6)
     return info
+
+
+COMPLETE = "_COMPLETE.json"
+STAGING = ".staging"
+
+
+def publish(store, folder: Path) -> dict[str, str]:
+    """Upload folder to the store so that no reader takes half of it for the adapter:
+    every file goes to a staging prefix first; then the completion marker (a manifest of
+    every file's sha256) is removed, the files are copied into place server-side, and the
+    marker is written again last. A reader that finds the marker finds the whole set it
+    lists; an upload cut short leaves no marker. Returns {file: sha256}."""
+    files = {
+        p.relative_to(folder).as_posix(): sha256_file(p) for p in sorted(folder.rglob("*")) if p.is_file()
+    }
+    staging = f"{STAGING}/{uuid.uuid4().hex[:12]}"
+    for name in files:
+        store.put_file(folder / name, f"{staging}/{name}")
+    store.delete([COMPLETE])
+    for name in sorted(files, key=lambda n: n == "adapter_model.safetensors"):
+        store.copy(f"{staging}/{name}", name)
+    marker = {"files": files, "time": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
+    store.put_bytes(COMPLETE, json.dumps(marker, indent=1).encode())
+    store.delete([f"{staging}/{name}" for name in files])
+    return files
 
 
 def merged_model(cfg, adapter_dir: Path, model_path: str, dtype_name: str, backend: str = "cpu"):

@@ -43,6 +43,7 @@ class Store(Protocol):
     def put_file(self, path: Path, key: str) -> None: ...
     def download(self, key: str, path: Path) -> None: ...
     def delete(self, keys: list[str]) -> None: ...
+    def copy(self, src: str, dest: str) -> None: ...
 
 
 def join(*parts: str) -> str:
@@ -135,12 +136,15 @@ class LocalStore:
         path.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(self._path(key), path)
 
+    def copy(self, src: str, dest: str) -> None:
+        self.put_file(self._path(src), dest)
+
     def delete(self, keys: list[str]) -> None:
         for key in keys:
             self._path(key).unlink(missing_ok=True)
         # drop folders left empty (a pruned checkpoint), deepest first
         for key in sorted({str(Path(k).parent) for k in keys}, key=len, reverse=True):
-            d = self._path(key)
+            d = self.root if key == "." else self._path(key)
             while d != self.root and d.is_dir() and not any(d.iterdir()):
                 d.rmdir()
                 d = d.parent
@@ -207,6 +211,10 @@ class S3Store:
         tmp = path.with_name(path.name + ".partial")
         self.client.download_file(self.bucket, self._key(key), str(tmp))
         os.replace(tmp, path)
+
+    def copy(self, src: str, dest: str) -> None:
+        # server-side, boto3's managed copy (multipart past 5 GB: a merged model)
+        self.client.copy({"Bucket": self.bucket, "Key": self._key(src)}, self.bucket, self._key(dest))
 
     def delete(self, keys: list[str]) -> None:
         for i in range(0, len(keys), 1000):

@@ -24,7 +24,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from kubetune_trainer.checkpoints import CheckpointStore, Restored
+from kubetune_trainer.checkpoints import CheckpointStore, Restored, RunMismatch
 from kubetune_trainer.config import TrainingConfig
 from kubetune_trainer.data import RecordStream, in_validation, list_shards
 from kubetune_trainer.progress import ProgressServer, Rate, eta_seconds
@@ -121,6 +121,17 @@ def set_rng_state(state: dict) -> None:
     torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in state["cuda"]])
+
+
+def run_fingerprint(cfg: TrainingConfig) -> str:
+    """A hash of what makes a run (the model, data, method, adapter shape, quantization):
+    a checkpoint resumed under another of these would train something else silently.
+    Training settings (steps, learning rate) may change between attempts."""
+    import hashlib
+
+    parts = {k: getattr(cfg, k).model_dump(mode="json") if hasattr(getattr(cfg, k), "model_dump") else getattr(cfg, k)
+             for k in ("model", "dataset", "method", "lora", "quantization")}  # fmt: skip
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def read_checkpoint(folder: Path) -> dict:
@@ -250,6 +261,14 @@ class Trainer:
             open_store(cfg.checkpoint.uri), cfg.checkpoint.keep, self.workdir / "ckpt"
         )
         self.restored = self.ckpts.latest(read=read_checkpoint)
+        if self.restored:
+            made_by = self.restored.contents["state"].get("run")
+            if made_by != run_fingerprint(cfg):
+                raise RunMismatch(
+                    f"the checkpoints under {cfg.checkpoint.uri} were made by another run (a different "
+                    "model, dataset, method, lora or quantization): resuming them would train something "
+                    "else; give this run its own checkpoint.uri"
+                )
         resumed_dtype = self.restored.contents["state"].get("compute_dtype") if self.restored else None
         self.compute_dtype = resolve_compute_dtype(
             cfg, self.backend, self.dist.local_rank, agree, resumed=resumed_dtype
@@ -446,6 +465,7 @@ class Trainer:
             "tokens": self.tokens_seen,
             "exact_match_before": self.exact_match_before,
             "compute_dtype": str(self.compute_dtype).removeprefix("torch."),
+            "run": run_fingerprint(self.cfg),
         }
         (folder / STATE_FILE).write_text(json.dumps(state))
         self.progress.update(phase="checkpointing" if wait else "training")
