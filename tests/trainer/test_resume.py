@@ -179,3 +179,32 @@ def test_checkpoints_of_another_run_are_refused_not_resumed(tiny_model, minio, s
     longer = tiny_config(tiny_model, "mixed", maxSteps=20)
     third = run_trainer(longer, tmp_path, minio, "third")
     assert third.steps()[0]["step"] == 11
+
+
+def committed_steps(s3, prefix: str) -> list[int]:
+    keys = [o["Key"] for o in s3.list_objects_v2(Bucket="runs", Prefix=prefix).get("Contents", [])]
+    return sorted({int(k.split("step-")[1][:8]) for k in keys if k.endswith("/" + MANIFEST)})
+
+
+def test_a_leftover_attempt_stops_writing_once_a_newer_one_holds_the_prefix(
+    tiny_model, minio, sql_bucket, tmp_path
+):
+    s3 = minio.client()
+    cfg = tiny_config(tiny_model, "fenced")
+    # attempt 1 runs on (its pod force-deleted, its node partitioned) while attempt 2 starts
+    old = start_trainer(cfg, tmp_path, minio, "attempt-1", extra_env={"KUBETUNE_ATTEMPT": "1"})
+    wait_for(lambda: 10 in committed_steps(s3, "fenced/ckpt/"), 120, "checkpoint 10", procs=[old.watch()])
+    s3.put_object(Bucket="runs", Key="fenced/ckpt/attempt.json", Body=b'{"attempt": 2}')
+    claimed_at = old.last_step()
+    assert old.wait(120) == 1, old.log_text()[-3000:]
+    msg = old.termination_message()
+    assert msg["outcome"] == "fenced" and "newer attempt" in msg["error"], msg
+    # at most the checkpoint already under way when attempt 2 claimed; none pruned by attempt 1
+    limit = -(-max(claimed_at, 1) // 10) * 10
+    steps = committed_steps(s3, "fenced/ckpt/")
+    assert 10 in steps and max(steps) <= limit and max(steps) < 40, (steps, claimed_at)
+    assert not s3.list_objects_v2(Bucket="runs", Prefix="fenced/out/").get("Contents"), "a leftover published"
+    # and a leftover that starts after the claim does not write at all
+    late = start_trainer(cfg, tmp_path, minio, "attempt-1-late", extra_env={"KUBETUNE_ATTEMPT": "1"})
+    assert late.wait(120) == 1 and late.termination_message()["outcome"] == "fenced"
+    assert committed_steps(s3, "fenced/ckpt/") == steps

@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from pydantic import ValidationError
 
-    from kubetune_trainer.checkpoints import RunMismatch
+    from kubetune_trainer.checkpoints import Fenced, RunMismatch
     from kubetune_trainer.config import load_config
     from kubetune_trainer.data import DataError
 
@@ -117,6 +117,9 @@ def main(argv: list[str] | None = None) -> int:
         return finish(EXIT_DATA, "data-error", error=str(e))
     except RunMismatch as e:
         return finish(EXIT_CONFIG, "config-error", error=str(e))
+    except Fenced as e:  # a leftover attempt: its successor carries the job on
+        log.warning("%s", e)
+        return finish(EXIT_FAILED, "fenced", error=str(e))
     except FileNotFoundError as e:
         return finish(EXIT_NO_INPUT, "no-input", error=str(e))
     except Exception as e:

@@ -43,11 +43,12 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def make_manifest(folder: Path, step: int) -> dict:
+def make_manifest(folder: Path, step: int, attempt: int = 0) -> dict:
     files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST)
     return {
         "format": FORMAT_VERSION,
         "step": step,
+        "attempt": attempt,
         "files": {
             p.relative_to(folder).as_posix(): {"sha256": sha256_file(p), "size": p.stat().st_size}
             for p in files
@@ -82,6 +83,14 @@ class RunMismatch(Exception):
     """The checkpoint prefix holds another run's checkpoints."""
 
 
+class Fenced(Exception):
+    """A newer attempt of the job has taken over the checkpoint prefix: this one is a
+    leftover (force-deleted, partitioned) and must neither write nor prune there."""
+
+
+FENCE = "attempt.json"  # {"attempt": N}: the newest attempt that has claimed the prefix
+
+
 @dataclass
 class Restored:
     step: int
@@ -96,8 +105,9 @@ UNUSABLE = (ValueError, KeyError, TypeError, OSError, pickle.UnpicklingError, Ru
 
 
 class CheckpointStore:
-    def __init__(self, store: Store, keep: int, workdir: Path | None = None) -> None:
-        self.store, self.keep = store, keep
+    def __init__(self, store: Store, keep: int, workdir: Path | None = None, attempt: int = 0) -> None:
+        self.store, self.keep, self.attempt = store, keep, attempt
+        self.fenced = False  # set once a newer attempt is seen holding the prefix
         self.workdir = Path(workdir or tempfile.mkdtemp(prefix="kubetune-ckpt-"))
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.uploader = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="ckpt-upload")
@@ -140,9 +150,39 @@ class CheckpointStore:
         if time.monotonic() - t0 > 1:
             log.info("waited %.1f s for the previous checkpoint upload", time.monotonic() - t0)
 
+    # -- fencing (attempts of a job on Kubernetes; a local run is attempt 0) --------------
+    def holder(self) -> int:
+        """The newest attempt that has claimed the prefix (0: none)."""
+        try:
+            value = json.loads(self.store.read_bytes(FENCE)).get("attempt")
+        except Exception as e:
+            if isinstance(e, (OSError, ValueError, AttributeError)) or missing(e):
+                return 0
+            raise
+        return value if isinstance(value, int) and not isinstance(value, bool) else 0
+
+    def claim(self) -> None:
+        """Take the prefix for this attempt, unless a newer one already has it."""
+        if not self.attempt:
+            return
+        holder = self.holder()
+        if holder > self.attempt:
+            self.fenced = True
+            raise Fenced(
+                f"attempt {holder} of this job already writes {self.store.uri}; attempt {self.attempt} stops"
+            )
+        if holder < self.attempt:
+            self.store.put_bytes(FENCE, json.dumps({"attempt": self.attempt}).encode())
+
+    def _check_fence(self) -> None:
+        if self.attempt and (self.fenced or self.holder() > self.attempt):
+            self.fenced = True
+            raise Fenced(f"a newer attempt of this job writes {self.store.uri}; attempt {self.attempt} stops")
+
     def _upload(self, step: int, folder: Path) -> None:
         t0 = time.monotonic()
-        manifest = make_manifest(folder, step)
+        self._check_fence()  # a leftover attempt never writes over its successor's
+        manifest = make_manifest(folder, step, self.attempt)
         prefix = step_dir(step)
         for name in manifest["files"]:
             self.store.put_file(folder / name, join(prefix, name))
@@ -162,6 +202,7 @@ class CheckpointStore:
 
     def prune(self) -> None:
         try:
+            self._check_fence()  # never prune under a newer attempt
             listing = steps_in([o.key for o in self.store.list()])
             verified = [s for s in listing if s in self.verified]
             for s in to_prune(verified, list(listing), self.keep):
@@ -177,11 +218,17 @@ class CheckpointStore:
         incomplete upload, a file gone since the listing, a hash or name that does not
         hold, a payload that is not plain data."""
         listing = steps_in([o.key for o in self.store.list()])
-        for step in sorted(listing, reverse=True):
-            files = listing[step]
-            if MANIFEST not in files:
+        for step in sorted(listing):
+            if MANIFEST not in listing[step]:
                 log.warning("skipping checkpoint step %d: no manifest (incomplete upload)", step)
-                continue
+        # the newest attempt's checkpoints first, then the newest step: a leftover older
+        # attempt that wrote on (a higher step) does not win over its successor
+        order = sorted(
+            (s for s in listing if MANIFEST in listing[s]),
+            key=lambda s: (self._attempt_of(s), s),
+            reverse=True,
+        )
+        for step in order:
             folder = None
             try:
                 folder = self._fetch_verified(step)
@@ -196,6 +243,13 @@ class CheckpointStore:
             self.verified.add(step)
             return Restored(step, folder, self.uri(step), contents)
         return None
+
+    def _attempt_of(self, step: int) -> int:
+        try:
+            value = json.loads(self.store.read_bytes(join(step_dir(step), MANIFEST))).get("attempt", 0)
+        except Exception:  # unreadable: _fetch_verified says why, in order
+            return 0
+        return value if isinstance(value, int) and not isinstance(value, bool) else 0
 
     def _fetch_verified(self, step: int) -> Path:
         prefix = step_dir(step)

@@ -24,7 +24,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from kubetune_trainer.checkpoints import CheckpointStore, Restored, RunMismatch
+from kubetune_trainer.checkpoints import CheckpointStore, Fenced, Restored, RunMismatch
 from kubetune_trainer.config import TrainingConfig
 from kubetune_trainer.data import RecordStream, in_validation, list_shards
 from kubetune_trainer.progress import ProgressServer, Rate, eta_seconds
@@ -258,7 +258,10 @@ class Trainer:
         # the newest checkpoint before the model: a resumed run computes in the dtype of the
         # run it resumes (auto's CPU probe could choose otherwise on a busier machine)
         self.ckpts = CheckpointStore(
-            open_store(cfg.checkpoint.uri), cfg.checkpoint.keep, self.workdir / "ckpt"
+            open_store(cfg.checkpoint.uri),
+            cfg.checkpoint.keep,
+            self.workdir / "ckpt",
+            attempt=int(os.environ.get("KUBETUNE_ATTEMPT") or 0),
         )
         self.restored = self.ckpts.latest(read=read_checkpoint)
         if self.restored:
@@ -269,6 +272,8 @@ class Trainer:
                     "model, dataset, method, lora or quantization): resuming them would train something "
                     "else; give this run its own checkpoint.uri"
                 )
+        if self.dist.main:
+            self.ckpts.claim()  # from now on, an older attempt still running stops writing here
         resumed_dtype = self.restored.contents["state"].get("compute_dtype") if self.restored else None
         self.compute_dtype = resolve_compute_dtype(
             cfg, self.backend, self.dist.local_rank, agree, resumed=resumed_dtype
@@ -652,13 +657,17 @@ class Trainer:
         return ckpt
 
     def _should_stop(self, torch) -> bool:
-        """Every rank must stop at the same step, or the checkpoint would mix steps."""
-        flag = bool(self.stop)
-        if self.dist.world == 1:
-            return flag
-        t = torch.tensor([1.0 if flag else 0.0], device=self.device)
-        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
-        return bool(t.item())
+        """Every rank must stop at the same step, or the checkpoint would mix steps; and
+        every rank stops (without a checkpoint) once rank 0 finds a newer attempt holding
+        the checkpoint prefix."""
+        flag, fenced = bool(self.stop), self.ckpts.fenced
+        if self.dist.world > 1:
+            t = torch.tensor([float(flag), float(fenced)], device=self.device)
+            torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+            flag, fenced = bool(t[0].item()), bool(t[1].item())
+        if fenced:
+            raise Fenced(f"a newer attempt of this job writes {self.cfg.checkpoint.uri}; this attempt stops")
+        return flag
 
     def _from_rank0(self, value):
         if self.dist.world == 1:
