@@ -23,6 +23,7 @@ from kubetune.api import GROUP, PLURAL, VERSION
 from kubetune.gang import gang_fit, gated, without_gang_gate
 from kubetune.kube import Kube, watch_pods
 from kubetune.manifests import ATTEMPT_LABEL, JOB_LABEL, PROGRESS_PORT, RANK_LABEL, build_service
+from kubetune.policy import Policy, violations
 from kubetune.status import after_refusal, decide, iso, merge_patch, pod_attempt
 
 log = logging.getLogger("kubetune")
@@ -124,6 +125,7 @@ class Controller:
         # one gang is checked and released at a time: two must not share free capacity
         self.gang_lock = threading.Lock()
         self.refusals: dict[tuple[str, str], Refusal] = {}  # jobs whose last create was refused
+        self.policy = Policy.from_env()  # what podOverrides may set (the chart's policy values)
 
     # -- watch side (event loop) ----------------------------------------------------------
 
@@ -204,12 +206,13 @@ class Controller:
                 gang = gang_fit(
                     waiting[0], len(waiting), self.kube.list_nodes(), self.kube.list_active_pods()
                 )
-            plan = decide(job, pods, now, progress=progress, gang=gang)
+            problems = violations(job.get("spec") or {}, self.policy)
+            plan = decide(job, pods, now, problems, progress=progress, gang=gang)
             if any(loss.reason == "PodDeleted" for loss in plan.losses):
                 # a pod missing from the cache may only be not seen yet: ask the API server
                 pods = self.kube.list_pods(key[0], f"{JOB_LABEL}={key[1]}")
                 self.pods[key] = {p["metadata"]["name"]: p for p in pods}
-                plan = decide(job, pods, now, progress=progress, gang=gang)
+                plan = decide(job, pods, now, problems, progress=progress, gang=gang)
             for name in plan.ungate:
                 gates = without_gang_gate(self.pods[key][name]) or None
                 released = self.kube.patch_pod(key[0], name, {"spec": {"schedulingGates": gates}})

@@ -19,6 +19,7 @@ import yaml
 from kubetune.api import GROUP, PLURAL, VERSION
 from kubetune.crd import CRD_FILE
 from kubetune.devcluster.cluster import REPO_ROOT, tool_binary
+from kubetune.policy import Policy, violations
 from tests.helpers import install_crd, make_namespace, wait_for
 
 CHART = REPO_ROOT / "charts" / "kubetune"
@@ -265,12 +266,53 @@ def test_deployment_defaults(tmp_path):
         "KUBETUNE_TRAINER_IMAGE_XPU": "ghcr.io/kubetune/trainer-xpu:0.1.0",
         "KUBETUNE_TRAINER_IMAGE_CPU": "ghcr.io/kubetune/trainer-cuda:0.1.0",
         "KUBETUNE_TRAINER_IMAGE_IPEX_LLM": "ghcr.io/kubetune/trainer-ipex-llm:0.1.0",
+        "KUBETUNE_POLICY": env["KUBETUNE_POLICY"],
     }
+    assert Policy.from_env({"KUBETUNE_POLICY": env["KUBETUNE_POLICY"]}) == Policy()  # unbounded by default
     # the metrics Service reaches the pods on their metrics port
     (service,) = by_kind(docs, "Service")
     assert service["spec"]["selector"].items() <= spec["template"]["metadata"]["labels"].items()
     assert service["spec"]["ports"][0]["targetPort"] == "metrics"
     assert not by_kind(docs, "ServiceMonitor")
+
+
+def test_policy_values_reach_the_operator_and_bound_pod_overrides(tmp_path):
+    values = {
+        "policy": {
+            "allowedImages": ["registry.example.com/ml/"],
+            "allowedServiceAccounts": ["trainer"],
+            "allowedPriorityClasses": ["batch-low"],
+            "allowedTolerationKeys": ["nvidia.com/gpu"],
+        }
+    }
+    env = {e["name"]: e.get("value") for e in container(render(tmp_path, values))["env"]}
+    policy = Policy.from_env({"KUBETUNE_POLICY": env["KUBETUNE_POLICY"]})
+    inside = {
+        "image": "registry.example.com/ml/trainer:1",
+        "serviceAccountName": "trainer",
+        "priorityClassName": "batch-low",
+        "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists"}],
+    }
+    assert violations({"podOverrides": inside}, policy) == []
+    assert violations({}, policy) == []  # no overrides: the chart's own trainer images
+    outside = {
+        "image": "docker.io/evil/miner",
+        "serviceAccountName": "admin",
+        "priorityClassName": "system-cluster-critical",
+        "tolerations": [{"operator": "Exists"}],
+    }
+    found = violations({"podOverrides": outside}, policy)
+    assert [f.split(":")[0] for f in found] == [
+        "spec.podOverrides.image",
+        "spec.podOverrides.serviceAccountName",
+        "spec.podOverrides.priorityClassName",
+        "spec.podOverrides.tolerations[0]",
+    ]
+    out = helm(
+        "template", "kt", str(CHART), "--kube-version", K8S_VERSION,
+        "-f", values_file(tmp_path, {"policy": {"allowedImages": "registry.example.com/"}}), check=False,
+    )  # fmt: skip
+    assert out.returncode != 0 and "allowedImages" in out.stderr
 
 
 def test_deployment_non_default(tmp_path):

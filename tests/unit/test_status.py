@@ -598,3 +598,21 @@ def test_an_invalid_pod_fails_the_job_as_an_invalid_spec():
     assert delay is None and st["phase"] == "Failed" and st["reason"] == "InvalidSpec"
     assert event[:2] == ("Warning", "FailedCreate")
     assert "spec.nodeSelector" in st["message"] and conditions(st)["Failed"]["status"] == "True"
+
+
+def test_a_policy_violation_fails_the_job_naming_the_field_and_a_fix_is_looked_at_again():
+    from kubetune.policy import Policy, violations
+
+    policy = Policy(images=("registry.example.com/",))
+    j = job(podOverrides={"image": "docker.io/evil/miner"})
+    plan = decide(j, [], T0, violations(j["spec"], policy))
+    assert not plan.create and plan.status["phase"] == "Failed" and plan.status["reason"] == "InvalidSpec"
+    assert (
+        "spec.podOverrides.image: 'docker.io/evil/miner' is not under an allowed prefix"
+        in plan.status["message"]
+    )
+    j["status"] = plan.status
+    j["spec"]["podOverrides"]["image"] = "registry.example.com/trainer:1"
+    j["metadata"]["generation"] = 2
+    again = decide(j, [], T0, violations(j["spec"], policy))
+    assert again.create and again.status["phase"] == "Pending"
