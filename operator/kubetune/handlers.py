@@ -11,6 +11,7 @@ import dataclasses
 import datetime as dt
 import json
 import logging
+import os
 import socket
 import threading
 import time
@@ -22,11 +23,19 @@ from kubetune import metrics
 from kubetune.api import GROUP, PLURAL, VERSION
 from kubetune.gang import gang_fit, gated, without_gang_gate
 from kubetune.kube import Kube, watch_pods
-from kubetune.manifests import ATTEMPT_LABEL, JOB_LABEL, PROGRESS_PORT, RANK_LABEL, build_service
+from kubetune.manifests import (
+    ATTEMPT_LABEL,
+    JOB_LABEL,
+    PROGRESS_PORT,
+    RANK_LABEL,
+    build_network_policy,
+    build_service,
+)
 from kubetune.policy import Policy, violations
 from kubetune.status import after_refusal, decide, iso, merge_patch, pod_attempt
 
 log = logging.getLogger("kubetune")
+NETWORK_POLICY_ENV = "KUBETUNE_NETWORK_POLICY"  # {"namespace": ..., "podLabels": {...}}
 RESYNC_S = 30.0  # a running job is looked at again at least this often
 RETRY_S = 2.0
 # Pod changes come in bursts (bound, started, ready): look once they settled, so one
@@ -126,6 +135,8 @@ class Controller:
         self.gang_lock = threading.Lock()
         self.refusals: dict[tuple[str, str], Refusal] = {}  # jobs whose last create was refused
         self.policy = Policy.from_env()  # what podOverrides may set (the chart's policy values)
+        # where the operator runs, for each job's NetworkPolicy (unset: none is made)
+        self.network_policy = json.loads(os.environ.get(NETWORK_POLICY_ENV) or "null")
 
     # -- watch side (event loop) ----------------------------------------------------------
 
@@ -252,7 +263,10 @@ class Controller:
         """Create the new attempt's Service and pods; Refused when the API server turns one
         down for a reason a retry right away would not change."""
         ns, name = key
-        objects = [build_service(name, job["metadata"]["uid"])] if job["spec"].get("workers", 1) > 1 else []
+        uid = job["metadata"]["uid"]
+        objects = [build_service(name, uid)] if job["spec"].get("workers", 1) > 1 else []
+        if self.network_policy:
+            objects.insert(0, build_network_policy(name, uid, self.network_policy))
         try:
             for obj in objects + plan.create if plan.create else []:
                 created = self.kube.create(ns, obj)

@@ -95,9 +95,14 @@ class Kube:
 
     def create(self, namespace: str, obj: dict) -> dict | None:
         """Create; None if it already exists (deterministic names make this idempotent)."""
-        path = {"Pod": "pods", "Service": "services", "Event": "events"}[obj["kind"]]
+        path = {
+            "Pod": "api/v1/namespaces/{ns}/pods",
+            "Service": "api/v1/namespaces/{ns}/services",
+            "Event": "api/v1/namespaces/{ns}/events",
+            "NetworkPolicy": "apis/networking.k8s.io/v1/namespaces/{ns}/networkpolicies",
+        }[obj["kind"]].format(ns=namespace)
         try:
-            return self.call("POST", f"/api/v1/namespaces/{namespace}/{path}", obj)
+            return self.call("POST", f"/{path}", obj)
         except ApiException as e:
             if e.status == 409:
                 return None

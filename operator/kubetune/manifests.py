@@ -239,3 +239,37 @@ def build_service(name: str, uid: str) -> dict:
             "ports": [{"name": "metrics", "port": PROGRESS_PORT, "targetPort": "metrics"}],
         },
     }
+
+
+def build_network_policy(name: str, uid: str, operator: dict) -> dict:
+    """Who may reach a job's trainer pods: each other (torch.distributed's ports, the
+    rendezvous) and the operator, on the progress port only. `operator` says where the
+    operator runs: {"namespace": ..., "podLabels": {...}} (the chart passes it)."""
+    own = {"podSelector": {"matchLabels": selector_labels(name)}}
+    return {
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
+        "metadata": {
+            "name": f"kubetune-{name}",
+            "labels": {"app.kubernetes.io/managed-by": "kubetune", JOB_LABEL: name},
+            "ownerReferences": [owner_reference(name, uid)],
+        },
+        "spec": {
+            "podSelector": {"matchLabels": selector_labels(name)},
+            "policyTypes": ["Ingress"],
+            "ingress": [
+                {"from": [own]},
+                {
+                    "from": [
+                        {
+                            "namespaceSelector": {
+                                "matchLabels": {"kubernetes.io/metadata.name": operator["namespace"]}
+                            },
+                            "podSelector": {"matchLabels": dict(operator.get("podLabels") or {})},
+                        }
+                    ],
+                    "ports": [{"protocol": "TCP", "port": PROGRESS_PORT}],
+                },
+            ],
+        },
+    }

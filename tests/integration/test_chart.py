@@ -7,6 +7,7 @@ filesystem), its RBAC is enough to take a job to Succeeded, and Secrets stay out
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import subprocess
 import uuid
@@ -64,6 +65,7 @@ NAMESPACED = {
     *(("", "pods", v) for v in ("get", "list", "watch", "create", "delete", "patch")),
     *(("", "services", v) for v in ("get", "create", "delete")),
     *((g, "events", v) for g in ("", "events.k8s.io") for v in ("create", "patch")),
+    ("networking.k8s.io", "networkpolicies", "create"),
 }
 NODES = {("", "nodes", v) for v in ("get", "list", "watch")}
 NEVER = {"secrets", "configmaps", "serviceaccounts", "roles", "rolebindings", "clusterroles", "*"}
@@ -267,7 +269,15 @@ def test_deployment_defaults(tmp_path):
         "KUBETUNE_TRAINER_IMAGE_CPU": "ghcr.io/kubetune/trainer-cuda:0.1.0",
         "KUBETUNE_TRAINER_IMAGE_IPEX_LLM": "ghcr.io/kubetune/trainer-ipex-llm:0.1.0",
         "KUBETUNE_POLICY": env["KUBETUNE_POLICY"],
+        "KUBETUNE_NETWORK_POLICY": env["KUBETUNE_NETWORK_POLICY"],
     }
+    # each job's NetworkPolicy admits the operator's pods: this release's, by their labels
+    where = json.loads(env["KUBETUNE_NETWORK_POLICY"])
+    assert where["namespace"] == RELEASE_NS
+    assert where["podLabels"] == spec["selector"]["matchLabels"]
+    assert grants(
+        by_kind(render(tmp_path, {"networkPolicy": {"enabled": False}}), "ClusterRole")[0]["rules"]
+    ) == ((NAMESPACED - {("networking.k8s.io", "networkpolicies", "create")}) | NODES)
     assert Policy.from_env({"KUBETUNE_POLICY": env["KUBETUNE_POLICY"]}) == Policy()  # unbounded by default
     # the metrics Service reaches the pods on their metrics port
     (service,) = by_kind(docs, "Service")

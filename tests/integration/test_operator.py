@@ -400,13 +400,31 @@ RUNNER_OVERRIDES = {
 # -- lifecycle -------------------------------------------------------------------------------
 
 
-def test_deleting_a_job_removes_its_pods_and_service(operator, core, custom, namespace):
+def test_deleting_a_job_removes_its_pods_service_and_network_policy(
+    operator, core, custom, namespace, api_client
+):
+    from kubernetes import client
+
+    net = client.NetworkingV1Api(api_client)
     create(custom, namespace, load("multi-worker.yaml"))
-    scheduled_pods(core, namespace, "codellama-2x8", 2)
+    pods = scheduled_pods(core, namespace, "codellama-2x8", 2)
     wait_for(lambda: core.read_namespaced_service("codellama-2x8", namespace), 30, "the headless service")
+    # who may reach the trainers: the job's own pods, and the operator on the progress port
+    policy = net.read_namespaced_network_policy("kubetune-codellama-2x8", namespace)
+    selector = policy.spec.pod_selector.match_labels
+    assert all(selector.items() <= p.metadata.labels.items() for p in pods)
+    own, operator_rule = policy.spec.ingress
+    assert own._from[0].pod_selector.match_labels == selector and not own.ports
+    assert [p.port for p in operator_rule.ports] == [9090]
+    assert operator_rule._from[0].namespace_selector.match_labels == {
+        "kubernetes.io/metadata.name": "kubetune-system"
+    }
     custom.delete_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, "codellama-2x8")
     wait_for(lambda: not job_pods(core, namespace, "codellama-2x8"), 60, "the pods to be collected")
     wait_for(lambda: not core.list_namespaced_service(namespace).items, 60, "the service to be collected")
+    wait_for(
+        lambda: not net.list_namespaced_network_policy(namespace).items, 60, "the policy to be collected"
+    )
 
 
 def test_suspend_stops_pods_and_resume_starts_a_new_attempt(operator, core, custom, namespace):

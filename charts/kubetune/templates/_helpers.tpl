@@ -94,6 +94,12 @@ ClusterRole when it watches every namespace). */}}
 - apiGroups: [""]
   resources: [events]
   verbs: [create, patch]
+{{- if .Values.networkPolicy.enabled }}
+# Each job's NetworkPolicy (who may reach its trainer pods).
+- apiGroups: [networking.k8s.io]
+  resources: [networkpolicies]
+  verbs: [create]
+{{- end }}
 - apiGroups: [events.k8s.io]
   resources: [events]
   verbs: [create, patch]

@@ -229,6 +229,10 @@ class DevCluster:
         return {
             "KUBETUNE_TRAINER_IMAGE_CUDA": self.images.trainer,
             "KUBETUNE_TRAINER_IMAGE_CPU": self.images.trainer,
+            # the objects are made as with the chart; the bridge CNI does not enforce them
+            "KUBETUNE_NETWORK_POLICY": json.dumps(
+                {"namespace": "kubetune-system", "podLabels": {"app.kubernetes.io/name": "kubetune"}}
+            ),
         }
 
     @property
