@@ -325,6 +325,22 @@ def test_policy_values_reach_the_operator_and_bound_pod_overrides(tmp_path):
     assert out.returncode != 0 and "allowedImages" in out.stderr
 
 
+def test_cluster_wide_mode_protects_the_system_namespaces_from_the_operator(tmp_path):
+    (policy,) = by_kind(render(tmp_path, {}), "ValidatingAdmissionPolicy")
+    (binding,) = by_kind(render(tmp_path, {}), "ValidatingAdmissionPolicyBinding")
+    assert binding["spec"] == {"policyName": policy["metadata"]["name"], "validationActions": ["Deny"]}
+    (condition,) = policy["spec"]["matchConditions"]
+    assert (
+        condition["expression"]
+        == "request.userInfo.username == 'system:serviceaccount:kubetune-system:kt-kubetune'"
+    )
+    (rule,) = policy["spec"]["validations"]
+    assert rule["expression"] == "!(request.namespace in ['kube-system','kube-public','kube-node-lease'])"
+    # namespaced mode grants nothing there to begin with
+    assert not by_kind(render(tmp_path, {"watch": {"namespaces": ["team-a"]}}), "ValidatingAdmissionPolicy")
+    assert not by_kind(render(tmp_path, {"rbac": {"protectedNamespaces": []}}), "ValidatingAdmissionPolicy")
+
+
 def test_deployment_non_default(tmp_path):
     docs = render(tmp_path, VALUES["namespaced-ha"])
     (deployment,) = by_kind(docs, "Deployment")
@@ -555,6 +571,10 @@ def tiny_job(name: str, namespace: str, model_uri: str, s3_endpoint: str) -> dic
     return job
 
 
+def status_of(custom, ns: str, name: str) -> dict:
+    return custom.get_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, name).get("status") or {}
+
+
 def wait_phase(custom, ns: str, name: str, phase: str, timeout_s: float, logs) -> dict:
     """The job's status once it reached `phase`; fails early when it failed, or when the
     operator was refused something (its RBAC is short): `logs()` is the operator's output."""
@@ -689,3 +709,18 @@ def test_installed_chart_cluster_wide_runs_pods_everywhere(
         assert core.list_namespaced_pod(jobs_ns, label_selector=f"{GROUP}/job=everywhere").items
         text = logs()
         assert "Forbidden" not in text and " 403" not in text, text[-3000:]
+        # the cluster-wide grant stops at the protected namespaces (the chart's admission policy)
+        protected = {**job, "metadata": {"name": "protected"}}
+        custom.create_namespaced_custom_object(GROUP, VERSION, "kube-system", PLURAL, protected)
+        try:
+            st = wait_for(
+                lambda: (
+                    (s := status_of(custom, "kube-system", "protected")).get("reason") == "FailedCreate" and s
+                ),
+                60,
+                "the create in kube-system to be refused",
+            )
+            assert "creates nothing in kube-system" in st["message"], st
+            assert not core.list_namespaced_pod("kube-system", label_selector=f"{GROUP}/job=protected").items
+        finally:
+            custom.delete_namespaced_custom_object(GROUP, VERSION, "kube-system", PLURAL, "protected")
