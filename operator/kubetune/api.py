@@ -156,11 +156,13 @@ class Storage(ApiModel):
 
 
 class Toleration(ApiModel):
-    key: str | None = Field(None, description="Taint key; unset with operator Exists tolerates every taint.")
+    key: str | None = Field(
+        None, max_length=317, description="Taint key; unset with operator Exists tolerates every taint."
+    )
     operator: Literal["Exists", "Equal"] | None = Field(
         None, description="Exists: any value; Equal (the default): the taint's value must match."
     )
-    value: str | None = Field(None, description="Taint value, for operator Equal.")
+    value: str | None = Field(None, max_length=63, description="Taint value, for operator Equal.")
     effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = Field(
         None, description="Taint effect; unset tolerates every effect."
     )
@@ -203,9 +205,9 @@ class PodOverrides(ApiModel):
         default_factory=dict, description="Added to the worker pods' node selector."
     )
     tolerations: list[Toleration] = Field(
-        default_factory=list, description="Added to the worker pods' tolerations."
+        default_factory=list, max_length=32, description="Added to the worker pods' tolerations."
     )
-    labels: dict[str, str] = Field(
+    labels: dict[str, Annotated[str, Field(max_length=63)]] = Field(
         default_factory=dict,
         max_length=MAX_POD_LABELS,
         description="Added to the worker pods' labels (Kubernetes label keys and values).",
@@ -217,7 +219,7 @@ class PodOverrides(ApiModel):
                     "characters of letters, digits, '-', '_', '.')",
                 },
                 {
-                    "rule": f"self.all(k, self[k].size() <= 63 && self[k].matches(r'{LABEL_VALUE}'))",
+                    "rule": f"self.all(k, self[k].matches(r'{LABEL_VALUE}'))",
                     "message": "label values must be up to 63 characters of letters, digits, '-', '_', '.', "
                     "starting and ending with a letter or digit",
                 },

@@ -112,8 +112,9 @@ class Dataset(ApiModel):
     template: Template = Field(
         Template.completion, description="How a record becomes a prompt and a response."
     )
-    fields: dict[str, str] = Field(
+    fields: dict[str, Annotated[str, Field(max_length=256)]] = Field(
         default_factory=dict,
+        max_length=16,
         description="Template role -> record field, e.g. {input: question, context: context, output: answer}.",
     )
     format: str | None = Field(
