@@ -33,7 +33,7 @@ LOSS_NOT_FINITE = "LossNotFinite"
 FAILED_CREATE = "FailedCreate"
 WAITING_FOR_CONFIG = "WaitingForConfig"
 # how long a missing Secret, ConfigMap or key may take to appear before the job fails
-CONFIG_ERROR_GRACE_S = 30.0
+CONFIG_ERROR_GRACE_S = 60.0
 PODS_CREATED = "PodsCreated"  # a condition only once a create was refused
 # 400 Bad Request, 422 Invalid: the objects themselves are wrong, and a retry never helps.
 # Anything else (403 from a quota, a missing ServiceAccount or PriorityClass) may pass later.

@@ -359,7 +359,7 @@ def test_a_missing_secret_fails_the_job_with_a_clear_message(operator, custom, n
         "the job to wait for its Secret",
     )
     assert 'secret "does-not-exist" not found' in st["message"] and st["phase"] == "Pending"
-    st = wait_phase(custom, namespace, "no-secret", "Failed", timeout_s=60)  # after the 30 s grace
+    st = wait_phase(custom, namespace, "no-secret", "Failed", timeout_s=90)  # after the 60 s grace
     assert st["reason"] == "InvalidSpec"
     assert 'secret "does-not-exist" not found' in st["message"]
     assert condition(st, "Failed")["status"] == "True"

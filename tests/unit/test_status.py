@@ -221,10 +221,10 @@ def test_a_missing_secret_is_waited_for_a_while_then_fails_the_job():
     w.set_pod("j-a1-w0", "Pending", containerStatuses=[waiting])
     st = w.reconcile()
     assert (st["phase"], st["reason"]) == ("Pending", "WaitingForConfig") and 'secret "s3"' in st["message"]
-    assert w.plans[-1].requeue_after == 30 and w.plans[-1].events[0][:2] == ("Warning", "WaitingForConfig")
+    assert w.plans[-1].requeue_after == 60 and w.plans[-1].events[0][:2] == ("Warning", "WaitingForConfig")
     w.now += dt.timedelta(seconds=10)
     st = w.reconcile()
-    assert st["phase"] == "Pending" and w.plans[-1].requeue_after == 20 and not w.plans[-1].events
+    assert st["phase"] == "Pending" and w.plans[-1].requeue_after == 50 and not w.plans[-1].events
     # the Secret appeared: the pod runs, the job with it
     w.set_pod("j-a1-w0", "Running")
     assert w.reconcile()["phase"] == "Running"
@@ -232,7 +232,7 @@ def test_a_missing_secret_is_waited_for_a_while_then_fails_the_job():
     w2 = World(job())
     w2.reconcile()
     w2.set_pod("j-a1-w0", "Pending", containerStatuses=[waiting])
-    w2.now += dt.timedelta(seconds=31)
+    w2.now += dt.timedelta(seconds=61)
     st = w2.reconcile()
     assert (st["phase"], st["reason"]) == ("Failed", "InvalidSpec")
 
