@@ -439,7 +439,7 @@ def after_refusal(
     attempt is left not started, so the next reconcile creates its pods again."""
     st = copy.deepcopy(status)
     st.pop("attemptStartTime", None)
-    text_ = f"the API server refused the attempt's pods: {message}"
+    text_ = f"the API server refused to create the attempt's objects: {message}"
     if code in PERMANENT_CREATE_CODES:
         st.update(phase=Phase.failed.value, reason=INVALID_SPEC, message=text_[:1024])
         set_condition(st, FAILED, True, INVALID_SPEC, text_, now, gen)
