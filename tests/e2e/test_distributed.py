@@ -239,4 +239,5 @@ def test_a_gang_that_does_not_fit_whole_holds_nothing_until_it_does(
         for p in core.list_namespaced_pod(namespace, label_selector=f"{GROUP}/job=gang").items
     }
     assert nodes == {"gang-gpu-0", "gang-gpu-1"}
-    assert "GangAdmitted" in events(core, namespace, "gang")
+    # Events are posted after the status write, on their own thread: the pods can bind first
+    wait_for(lambda: "GangAdmitted" in events(core, namespace, "gang"), 30, "the GangAdmitted event")
