@@ -673,12 +673,32 @@ def clone_images(seed_root: Path, dest: Path) -> None:
 # runtime keeps appending to the same inode (containerLogMaxSize is set above any test's).
 
 
+def log_files(src: Path):
+    """/var/log/pods/<namespace>_<pod>_<uid>/<container>/<restart>.log under src. The
+    kubelet removes a pod's folder whenever it likes: a folder gone between listing and
+    reading is skipped (pathlib's glob raised, and the keeper died with it)."""
+
+    def entries(path: Path):
+        try:
+            with os.scandir(path) as it:
+                return [e for e in it if e.is_dir(follow_symlinks=False) or e.name.endswith(".log")]
+        except OSError:
+            return []
+
+    for pod in entries(src):
+        if pod.is_dir(follow_symlinks=False):
+            for container in entries(Path(pod.path)):
+                if container.is_dir(follow_symlinks=False):
+                    for log in entries(Path(container.path)):
+                        if log.name.endswith(".log") and not log.is_dir(follow_symlinks=False):
+                            yield Path(log.path)
+
+
 def keep_logs(keep: Path, sources: list[Path], poll_s: float = 0.1) -> None:
     keep.mkdir(parents=True, exist_ok=True)
     while True:
         for src in sources:
-            # /var/log/pods/<namespace>_<pod>_<uid>/<container>/<restart>.log
-            for log in src.glob("*/*/*.log"):
+            for log in log_files(src):
                 pod_dir, container = log.parent.parent.name, log.parent.name
                 dest = keep / pod_dir / f"{container}.{log.stem}.log"
                 if not dest.exists():
