@@ -20,6 +20,7 @@ from pathlib import Path
 import yaml
 
 from kubetune import api, reference
+from kubetune_trainer.config import RUN_FIELDS
 
 ROOT = Path(__file__).resolve().parents[2]
 CRD_FILE = ROOT / "crds" / f"{api.GROUP}_{api.PLURAL}.yaml"
@@ -83,21 +84,17 @@ def structural(schema: dict, defs: dict) -> dict:
     return out
 
 
-# What a run is: changing any of these under a running job would resume its checkpoints
-# into another model or data. (Training settings, resources and spot may change.)
-IMMUTABLE = ("model", "dataset", "method", "lora", "quantization")
-
-
 def spec_schema() -> dict:
     raw = api.FineTuneJobSpec.model_json_schema(by_alias=True, mode="validation")
     schema = structural(raw, raw.get("$defs", {}))
+    # changed under a running job, these would resume its checkpoints into another run
     schema.setdefault("x-kubernetes-validations", []).extend(
         {
             "rule": f"has(self.{f}) == has(oldSelf.{f}) && (!has(self.{f}) || self.{f} == oldSelf.{f})",
             "message": f"spec.{f} cannot change once the job exists: its checkpoints belong to the "
             "original run; create a new FineTuneJob",
         }
-        for f in IMMUTABLE
+        for f in RUN_FIELDS
     )
     return schema
 

@@ -295,15 +295,21 @@ class Controller:
             self.refusals.pop(key, None)
         else:  # before the status write, which may conflict: the backoff holds either way
             self.refusals[key] = Refusal(count, time.monotonic() + delay, gen)
+        self._write_status(key, job, status, [event], stamp)
+        return delay
+
+    def _write_status(self, key, job: dict, status: dict, events: list[tuple], stamp: str) -> None:
+        """The status as a merge patch against the job's, then its Events (only after the
+        status write succeeded)."""
         patch = merge_patch(job.get("status") or {}, status)
         if patch:
-            updated = self.kube.patch_job_status(ns, name, patch, job["metadata"].get("resourceVersion"))
+            updated = self.kube.patch_job_status(*key, patch, job["metadata"].get("resourceVersion"))
             if _newer(updated, self.jobs.get(key)):
                 self.jobs[key] = updated
             job = updated
         metrics.set_phase(key, status.get("phase"))
-        self.events.submit(self._event, job, *event, stamp)
-        return delay
+        for event in events:
+            self.events.submit(self._event, job, *event, stamp)
 
     def _after_apply(self, key, job: dict, plan, now: dt.datetime) -> None:
         ns, name = key
@@ -311,16 +317,7 @@ class Controller:
             self.kube.delete_pod(ns, pod)
         for loss in plan.losses:
             metrics.count_loss(loss.kind, loss.reason)
-        patch = merge_patch(job.get("status") or {}, plan.status)
-        if patch:
-            updated = self.kube.patch_job_status(ns, name, patch, job["metadata"].get("resourceVersion"))
-            if _newer(updated, self.jobs.get(key)):
-                self.jobs[key] = updated
-            job = updated
-        metrics.set_phase(key, plan.status.get("phase"))
-        stamp = iso(now)
-        for event in plan.events:  # only after the status write succeeded
-            self.events.submit(self._event, job, *event, stamp)
+        self._write_status(key, job, plan.status, plan.events, iso(now))
         if plan.delete_job:
             log.info("deleting %s/%s: ttlSecondsAfterFinished passed", ns, name)
             self.kube.delete_job(ns, name)

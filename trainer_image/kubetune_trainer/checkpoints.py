@@ -79,6 +79,12 @@ def to_prune(verified: list[int], all_steps: list[int], keep: int) -> list[int]:
     return sorted(s for s in all_steps if s not in kept and s < newest)
 
 
+def attempt_named(doc) -> int:
+    """The attempt a fence or a manifest names (0: none, or not a whole number)."""
+    value = doc.get("attempt") if isinstance(doc, dict) else None
+    return value if isinstance(value, int) and not isinstance(value, bool) else 0
+
+
 class RunMismatch(Exception):
     """The checkpoint prefix holds another run's checkpoints."""
 
@@ -154,12 +160,12 @@ class CheckpointStore:
     def holder(self) -> int:
         """The newest attempt that has claimed the prefix (0: none)."""
         try:
-            value = json.loads(self.store.read_bytes(FENCE)).get("attempt")
+            fence = json.loads(self.store.read_bytes(FENCE))
         except Exception as e:
-            if isinstance(e, (OSError, ValueError, AttributeError)) or missing(e):
+            if isinstance(e, (OSError, ValueError)) or missing(e):
                 return 0
             raise
-        return value if isinstance(value, int) and not isinstance(value, bool) else 0
+        return attempt_named(fence)
 
     def claim(self) -> None:
         """Take the prefix for this attempt, unless a newer one already has it."""
@@ -221,17 +227,15 @@ class CheckpointStore:
         for step in sorted(listing):
             if MANIFEST not in listing[step]:
                 log.warning("skipping checkpoint step %d: no manifest (incomplete upload)", step)
+        # each manifest read once: the order needs the attempts, the check the hashes
+        manifests = {s: self._read_manifest(s) for s in listing if MANIFEST in listing[s]}
         # the newest attempt's checkpoints first, then the newest step: a leftover older
         # attempt that wrote on (a higher step) does not win over its successor
-        order = sorted(
-            (s for s in listing if MANIFEST in listing[s]),
-            key=lambda s: (self._attempt_of(s), s),
-            reverse=True,
-        )
+        order = sorted(manifests, key=lambda s: (attempt_named(manifests[s]), s), reverse=True)
         for step in order:
             folder = None
             try:
-                folder = self._fetch_verified(step)
+                folder = self._fetch_verified(step, manifests[step])
                 contents = read(folder) if read else None
             except Exception as e:
                 if not (isinstance(e, UNUSABLE) or missing(e)):
@@ -244,16 +248,17 @@ class CheckpointStore:
             return Restored(step, folder, self.uri(step), contents)
         return None
 
-    def _attempt_of(self, step: int) -> int:
+    def _read_manifest(self, step: int) -> dict | Exception:
+        """The manifest, or why it could not be read (raised in order, by _fetch_verified)."""
         try:
-            value = json.loads(self.store.read_bytes(join(step_dir(step), MANIFEST))).get("attempt", 0)
-        except Exception:  # unreadable: _fetch_verified says why, in order
-            return 0
-        return value if isinstance(value, int) and not isinstance(value, bool) else 0
+            return json.loads(self.store.read_bytes(join(step_dir(step), MANIFEST)))
+        except Exception as e:
+            return e
 
-    def _fetch_verified(self, step: int) -> Path:
+    def _fetch_verified(self, step: int, manifest: dict | Exception) -> Path:
+        if isinstance(manifest, Exception):
+            raise manifest
         prefix = step_dir(step)
-        manifest = json.loads(self.store.read_bytes(join(prefix, MANIFEST)))
         if manifest.get("format") != FORMAT_VERSION or manifest.get("step") != step:
             raise ValueError(
                 f"manifest of another format or step: {manifest.get('format')}, {manifest.get('step')}"

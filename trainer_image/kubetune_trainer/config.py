@@ -241,6 +241,12 @@ class Output(ApiModel):
     merged_model: bool = Field(False, description="Also upload the base model with the adapter merged in.")
 
 
+# What makes a run: its checkpoints only fit the same model, data, method, adapter shape
+# and quantization. The trainer refuses checkpoints of another such set; a FineTuneJob
+# cannot change them once created. (Training settings may change between attempts.)
+RUN_FIELDS = ("model", "dataset", "method", "lora", "quantization")
+
+
 class TrainingConfig(ApiModel):
     """Everything the trainer needs, nothing about pods."""
 

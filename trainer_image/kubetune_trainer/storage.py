@@ -143,8 +143,8 @@ class LocalStore:
         for key in keys:
             self._path(key).unlink(missing_ok=True)
         # drop folders left empty (a pruned checkpoint), deepest first
-        for key in sorted({str(Path(k).parent) for k in keys}, key=len, reverse=True):
-            d = self.root if key == "." else self._path(key)
+        for key in sorted({k.rpartition("/")[0] for k in keys}, key=len, reverse=True):
+            d = self._path(key)
             while d != self.root and d.is_dir() and not any(d.iterdir()):
                 d.rmdir()
                 d = d.parent

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from kubetune_trainer.checkpoints import CheckpointStore, Fenced, Restored, RunMismatch
-from kubetune_trainer.config import TrainingConfig
+from kubetune_trainer.config import RUN_FIELDS, TrainingConfig
 from kubetune_trainer.data import RecordStream, in_validation, list_shards
 from kubetune_trainer.progress import ProgressServer, Rate, eta_seconds
 from kubetune_trainer.sequences import IGNORE, SequenceStream, collate, label_tokens, make_encoder
@@ -124,13 +124,11 @@ def set_rng_state(state: dict) -> None:
 
 
 def run_fingerprint(cfg: TrainingConfig) -> str:
-    """A hash of what makes a run (the model, data, method, adapter shape, quantization):
-    a checkpoint resumed under another of these would train something else silently.
-    Training settings (steps, learning rate) may change between attempts."""
+    """A hash of what makes a run (RUN_FIELDS): a checkpoint resumed under another model,
+    data or adapter shape would train something else silently."""
     import hashlib
 
-    parts = {k: getattr(cfg, k).model_dump(mode="json") if hasattr(getattr(cfg, k), "model_dump") else getattr(cfg, k)
-             for k in ("model", "dataset", "method", "lora", "quantization")}  # fmt: skip
+    parts = cfg.model_dump(mode="json", include=set(RUN_FIELDS))
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -264,9 +262,10 @@ class Trainer:
             attempt=int(os.environ.get("KUBETUNE_ATTEMPT") or 0),
         )
         self.restored = self.ckpts.latest(read=read_checkpoint)
+        self.fingerprint = run_fingerprint(cfg)
         if self.restored:
             made_by = self.restored.contents["state"].get("run")
-            if made_by != run_fingerprint(cfg):
+            if made_by != self.fingerprint:
                 raise RunMismatch(
                     f"the checkpoints under {cfg.checkpoint.uri} were made by another run (a different "
                     "model, dataset, method, lora or quantization): resuming them would train something "
@@ -470,7 +469,7 @@ class Trainer:
             "tokens": self.tokens_seen,
             "exact_match_before": self.exact_match_before,
             "compute_dtype": str(self.compute_dtype).removeprefix("torch."),
-            "run": run_fingerprint(self.cfg),
+            "run": self.fingerprint,
         }
         (folder / STATE_FILE).write_text(json.dumps(state))
         self.progress.update(phase="checkpointing" if wait else "training")

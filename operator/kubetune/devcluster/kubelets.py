@@ -678,20 +678,18 @@ def log_files(src: Path):
     kubelet removes a pod's folder whenever it likes: a folder gone between listing and
     reading is skipped (pathlib's glob raised, and the keeper died with it)."""
 
-    def entries(path: Path):
+    def entries(path) -> list[os.DirEntry]:
         try:
-            with os.scandir(path) as it:
-                return [e for e in it if e.is_dir(follow_symlinks=False) or e.name.endswith(".log")]
+            with os.scandir(path) as it:  # a file, or a folder gone: OSError, nothing in it
+                return list(it)
         except OSError:
             return []
 
     for pod in entries(src):
-        if pod.is_dir(follow_symlinks=False):
-            for container in entries(Path(pod.path)):
-                if container.is_dir(follow_symlinks=False):
-                    for log in entries(Path(container.path)):
-                        if log.name.endswith(".log") and not log.is_dir(follow_symlinks=False):
-                            yield Path(log.path)
+        for container in entries(pod.path):
+            for log in entries(container.path):
+                if log.name.endswith(".log"):
+                    yield Path(log.path)
 
 
 def keep_logs(keep: Path, sources: list[Path], poll_s: float = 0.1) -> None:
