@@ -23,6 +23,13 @@ VENV="$CACHE/venv-$KEY"
 if [[ "${1:-}" == "--path" ]]; then echo "$VENV"; exit 0; fi
 if [[ -f "$VENV/.complete" ]]; then echo "$VENV"; exit 0; fi
 
+# one creator at a time (make test and make demo started together, or a second shell):
+# the others wait for it and then find the venv complete
+mkdir -p "$CACHE"
+exec 9>"$VENV.lock"
+flock 9
+if [[ -f "$VENV/.complete" ]]; then echo "$VENV"; exit 0; fi
+
 start=$SECONDS
 echo "[ensure-env] creating $VENV from requirements/dev.lock (first run downloads torch and friends; later runs reuse it)" >&2
 rm -rf "$VENV"

@@ -11,10 +11,19 @@ are placed first, so two gangs are never let through on the same free capacity.
 It is the scheduler's filter in miniature (resources, taints, selectors, affinity), not
 all of it: inter-pod affinity, topology spread and volume limits are left to the
 scheduler, which still places the pods; a gang it then cannot place whole shows up as
-Unschedulable like any other pod."""
+Unschedulable like any other pod.
+
+The pods it counts are every active pod in the cluster, unless the chart's
+`gang.capacityView: namespaces` (namespaced installs only) narrows them to the watched
+namespaces' (capacity_scope): then the operator needs no cluster-wide pod list, and
+other tenants' pods on the same nodes are invisible to this check, so it can let a gang
+through that the scheduler then cannot place whole."""
 
 from __future__ import annotations
 
+import json
+import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from decimal import Decimal
 
@@ -24,12 +33,27 @@ from kubetune.api import GROUP
 
 GANG_GATE = f"{GROUP}/gang"
 BLOCKING_EFFECTS = ("NoSchedule", "NoExecute")
+# JSON list of namespaces: count only their pods (the chart sets it with
+# gang.capacityView: namespaces and watch.namespaces); unset: every pod in the cluster
+CAPACITY_NAMESPACES_ENV = "KUBETUNE_GANG_CAPACITY_NAMESPACES"
 
 
 @dataclass
 class Fit:
     ok: bool
     message: str
+
+
+def capacity_scope(environ: Mapping[str, str] = os.environ) -> list[str] | None:
+    """Whose pods hold node capacity in the gang check: None, every active pod in the
+    cluster (a cluster-wide pod list); else only those of these namespaces (each listed
+    under the operator's Role there). Unset or empty: the whole cluster."""
+    raw = json.loads(environ.get(CAPACITY_NAMESPACES_ENV) or "null")
+    if raw is None or raw == []:
+        return None
+    if not isinstance(raw, list) or not all(isinstance(ns, str) and ns for ns in raw):
+        raise ValueError(f"{CAPACITY_NAMESPACES_ENV} must be a JSON list of namespace names, not {raw!r}")
+    return list(dict.fromkeys(raw))
 
 
 def gated(pod: dict) -> bool:

@@ -21,18 +21,19 @@ from kubernetes.client.rest import ApiException
 
 from kubetune import metrics
 from kubetune.api import GROUP, PLURAL, VERSION
-from kubetune.gang import gang_fit, gated, without_gang_gate
+from kubetune.gang import capacity_scope, gang_fit, gated, without_gang_gate
 from kubetune.kube import Kube, watch_pods
 from kubetune.manifests import (
     ATTEMPT_LABEL,
     JOB_LABEL,
     PROGRESS_PORT,
-    RANK_LABEL,
     build_network_policy,
     build_service,
+    controller_uid,
 )
 from kubetune.policy import Policy, violations
-from kubetune.status import after_refusal, decide, iso, merge_patch, pod_attempt
+from kubetune.stall import RankWatch, Stall, find_stall
+from kubetune.status import after_refusal, decide, finite, iso, merge_patch, pod_attempt, pod_rank
 
 log = logging.getLogger("kubetune")
 NETWORK_POLICY_ENV = "KUBETUNE_NETWORK_POLICY"  # {"namespace": ..., "podLabels": {...}}
@@ -133,10 +134,13 @@ class Controller:
         self.progress: dict[tuple[str, str], tuple[str, dict]] = {}
         # one gang is checked and released at a time: two must not share free capacity
         self.gang_lock = threading.Lock()
+        self.stalls: dict[tuple[str, str], Stall] = {}  # running jobs whose trainer is stuck
         self.refusals: dict[tuple[str, str], Refusal] = {}  # jobs whose last create was refused
         self.policy = Policy.from_env()  # what podOverrides may set (the chart's policy values)
         # where the operator runs, for each job's NetworkPolicy (unset: none is made)
         self.network_policy = json.loads(os.environ.get(NETWORK_POLICY_ENV) or "null")
+        # whose pods the gang check counts: None, the cluster's; else these namespaces' only
+        self.capacity_namespaces = capacity_scope()
 
     # -- watch side (event loop) ----------------------------------------------------------
 
@@ -146,6 +150,7 @@ class Controller:
             self.jobs.pop(key, None)
             self.pods.pop(key, None)
             self.progress.pop(key, None)
+            self.stalls.pop(key, None)
             self.first_seen.pop(key, None)
             self.refusals.pop(key, None)
             metrics.forget_job(key)
@@ -162,19 +167,25 @@ class Controller:
     def pod_event(self, kind: str, body: dict) -> None:
         meta = body["metadata"]
         job = (meta.get("labels") or {}).get(JOB_LABEL)
-        if not job:
-            return
+        if not job or (kind != "DELETED" and controller_uid(body) is None):
+            return  # not made by a FineTuneJob, whatever its labels say
         key = (meta["namespace"], job)
         pods = self.pods.setdefault(key, {})
-        if kind == "DELETED" and not terminated_container(body):
-            pods.pop(meta["name"], None)
-        elif kind == "DELETED":
+        if kind == "DELETED" and terminated_container(body) and key in self.jobs:
             # kept as its last state: an evicted trainer's exit code and termination message
             # (its checkpoint) must reach the reconcile even though the pod object is gone
             pods[meta["name"]] = body
+        elif kind == "DELETED":
+            # gone, or its job is: a deleted job's pods go after it (the garbage collector
+            # deletes them once the job is gone), and nothing of them is kept
+            pods.pop(meta["name"], None)
         elif _newer(body, pods.get(meta["name"])):
             pods[meta["name"]] = body
-        self.queue.add_after(key, POD_SETTLE_S)
+        if not pods:
+            del self.pods[key]
+            return
+        if key in self.jobs:
+            self.queue.add_after(key, POD_SETTLE_S)
 
     async def run_workers(self) -> None:
         await asyncio.gather(*(self._worker() for _ in range(self.workers)))
@@ -206,7 +217,7 @@ class Controller:
                 return wait  # backing off after a refused create (a spec change retries at once)
         t0 = time.perf_counter()
         now = dt.datetime.now(dt.timezone.utc)
-        pods = list(self.pods.get(key, {}).values())
+        pods = self._owned(key, job, self.pods.get(key, {}).values())
         progress = self.progress.get(key)
         attempt = (job.get("status") or {}).get("attempt")
         waiting = [p for p in pods if gated(p) and pod_attempt(p) == attempt]
@@ -214,16 +225,18 @@ class Controller:
             gang = None
             if waiting:
                 # the scheduler's view, read fresh: nodes and the pods holding their capacity
-                gang = gang_fit(
-                    waiting[0], len(waiting), self.kube.list_nodes(), self.kube.list_active_pods()
-                )
+                # (with gang.capacityView: namespaces, only the watched namespaces' pods)
+                scope = self.capacity_namespaces
+                held = self.kube.list_active_pods_in(scope) if scope else self.kube.list_active_pods()
+                gang = gang_fit(waiting[0], len(waiting), self.kube.list_nodes(), held)
             problems = violations(job.get("spec") or {}, self.policy)
-            plan = decide(job, pods, now, problems, progress=progress, gang=gang)
+            stall = self.stalls.get(key)
+            plan = decide(job, pods, now, problems, progress=progress, gang=gang, stall=stall)
             if any(loss.reason == "PodDeleted" for loss in plan.losses):
                 # a pod missing from the cache may only be not seen yet: ask the API server
-                pods = self.kube.list_pods(key[0], f"{JOB_LABEL}={key[1]}")
+                pods = self._owned(key, job, self.kube.list_pods(key[0], f"{JOB_LABEL}={key[1]}"))
                 self.pods[key] = {p["metadata"]["name"]: p for p in pods}
-                plan = decide(job, pods, now, problems, progress=progress, gang=gang)
+                plan = decide(job, pods, now, problems, progress=progress, gang=gang, stall=stall)
             for name in plan.ungate:
                 gates = without_gang_gate(self.pods[key][name]) or None
                 released = self.kube.patch_pod(key[0], name, {"spec": {"schedulingGates": gates}})
@@ -256,6 +269,13 @@ class Controller:
         return plan.requeue_after if plan.requeue_after is not None else self._resync(plan)
 
     @staticmethod
+    def _owned(key, job: dict, pods) -> list[dict]:
+        """The pods this job made: the same labels on a pod of an earlier job of the same
+        name, or on a pod anyone else made, count for nothing."""
+        uid = job["metadata"]["uid"]
+        return [p for p in pods if controller_uid(p) == uid]
+
+    @staticmethod
     def _resync(plan) -> float | None:
         return RESYNC_S if plan.status.get("phase") not in ("Succeeded", "Failed", "Suspended") else None
 
@@ -270,7 +290,9 @@ class Controller:
         try:
             for obj in objects + plan.create if plan.create else []:
                 created = self.kube.create(ns, obj)
-                if created is not None and created["kind"] == "Pod":
+                if created is None:
+                    created = self._existing(ns, obj, uid)
+                if created["kind"] == "Pod":
                     self.pods.setdefault(key, {})[created["metadata"]["name"]] = created
         except ApiException as e:
             if e.status in (400, 403, 404, 422):
@@ -280,6 +302,21 @@ class Controller:
             self.refusals.pop(key, None)
             if key in self.first_seen:
                 metrics.observe_pods_created(time.monotonic() - self.first_seen.pop(key))
+
+    def _existing(self, ns: str, obj: dict, uid: str) -> dict:
+        """The object already holding obj's name (its create found it there): ours from an
+        earlier reconcile, or Refused when someone else's squats the name."""
+        name = obj["metadata"]["name"]
+        found = self.kube.get(ns, obj["kind"], name)
+        if found is None:  # deleted in between: the next reconcile creates it
+            raise ApiException(status=409, reason=f"{obj['kind']} {name} was deleted while being created")
+        if controller_uid(found) != uid:
+            raise Refused(
+                409,
+                f"{obj['kind']} {name} already exists and was not made by this job; "
+                "delete it, or give the job another name",
+            )
+        return found
 
     def _refused(self, key, job: dict, plan, refusal: Refused, now: dt.datetime) -> float | None:
         """The Job controller's way with a refused create: a FailedCreate Event, the API
@@ -320,7 +357,7 @@ class Controller:
         self._write_status(key, job, plan.status, plan.events, iso(now))
         if plan.delete_job:
             log.info("deleting %s/%s: ttlSecondsAfterFinished passed", ns, name)
-            self.kube.delete_job(ns, name)
+            self.kube.delete_job(ns, name, job["metadata"]["uid"])
 
     def _event(self, job: dict, kind: str, reason: str, message: str, stamp: str) -> None:
         # Events are best effort and rate limited (like client-go's recorder), so a burst
@@ -334,24 +371,46 @@ class Controller:
     # -- trainer progress (a thread) -------------------------------------------------------
 
     def poll_progress(self, interval_s: float, stopping: threading.Event, loop) -> None:
-        """GET /progress from every running job's rank-0 pod; a changed answer queues a
-        reconcile, which folds it into status.progress (one status write, as always)."""
+        """GET /progress from every worker of every running job: rank 0's changed answer
+        queues a reconcile, which folds it into status.progress (one status write, as
+        always); every rank's step feeds the stall check, and a stall found queues one too."""
+        watch = RankWatch()
 
         def changed(key, name, body):
+            if not name.endswith("-w0"):
+                return  # status.progress is rank 0's; the other ranks only show they move
             seen = (name, body)
             if self.progress.get(key) != seen:
                 self.progress[key] = seen
                 loop.call_soon_threadsafe(self.queue.add, key)
 
-        poller = ProgressPoller(interval_s, fetch_progress, changed)
+        poller = ProgressPoller(interval_s, fetch_progress, changed, answered=watch.answered)
         while not stopping.wait(interval_s):
-            targets = []
+            now = time.monotonic()
+            targets, attempts = [], {}
             for key, job in list(self.jobs.items()):
                 if (job.get("status") or {}).get("phase") == "Running":
-                    pod = running_rank0(list(self.pods.get(key, {}).values()), job["status"].get("attempt"))
-                    if pod is not None:
-                        targets.append((key, pod["metadata"]["name"], pod["status"]["podIP"]))
-            poller.tick(targets, time.monotonic())
+                    owned = self._owned(key, job, self.pods.get(key, {}).values())
+                    pods = running_workers(owned, job["status"].get("attempt"))
+                    for pod in pods:
+                        name = pod["metadata"]["name"]
+                        watch.asked(name, pod_rank(pod), pod["spec"].get("nodeName"), now)
+                        targets.append((key, name, pod["status"]["podIP"]))
+                    if pods:
+                        attempts[key] = [p["metadata"]["name"] for p in pods]
+            poller.tick(targets, now)
+            watch.keep({name for _, name, _ in targets})
+            for key in set(self.stalls) - set(attempts):
+                del self.stalls[key]
+            for key, names in attempts.items():
+                deadline = (self.jobs.get(key) or {}).get("spec", {}).get("progressDeadlineSeconds")
+                stall = find_stall(watch.ranks(names), now, finite(deadline))
+                if stall is None:
+                    self.stalls.pop(key, None)
+                elif key not in self.stalls or self.stalls[key].pod != stall.pod:
+                    self.stalls[key] = stall
+                    log.warning("%s/%s: %s", *key, stall.message)
+                    loop.call_soon_threadsafe(self.queue.add, key)
 
 
 class Refused(Exception):
@@ -382,8 +441,9 @@ class ProgressPoller:
     or silent trainer thus costs a fetcher for a couple of seconds now and then; it never
     holds up another job's progress."""
 
-    def __init__(self, interval_s: float, fetch, changed, fetchers: int = 16) -> None:
+    def __init__(self, interval_s: float, fetch, changed, fetchers: int = 16, answered=None) -> None:
         self.fetch, self.changed = fetch, changed
+        self.answered = answered or (lambda name, body, now: None)
         self.backoff = PollBackoff(interval_s)
         self.pool = concurrent.futures.ThreadPoolExecutor(fetchers, thread_name_prefix="progress")
         self.in_flight: dict[str, concurrent.futures.Future] = {}
@@ -404,7 +464,9 @@ class ProgressPoller:
 
     def _ask(self, key, name: str, address: str) -> None:
         body = self.fetch(address)
-        self.backoff.record(name, body is not None, time.monotonic())
+        now = time.monotonic()
+        self.backoff.record(name, body is not None, now)
+        self.answered(name, body, now)
         if body is not None:
             self.changed(key, name, body)
 
@@ -468,17 +530,16 @@ def terminated_container(pod: dict) -> bool:
     )
 
 
-def running_rank0(pods: list[dict], attempt: int | None) -> dict | None:
-    for p in pods:
-        labels = p["metadata"].get("labels") or {}
-        if (
-            labels.get(RANK_LABEL) == "0"
-            and labels.get(ATTEMPT_LABEL) == str(attempt)
-            and (p.get("status") or {}).get("phase") == "Running"
-            and (p.get("status") or {}).get("podIP")
-        ):
-            return p
-    return None
+def running_workers(pods: list[dict], attempt: int | None) -> list[dict]:
+    """The pods of the attempt that run and have an address, by rank."""
+    out = [
+        p
+        for p in pods
+        if (p["metadata"].get("labels") or {}).get(ATTEMPT_LABEL) == str(attempt)
+        and (p.get("status") or {}).get("phase") == "Running"
+        and (p.get("status") or {}).get("podIP")
+    ]
+    return sorted(out, key=pod_rank)
 
 
 def fetch_progress(address: str, port: int = PROGRESS_PORT, deadline_s: float = 2.0) -> dict | None:

@@ -15,6 +15,15 @@ from kubetune.api import GROUP, KIND, PLURAL, VERSION
 
 log = logging.getLogger(__name__)
 JOBS = f"/apis/{GROUP}/{VERSION}/namespaces/{{ns}}/{PLURAL}"
+ACTIVE_PODS = "status.phase!=Succeeded,status.phase!=Failed"  # what holds node capacity
+
+
+COLLECTIONS = {
+    "Pod": "api/v1/namespaces/{ns}/pods",
+    "Service": "api/v1/namespaces/{ns}/services",
+    "Event": "api/v1/namespaces/{ns}/events",
+    "NetworkPolicy": "apis/networking.k8s.io/v1/namespaces/{ns}/networkpolicies",
+}
 
 
 class Kube:
@@ -95,16 +104,18 @@ class Kube:
 
     def create(self, namespace: str, obj: dict) -> dict | None:
         """Create; None if it already exists (deterministic names make this idempotent)."""
-        path = {
-            "Pod": "api/v1/namespaces/{ns}/pods",
-            "Service": "api/v1/namespaces/{ns}/services",
-            "Event": "api/v1/namespaces/{ns}/events",
-            "NetworkPolicy": "apis/networking.k8s.io/v1/namespaces/{ns}/networkpolicies",
-        }[obj["kind"]].format(ns=namespace)
         try:
-            return self.call("POST", f"/{path}", obj)
+            return self.call("POST", f"/{COLLECTIONS[obj['kind']].format(ns=namespace)}", obj)
         except ApiException as e:
             if e.status == 409:
+                return None
+            raise
+
+    def get(self, namespace: str, kind: str, name: str) -> dict | None:
+        try:
+            return self.call("GET", f"/{COLLECTIONS[kind].format(ns=namespace)}/{name}")
+        except ApiException as e:
+            if e.status == 404:
                 return None
             raise
 
@@ -126,8 +137,17 @@ class Kube:
 
     def list_active_pods(self) -> list[dict]:
         """Every pod in the cluster that is not finished: what holds node capacity."""
-        query = {"fieldSelector": "status.phase!=Succeeded,status.phase!=Failed"}
-        return self.call("GET", "/api/v1/pods", query=query)["items"]
+        return self.call("GET", "/api/v1/pods", query={"fieldSelector": ACTIVE_PODS})["items"]
+
+    def list_active_pods_in(self, namespaces: list[str]) -> list[dict]:
+        """The unfinished pods of these namespaces only, one list each (a Role there is
+        enough): the gang check's capacity view without a cluster-wide pod list."""
+        query = {"fieldSelector": ACTIVE_PODS}
+        return [
+            pod
+            for ns in namespaces
+            for pod in self.call("GET", f"/api/v1/namespaces/{ns}/pods", query=query)["items"]
+        ]
 
     def patch_pod(self, namespace: str, name: str, patch: dict) -> dict:
         return self.call(
@@ -157,11 +177,14 @@ class Kube:
             content_type="application/merge-patch+json",
         )
 
-    def delete_job(self, namespace: str, name: str) -> None:
+    def delete_job(self, namespace: str, name: str, uid: str) -> None:
+        """Delete the job with this UID: a job of the same name created since (409 for the
+        failed precondition) is another job and stays."""
+        body = {"propagationPolicy": "Background", "preconditions": {"uid": uid}}
         try:
-            self.call("DELETE", f"{JOBS.format(ns=namespace)}/{name}", {"propagationPolicy": "Background"})
+            self.call("DELETE", f"{JOBS.format(ns=namespace)}/{name}", body)
         except ApiException as e:
-            if e.status != 404:
+            if e.status not in (404, 409):
                 raise
 
     def event(self, job: dict, event_type: str, reason: str, message: str, now: str) -> None:

@@ -75,6 +75,20 @@ def owner_reference(name: str, uid: str) -> dict:
     }
 
 
+def controller_uid(obj: dict) -> str | None:
+    """The UID of the FineTuneJob that controls obj (its controller ownerReference), or
+    None. Labels say which job a pod claims to belong to; only this says which job made it
+    (anyone who can create pods in the namespace can copy the labels)."""
+    for ref in obj["metadata"].get("ownerReferences") or []:
+        if (
+            ref.get("controller")
+            and ref.get("kind") == KIND
+            and ref.get("apiVersion") == f"{GROUP}/{VERSION}"
+        ):
+            return ref.get("uid")
+    return None
+
+
 def selector_labels(job: str) -> dict[str, str]:
     return {JOB_LABEL: job}
 

@@ -19,6 +19,11 @@ class Policy:
     service_accounts: tuple[str, ...] = ()
     priority_classes: tuple[str, ...] = ()
     toleration_keys: tuple[str, ...] = ()
+    # prefixes of the pod label and annotation keys a job may add: an annotation can mean
+    # a cloud IAM role (kube2iam's iam.amazonaws.com/role), a sidecar injected or not, a
+    # pod the autoscaler may not evict; a label can match another app's NetworkPolicy
+    label_keys: tuple[str, ...] = ()
+    annotation_keys: tuple[str, ...] = ()
 
     @classmethod
     def from_env(cls, environ=os.environ) -> Policy:
@@ -28,6 +33,8 @@ class Policy:
             service_accounts=tuple(raw.get("allowedServiceAccounts") or ()),
             priority_classes=tuple(raw.get("allowedPriorityClasses") or ()),
             toleration_keys=tuple(raw.get("allowedTolerationKeys") or ()),
+            label_keys=tuple(raw.get("allowedLabelKeyPrefixes") or ()),
+            annotation_keys=tuple(raw.get("allowedAnnotationKeyPrefixes") or ()),
         )
 
 
@@ -56,4 +63,12 @@ def violations(spec: dict, policy: Policy) -> list[str]:
                     f"spec.podOverrides.tolerations[{i}]: {what} is not an allowed taint key "
                     f"({', '.join(policy.toleration_keys)})"
                 )
+    for field, allowed in (("labels", policy.label_keys), ("annotations", policy.annotation_keys)):
+        if allowed:
+            for key in sorted(over.get(field) or {}):
+                if not key.startswith(allowed):
+                    out.append(
+                        f"spec.podOverrides.{field}[{key!r}]: the key is not under an allowed prefix "
+                        f"({', '.join(allowed)})"
+                    )
     return out

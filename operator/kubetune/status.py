@@ -32,6 +32,7 @@ WAITING_FOR_CAPACITY = "WaitingForCapacity"
 LOSS_NOT_FINITE = "LossNotFinite"
 FAILED_CREATE = "FailedCreate"
 WAITING_FOR_CONFIG = "WaitingForConfig"
+STALLED = "Stalled"  # a worker that stopped finishing optimizer steps (kubetune.stall)
 # how long a missing Secret, ConfigMap or key may take to appear before the job fails
 CONFIG_ERROR_GRACE_S = 60.0
 PODS_CREATED = "PodsCreated"  # a condition only once a create was refused
@@ -328,6 +329,7 @@ class Ctx:
         self.st = self.plan.status
         self.progress: tuple | None = None
         self.gang: Fit | None = None
+        self.stall = None
 
     def transition(self, phase: str, reason: str, message: str, event_type: str = "Normal") -> None:
         if self.st.get("phase") != phase or self.st.get("reason") != reason:
@@ -368,13 +370,16 @@ def decide(
     problems: list[str] = (),
     progress: tuple | None = None,
     gang: Fit | None = None,
+    stall=None,
 ) -> Plan:
     """What to do about one job now. Pure: same inputs, same plan. `progress` is the last
     (pod name, GET /progress body) polled from a trainer; `gang` whether the gated workers
-    of the current attempt fit on the nodes now (kubetune.gang)."""
+    of the current attempt fit on the nodes now (kubetune.gang); `stall` a worker found
+    stuck (kubetune.stall.Stall: pod, node, message)."""
     c = Ctx(job, pods, now)
     c.progress = progress
     c.gang = gang
+    c.stall = stall
     st = c.st
     try:
         spec = FineTuneJobSpec.model_validate(job.get("spec") or {})
@@ -549,6 +554,9 @@ def _attempt(c: Ctx, spec: FineTuneJobSpec) -> None:
     waiting = sorted(p["metadata"]["name"] for p in pods if gated(p))
     if waiting:
         return _admit_gang(c, waiting, spec.workers)
+    if c.stall is not None and c.stall.pod in names.values():
+        # stuck, not gone: the attempt is replaced as an application failure
+        return _lost(c, spec, [Loss("failure", c.stall.pod, c.stall.node, STALLED, c.stall.message)])
     _observe_running(c, pods, spec)
     _observe_progress(c, rank0)
 

@@ -241,3 +241,40 @@ def test_a_gang_that_does_not_fit_whole_holds_nothing_until_it_does(
     assert nodes == {"gang-gpu-0", "gang-gpu-1"}
     # Events are posted after the status write, on their own thread: the pods can bind first
     wait_for(lambda: "GangAdmitted" in events(core, namespace, "gang"), 30, "the GangAdmitted event")
+
+
+def test_a_frozen_worker_is_found_and_its_attempt_replaced_as_a_failure(
+    operator, custom, core, namespace, s3_secret, tiny_model_in_s3, dev_cluster, uncordon
+):
+    """Rank 1 stops dead (its cgroup frozen: a stuck read or a wedged device leaves a
+    worker like this); rank 0 waits in the next all-reduce for ever. The operator sees no
+    step from either for progressDeadlineSeconds, names the rank that went silent, and
+    replaces the attempt as a failure; the next attempt resumes and finishes."""
+    job = dp_job("frozen", namespace, tiny_model_in_s3, dev_cluster.endpoints.s3, workers=2)
+    job["spec"]["progressDeadlineSeconds"] = 15
+    create(custom, namespace, job)
+    wait_status(
+        custom, namespace, "frozen", lambda s: (s.get("progress") or {}).get("step", 0) >= 3, 300, "step 3"
+    )
+    dev_cluster.freeze_pod(namespace, "frozen-a1-w1")
+    try:
+        message = wait_for(
+            lambda: next(
+                (
+                    e.message
+                    for e in core.list_namespaced_event(namespace).items
+                    if e.involved_object.name == "frozen" and e.reason == "AttemptFailed"
+                ),
+                None,
+            ),
+            120,
+            "the stalled attempt to be failed",
+        )
+    finally:
+        # thawed, the frozen worker takes its SIGTERM (the attempt's pods are being deleted)
+        dev_cluster.thaw_pod(namespace, "frozen-a1-w1")
+    assert "worker frozen-a1-w1" in message and "Stalled" in message, message
+    assert "rank 1 stopped answering /progress" in message, message
+    st = finished(custom, namespace, "frozen")
+    assert st["phase"] == "Succeeded", st
+    assert (st["failures"], st["preemptions"], st["attempt"]) == (1, 0, 2), st

@@ -45,6 +45,9 @@ def finetune_job(name: str, namespace: str, model_uri: str, endpoint: str, **spe
             "validation": {"uri": "s3://e2e-data/sql/eval/"},
         },
         "lora": {"r": 8, "alpha": 16, "dropout": 0.1},
+        # not auto: its bf16 probe can choose differently for two runs compared with each
+        # other on a busy machine
+        "quantization": {"computeDtype": "float32"},
         "training": {
             "maxSteps": STEPS,
             "batchSize": 4,

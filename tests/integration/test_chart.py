@@ -20,6 +20,7 @@ import yaml
 from kubetune.api import GROUP, PLURAL, VERSION
 from kubetune.crd import CRD_FILE
 from kubetune.devcluster.cluster import REPO_ROOT, tool_binary
+from kubetune.gang import CAPACITY_NAMESPACES_ENV, capacity_scope
 from kubetune.policy import Policy, violations
 from tests.helpers import install_crd, make_namespace, wait_for
 
@@ -48,6 +49,7 @@ VALUES = {
         "tolerations": [{"key": "dedicated", "operator": "Equal", "value": "ops", "effect": "NoSchedule"}],
     },
     "cluster-wide-ha-shared-kopf": {"replicaCount": 2, "crds": {"kopfPeering": False}},
+    "namespaced-own-capacity": {"watch": {"namespaces": ["team-a"]}, "gang": {"capacityView": "namespaces"}},
     "bare": {
         "crds": {"enabled": False},
         "rbac": {"create": False},
@@ -168,6 +170,7 @@ def test_manifests_validate_against_kubernetes_1_34(name, tmp_path):
         ({"metrics": {"serviceMonitor": {"interval": "often"}}}, "interval"),
         ({"metrics": {"service": {"enabled": False}, "serviceMonitor": {"enabled": True}}}, "needs"),
         ({"serviceAccount": {"create": False}}, "serviceAccount.name is required"),
+        ({"gang": {"capacityView": "tenants"}}, "capacityView"),
     ],
 )
 def test_bad_values_are_refused(values, error, tmp_path):
@@ -214,6 +217,39 @@ def test_rbac_namespaced(tmp_path):
         assert bindings[ns]["subjects"][0]["namespace"] == RELEASE_NS
     assert {p["metadata"]["namespace"] for p in by_kind(docs, "KopfPeering")} == {"team-a", "team-b"}
     assert not by_kind(docs, "ClusterKopfPeering")
+
+
+def operator_env(docs: list[dict]) -> dict:
+    return {e["name"]: e.get("value") for e in container(docs)["env"]}
+
+
+def test_gang_capacity_view_namespaces_needs_no_cluster_wide_pod_list(tmp_path):
+    """gang.capacityView: namespaces, in namespaced mode: no ClusterRole rule grants pods,
+    and the operator counts only the watched namespaces' pods (listed under their Roles)."""
+    namespaced = {"watch": {"namespaces": ["team-a", "team-b"]}}
+    docs = render(tmp_path, {**namespaced, "gang": {"capacityView": "namespaces"}})
+    (cluster_role,) = by_kind(docs, "ClusterRole")
+    assert grants(cluster_role["rules"]) == NODES
+    assert not [r for r in cluster_role["rules"] if {"pods", "*"} & set(r["resources"])]
+    roles = {r["metadata"]["namespace"]: r for r in by_kind(docs, "Role")}
+    assert set(roles) == {"team-a", "team-b"}
+    for role in roles.values():
+        assert ("", "pods", "list") in grants(role["rules"])
+    assert capacity_scope(operator_env(docs)) == ["team-a", "team-b"]
+
+    # the default (cluster): the pod list stays cluster-wide, and the operator uses it
+    docs = render(tmp_path, namespaced)
+    (cluster_role,) = by_kind(docs, "ClusterRole")
+    assert grants(cluster_role["rules"]) == NODES | {("", "pods", "list")}
+    assert CAPACITY_NAMESPACES_ENV not in operator_env(docs)
+    assert capacity_scope(operator_env(docs)) is None
+
+    # every namespace watched: the value changes nothing
+    for view in ("cluster", "namespaces"):
+        docs = render(tmp_path, {"gang": {"capacityView": view}})
+        (cluster_role,) = by_kind(docs, "ClusterRole")
+        assert grants(cluster_role["rules"]) == NAMESPACED | NODES, view
+        assert CAPACITY_NAMESPACES_ENV not in operator_env(docs), view
 
 
 @pytest.mark.parametrize("name", sorted(VALUES))
@@ -293,6 +329,8 @@ def test_policy_values_reach_the_operator_and_bound_pod_overrides(tmp_path):
             "allowedServiceAccounts": ["trainer"],
             "allowedPriorityClasses": ["batch-low"],
             "allowedTolerationKeys": ["nvidia.com/gpu"],
+            "allowedLabelKeyPrefixes": ["team"],
+            "allowedAnnotationKeyPrefixes": ["example.com/"],
         }
     }
     env = {e["name"]: e.get("value") for e in container(render(tmp_path, values))["env"]}
@@ -302,6 +340,8 @@ def test_policy_values_reach_the_operator_and_bound_pod_overrides(tmp_path):
         "serviceAccountName": "trainer",
         "priorityClassName": "batch-low",
         "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists"}],
+        "labels": {"team": "nlp"},
+        "annotations": {"example.com/owner": "me"},
     }
     assert violations({"podOverrides": inside}, policy) == []
     assert violations({}, policy) == []  # no overrides: the chart's own trainer images
@@ -310,6 +350,8 @@ def test_policy_values_reach_the_operator_and_bound_pod_overrides(tmp_path):
         "serviceAccountName": "admin",
         "priorityClassName": "system-cluster-critical",
         "tolerations": [{"operator": "Exists"}],
+        "labels": {"app": "db-client"},
+        "annotations": {"iam.amazonaws.com/role": "admin"},
     }
     found = violations({"podOverrides": outside}, policy)
     assert [f.split(":")[0] for f in found] == [
@@ -317,6 +359,8 @@ def test_policy_values_reach_the_operator_and_bound_pod_overrides(tmp_path):
         "spec.podOverrides.serviceAccountName",
         "spec.podOverrides.priorityClassName",
         "spec.podOverrides.tolerations[0]",
+        "spec.podOverrides.labels['app']",
+        "spec.podOverrides.annotations['iam.amazonaws.com/role']",
     ]
     out = helm(
         "template", "kt", str(CHART), "--kube-version", K8S_VERSION,

@@ -336,6 +336,109 @@ def test_a_refused_pod_create_is_shown_backed_off_and_retried_until_it_passes(
     assert [p.metadata.name for p in job_pods(core, namespace, "no-sa")] == ["no-sa-a1-w0"]
 
 
+def lookalike_pod(job: str, name: str, rank: int = 0) -> dict:
+    """A pod with a job's labels that the job did not make (no ownerReference), gated so
+    that nothing runs it."""
+    return {
+        "metadata": {
+            "name": name,
+            "labels": {"kubetune.io/job": job, "kubetune.io/attempt": "1", "kubetune.io/rank": str(rank)},
+        },
+        "spec": {
+            "schedulingGates": [{"name": "example.com/never"}],
+            "containers": [{"name": "trainer", "image": "registry.invalid/none"}],
+        },
+    }
+
+
+def test_a_pod_with_a_jobs_labels_that_the_job_did_not_make_counts_for_nothing(
+    operator, core, custom, namespace
+):
+    create(custom, namespace, minimal_job("victim"))
+    wait_phase(custom, namespace, "victim", "Running")
+    core.create_namespaced_pod(namespace, lookalike_pod("victim", "victim-forged"))
+    # a forged result: rank 0 of attempt 1 ended with a configuration error
+    core.patch_namespaced_pod_status(
+        "victim-forged",
+        namespace,
+        {
+            "status": {
+                "phase": "Failed",
+                "containerStatuses": [
+                    {
+                        "name": "trainer",
+                        "image": "registry.invalid/none",
+                        "imageID": "",
+                        "ready": False,
+                        "restartCount": 0,
+                        "state": {"terminated": {"exitCode": 65, "reason": "Error", "message": "forged"}},
+                    }
+                ],
+            }
+        },
+    )
+    # the real pod's deletion comes after the forged status in the same pod watch: once the
+    # operator has acted on it, it has seen the forgery too
+    core.delete_namespaced_pod("victim-a1-w0", namespace)
+    st = wait_for(
+        lambda: (
+            (s := status(custom, namespace, "victim")).get("attempt") == 2
+            and s.get("phase") == "Running"
+            and s
+        ),
+        60,
+        "the job to resume as attempt 2",
+    )
+    assert st["preemptions"] == 1 and st["failures"] == 0, st
+    assert "forged" not in json.dumps(st)
+
+
+def test_a_pod_squatting_a_jobs_pod_name_is_reported_and_the_job_starts_once_it_is_gone(
+    operator, core, custom, namespace
+):
+    core.create_namespaced_pod(namespace, lookalike_pod("squat", "squat-a1-w0"))
+    create(custom, namespace, minimal_job("squat"))
+    st = wait_for(
+        lambda: (s := status(custom, namespace, "squat")).get("reason") == "FailedCreate" and s,
+        30,
+        "a FailedCreate status",
+    )
+    assert "Pod squat-a1-w0 already exists and was not made by this job" in st["message"], st
+    wait_for(lambda: warnings(core, namespace, "squat", "FailedCreate"), 30, "a FailedCreate Event")
+    core.delete_namespaced_pod("squat-a1-w0", namespace, grace_period_seconds=0)
+    st = wait_phase(custom, namespace, "squat", "Running", timeout_s=60)
+    pod = core.read_namespaced_pod("squat-a1-w0", namespace)
+    assert pod.metadata.owner_references[0].uid == get(custom, namespace, "squat")["metadata"]["uid"]
+
+
+def test_deleting_a_finished_job_spares_a_job_recreated_under_its_name(
+    api_client, custom, crd_installed, namespace
+):
+    """ttlSecondsAfterFinished deletes the job the operator saw finish (a UID
+    precondition), never a new job that took its name meanwhile."""
+    from kubetune.kube import Kube
+
+    old = create(custom, namespace, minimal_job("reused"))
+    custom.delete_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, "reused")
+    wait_for(
+        lambda: (
+            not [j for j in list_jobs(custom, namespace) if j["metadata"]["uid"] == old["metadata"]["uid"]]
+        ),
+        30,
+        "the old job to go",
+    )
+    new = create(custom, namespace, minimal_job("reused"))
+    kube = Kube(api_client)
+    kube.delete_job(namespace, "reused", old["metadata"]["uid"])
+    assert get(custom, namespace, "reused")["metadata"]["uid"] == new["metadata"]["uid"]
+    kube.delete_job(namespace, "reused", new["metadata"]["uid"])
+    wait_for(lambda: not list_jobs(custom, namespace), 30, "the new job to be deleted by its own UID")
+
+
+def list_jobs(custom, namespace: str) -> list[dict]:
+    return custom.list_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL)["items"]
+
+
 def test_pods_the_api_server_finds_invalid_fail_the_job_as_an_invalid_spec(operator, core, custom, namespace):
     # not seen by the schema: a node selector key Kubernetes does not accept
     create(custom, namespace, minimal_job("bad-selector", podOverrides={"nodeSelector": {"bad key!": "x"}}))

@@ -5,8 +5,10 @@ exactly. Also the pod launcher (several processes in one pod, torchrun's environ
 
 from __future__ import annotations
 
+import json
 import random
 import signal
+import urllib.request
 from collections import Counter
 
 import pytest
@@ -57,6 +59,11 @@ def start_ranks(cfg, workdir, minio, name: str, world: int = 2):
         start_trainer(cfg, workdir, minio, f"{name}-r{r}", extra_env=rank_env(r, world, port))
         for r in range(world)
     ]
+
+
+def get_progress(port: str) -> bytes:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/progress", timeout=5) as r:
+        return r.read()
 
 
 def per_step(*runs) -> dict[int, Counter]:
@@ -130,6 +137,11 @@ def test_sigterm_to_rank_1_stops_both_at_one_step_then_resumes_exactly(
         f"step {stop_at}",
         procs=[r.watch() for r in first],
     )
+    # every rank answers /progress (its own pod's port): rank 1 at its own step
+    progress = [json.loads(get_progress(r.env["KUBETUNE_PROGRESS_PORT"])) for r in first]
+    assert [p["rank"] for p in progress] == [0, 1]
+    assert progress[1]["step"] >= stop_at and progress[1]["stepSeconds"] > 0, progress[1]
+    assert progress[1]["activity"] in ("data", "compute") and progress[1]["phase"] == "training", progress[1]
     first[1].signal(signal.SIGTERM)  # rank 0 is never signalled
     codes = [r.wait(120) for r in first]
     assert codes == [75, 75], [r.log_text()[-2000:] for r in first]

@@ -66,13 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ValidationError, ValueError, OSError) as e:
         return finish(EXIT_CONFIG, "config-error", error=f"invalid configuration: {e}")
 
-    from kubetune_trainer.progress import ProgressServer
-
-    port = args.progress_port
-    if port is None and "KUBETUNE_PROGRESS_PORT" in os.environ:
-        port = int(os.environ["KUBETUNE_PROGRESS_PORT"])
-    # on the pod's own IP when known (the downward API gives it), else on every address
-    progress = ProgressServer(port if rank == 0 else None, os.environ.get("POD_IP") or "0.0.0.0")
+    progress = start_progress(args.progress_port, rank, os.environ)
     t0 = time.monotonic()
     try:
         from kubetune_trainer.export import evaluation_summary, export
@@ -127,6 +121,26 @@ def main(argv: list[str] | None = None) -> int:
         return finish(EXIT_FAILED, "failed", error=f"{type(e).__name__}: {e}")
     finally:
         progress.close()
+
+
+def start_progress(port: int | None, rank: int, environ=os.environ):
+    """This process's /progress server: every rank's pod answers on the progress port (see
+    progress_port_for), on the pod's own IP when known (the downward API gives it), else on
+    every address. Only rank 0's answer is the job's status; another rank that cannot bind
+    trains on without one."""
+    from kubetune_trainer.progress import ProgressServer, progress_port_for
+
+    if port is None and "KUBETUNE_PROGRESS_PORT" in environ:
+        port = int(environ["KUBETUNE_PROGRESS_PORT"])
+    port = progress_port_for(port, int(environ.get("LOCAL_RANK", 0)))
+    host = environ.get("POD_IP") or "0.0.0.0"
+    try:
+        return ProgressServer(port, host, rank=rank)
+    except OSError as e:
+        if rank == 0:
+            raise
+        log.warning("rank %d serves no /progress: %s:%s: %s", rank, host, port, e)
+        return ProgressServer(None, rank=rank)
 
 
 def finish(code: int, outcome: str, **fields) -> int:

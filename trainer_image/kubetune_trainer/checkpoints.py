@@ -79,6 +79,25 @@ def to_prune(verified: list[int], all_steps: list[int], keep: int) -> list[int]:
     return sorted(s for s in all_steps if s not in kept and s < newest)
 
 
+def checked_manifest(doc, step: int) -> dict:
+    """`doc` (parsed from the bucket, so anything JSON can be) if it has a manifest's
+    shape for checkpoint `step`: an object of this format and step whose "files" maps
+    each name to an object with a sha256 string. ValueError otherwise: the checkpoint is
+    skipped like one whose hashes do not match."""
+    if not isinstance(doc, dict):
+        raise ValueError(f"manifest is a JSON {type(doc).__name__}, not an object")
+    fmt, named = doc.get("format"), doc.get("step")
+    if fmt != FORMAT_VERSION or type(named) is not int or named != step:
+        raise ValueError(f"manifest of another format or step: {fmt!r}, {named!r}")
+    files = doc.get("files")
+    if not isinstance(files, dict):
+        raise ValueError(f'manifest "files" is a JSON {type(files).__name__}, not an object')
+    for name, meta in files.items():
+        if not isinstance(meta, dict) or not isinstance(meta.get("sha256"), str):
+            raise ValueError(f"manifest entry {name!r} has no sha256")
+    return doc
+
+
 def attempt_named(doc) -> int:
     """The attempt a fence or a manifest names (0: none, or not a whole number)."""
     value = doc.get("attempt") if isinstance(doc, dict) else None
@@ -249,9 +268,10 @@ class CheckpointStore:
         return None
 
     def _read_manifest(self, step: int) -> dict | Exception:
-        """The manifest, or why it could not be read (raised in order, by _fetch_verified)."""
+        """The manifest, checked for its shape, or why it could not be read or is not a
+        manifest (raised in order, by _fetch_verified)."""
         try:
-            return json.loads(self.store.read_bytes(join(step_dir(step), MANIFEST)))
+            return checked_manifest(json.loads(self.store.read_bytes(join(step_dir(step), MANIFEST))), step)
         except Exception as e:
             return e
 
@@ -259,10 +279,6 @@ class CheckpointStore:
         if isinstance(manifest, Exception):
             raise manifest
         prefix = step_dir(step)
-        if manifest.get("format") != FORMAT_VERSION or manifest.get("step") != step:
-            raise ValueError(
-                f"manifest of another format or step: {manifest.get('format')}, {manifest.get('step')}"
-            )
         folder = self.workdir / f"restore-{prefix}"
         shutil.rmtree(folder, ignore_errors=True)
         for name, meta in manifest["files"].items():

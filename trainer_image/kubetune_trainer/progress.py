@@ -1,22 +1,36 @@
-"""Rank 0 serves GET /progress (JSON, polled by the operator into status.progress) and
-GET /metrics (Prometheus) on the port named `metrics`."""
+"""Every pod's first trainer process serves GET /progress (JSON) and GET /metrics
+(Prometheus) on the port named `metrics`. Rank 0's /progress is what the operator folds
+into status.progress; every rank's says which step it is at, how long its steps take and
+whether it is reading data or computing, so that a rank that stalls can be told apart.
+
+What happens per optimizer step or micro-batch (step_begins, set_activity, step_done)
+costs a lock and a few attribute sets: /progress does the arithmetic when asked."""
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
 import threading
 import time
+from collections import deque
 from dataclasses import asdict, dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, generate_latest
 
+STEP_WINDOW = 20  # stepSeconds: the mean over this many recent optimizer steps
+
 
 @dataclass
 class Progress:
-    phase: str = "starting"  # starting, loading, training, checkpointing, uploading, done
-    step: int = 0
+    phase: str = "starting"  # starting, loading, training, evaluating, checkpointing, uploading, done
+    rank: int = 0
+    # in the training loop: "data" while this rank reads its next micro-batches from the
+    # dataset stream, "compute" otherwise (forward/backward, collectives, optimizer)
+    activity: str | None = None
+    step: int = 0  # optimizer steps done, updated every step
+    step_seconds: float | None = None  # mean wall seconds of the recent steps
     total_steps: int = 0
     epoch: float = 0.0
     loss: float | None = None
@@ -44,10 +58,22 @@ def eta_seconds(step: int, total: int, start_step: int, elapsed_s: float) -> flo
     return (total - step) * elapsed_s / done
 
 
+def progress_port_for(port: int | None, local_rank: int) -> int | None:
+    """Where this process serves /progress: each pod's first process (LOCAL_RANK 0) on the
+    pod's port, at the pod's address. A pod runs one rank, or, with several GPUs, one
+    process per GPU (kubetune_trainer.launch): those others share the pod's one port, so
+    they do not serve (the first process speaks for the pod, as its termination message does)."""
+    return port if local_rank == 0 else None
+
+
 class ProgressServer:
-    def __init__(self, port: int | None, host: str = "0.0.0.0") -> None:
-        self.progress = Progress()
+    def __init__(self, port: int | None, host: str = "0.0.0.0", rank: int = 0, clock=time.monotonic) -> None:
+        self.progress = Progress(rank=rank)
         self.lock = threading.Lock()
+        self.clock = clock
+        self.step_durations: deque[float] = deque(maxlen=STEP_WINDOW)
+        self.step_started: float | None = None
+        self.updated: float | None = None  # time.time() of the last change
         self.registry = CollectorRegistry()
         self.g_step = Gauge("kubetune_trainer_step", "Optimizer steps done", registry=self.registry)
         self.g_total = Gauge(
@@ -76,7 +102,7 @@ class ProgressServer:
         with self.lock:
             for k, v in fields.items():
                 setattr(self.progress, k, v)
-            self.progress.updated_at = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+            self.updated = time.time()
             p = self.progress
         self.g_step.set(p.step)
         self.g_total.set(p.total_steps)
@@ -87,8 +113,45 @@ class ProgressServer:
         if p.tokens_per_second is not None:
             self.g_tps.set(p.tokens_per_second)
 
+    # -- per step and micro-batch: cheap ------------------------------------------------
+    def step_begins(self) -> None:
+        """An optimizer step starts: its wall time counts from here to step_done."""
+        self.step_started = self.clock()
+
+    def set_activity(self, activity: str | None) -> None:
+        """ "data" or "compute" (None: outside the training loop). One attribute set: a
+        str is swapped whole, so a reader sees the old value or the new one."""
+        self.progress.activity = activity
+
+    def step_done(self, step: int) -> None:
+        """Optimizer step `step` is done (every step; loss and rates stay update()'s)."""
+        now = self.clock()
+        with self.lock:
+            if self.step_started is not None:
+                self.step_durations.append(now - self.step_started)
+            self.step_started = now  # without a step_begins, the next step counts from here
+            self.progress.step = step
+            self.updated = time.time()
+        self.g_step.set(step)
+
+    @contextlib.contextmanager
+    def phase_while(self, phase: str):
+        """`phase` for the duration of the block, then the phase from before it."""
+        with self.lock:
+            before = self.progress.phase
+        self.update(phase=phase)
+        try:
+            yield
+        finally:
+            self.update(phase=before)
+
     def snapshot(self) -> dict:
         with self.lock:
+            durations = self.step_durations
+            self.progress.step_seconds = round(sum(durations) / len(durations), 4) if durations else None
+            if self.updated is not None:
+                when = dt.datetime.fromtimestamp(self.updated, dt.timezone.utc)
+                self.progress.updated_at = when.strftime("%Y-%m-%dT%H:%M:%SZ")
             return self.progress.to_json()
 
     def _handler(self):

@@ -215,7 +215,7 @@ class Trainer:
         self.cfg, self.environ = cfg, environ
         self.stop = stop if stop is not None else StopFlag()  # (a StopFlag not set is falsy)
         self.dist = dist or Dist.from_env(environ)
-        self.progress = progress or ProgressServer(None)
+        self.progress = progress or ProgressServer(None, rank=self.dist.rank)
         self.workdir = Path(workdir or tempfile.mkdtemp(prefix="kubetune-train-"))
         self.cache = Path(environ.get("KUBETUNE_CACHE", self.workdir / "cache"))
         self.trace_path = environ.get("KUBETUNE_SAMPLE_TRACE")  # tests: which samples each step used
@@ -377,7 +377,10 @@ class Trainer:
         if not n or not records:
             return None
         dense = self.backend == "cpu" and self.cfg.method == "qlora" and not self.sharded
-        with dense_4bit_layers(self.model) if dense else contextlib.nullcontext():
+        with (
+            self.progress.phase_while("evaluating"),
+            dense_4bit_layers(self.model) if dense else contextlib.nullcontext(),
+        ):
             return exact_match(self.model, self.tokenizer, records[:n], self.cfg.dataset, label)
 
     def exact_match_unquantized(self, records) -> dict | None:
@@ -472,7 +475,8 @@ class Trainer:
             "run": self.fingerprint,
         }
         (folder / STATE_FILE).write_text(json.dumps(state))
-        self.progress.update(phase="checkpointing" if wait else "training")
+        if wait:  # (a periodic checkpoint's caller marks the loop's pause for it)
+            self.progress.update(phase="checkpointing")
         self.ckpts.commit(step, folder, wait=wait)
         self.progress.update(last_checkpoint_step=step)
         self.progress.c_ckpt.inc()
@@ -540,18 +544,25 @@ class Trainer:
         start_step, t_start, last_ckpt_time = step, time.monotonic(), time.monotonic()
         rate, window_loss, window_steps = Rate(), 0.0, 0
         self.ddp_model.train()
-        self.progress.update(phase="training", step=step, total_steps=t.max_steps)
+        # every step says where this rank is (/progress): reading data, or computing
+        self.progress.update(phase="training", step=step, total_steps=t.max_steps, activity="compute")
 
         while step < t.max_steps:
             if self._should_stop(torch):
+                self.progress.set_activity(None)
                 ckpt = self._stop_checkpoint(step, last_ckpt, seqs, history)
                 # every rank waits for rank 0's commit and names the same checkpoint
                 raise Preempted(step, self._from_rank0(ckpt))
+            # (a step's time starts past the stop check: a rank waiting there for rank 0's
+            # evaluation or checkpoint is not slow)
+            self.progress.step_begins()
             # one optimizer step: this rank's micro-batches, then the global loss-token count
             micro = []
+            self.progress.set_activity("data")
             for _ in range(t.gradient_accumulation):
                 batch_seqs = [next(mine) for _ in range(t.batch_size)]
                 micro.append((collate(batch_seqs, pad_id, cfg.dataset.packing), batch_seqs))
+            self.progress.set_activity("compute")
             n_tokens = sum(label_tokens(b) for b, _ in micro)
             global_tokens = self._all_sum(torch, n_tokens)
             step_loss = 0.0
@@ -571,6 +582,7 @@ class Trainer:
             self.scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
             step += 1
+            self.progress.step_done(step)
             self.tokens_seen += int(global_tokens)
             self.progress.c_tokens.inc(int(global_tokens))
             real_tokens = sum(len(seq.input_ids) for _, seqs in micro for seq in seqs)
@@ -605,10 +617,12 @@ class Trainer:
                 due = self._all_sum(torch, int(due)) > 0  # clocks differ: agree, or the gather hangs
             if due and step < t.max_steps and self.shares_rank0_work:
                 t_ckpt = time.monotonic()
-                last_ckpt = self.save_checkpoint(step, seqs.state(), history, wait=False)
+                with self.progress.phase_while("checkpointing"):
+                    last_ckpt = self.save_checkpoint(step, seqs.state(), history, wait=False)
                 last_ckpt_time = time.monotonic()
                 self.checkpoint_pauses.append(last_ckpt_time - t_ckpt)
 
+        self.progress.set_activity(None)
         train_seconds = round(time.monotonic() - t_start, 1)
         eval_loss = self._evaluate(eval_set, pad_id, step) if eval_set else None
         after = self.exact_match(held_out, "after")
@@ -623,7 +637,8 @@ class Trainer:
         )
         if after is not None:
             result.metrics["exact_match"] = {"before": self.exact_match_before, "after": after}
-            unquantized = self.exact_match_unquantized(held_out)
+            with self.progress.phase_while("evaluating"):
+                unquantized = self.exact_match_unquantized(held_out)
             if unquantized is not None:
                 result.metrics["exact_match"]["after_unquantized_base"] = unquantized
         if self.shares_rank0_work:
@@ -699,7 +714,8 @@ class Trainer:
         self.model.eval()
         total, count = 0.0, 0
         bs = self.cfg.training.batch_size
-        with torch.no_grad():
+        # (the operator must not take an evaluation pass, with no step done, for a stall)
+        with self.progress.phase_while("evaluating"), torch.no_grad():
             for i in range(0, len(examples), bs):
                 seqs = []
                 for ex in examples[i : i + bs]:

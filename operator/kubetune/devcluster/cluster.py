@@ -16,6 +16,7 @@ MinIO for S3. Used by `kubetune dev up` and by pytest as a session fixture.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
@@ -245,6 +246,29 @@ class DevCluster:
         no SIGTERM and no chance to save anything, and the pod object is gone. (Deleting
         with grace 0 alone would not do: the kubelet still gives SIGTERM and 2 s.) The
         containers are frozen first, then the pod is deleted, then they are killed."""
+        with self._pod_containers(namespace, pod) as (core, runc, ids):
+            for cid in ids:
+                runc("pause", cid)
+            core.delete_namespaced_pod(pod, namespace, grace_period_seconds=0)
+            for cid in ids:
+                runc("kill", cid, "KILL")
+                runc("resume", cid, check=False)
+
+    def freeze_pod(self, namespace: str, pod: str) -> None:
+        """Every process of the pod stops where it is (the cgroup freezer) and the pod stays:
+        a hung worker, as a stuck read or a wedged GPU leaves one."""
+        with self._pod_containers(namespace, pod) as (_, runc, ids):
+            for cid in ids:
+                runc("pause", cid)
+
+    def thaw_pod(self, namespace: str, pod: str) -> None:
+        with self._pod_containers(namespace, pod) as (_, runc, ids):
+            for cid in ids:
+                runc("resume", cid, check=False)
+
+    @contextlib.contextmanager
+    def _pod_containers(self, namespace: str, pod: str):
+        """(core API, runc on the pod's node, the pod's container IDs)."""
         from kubernetes import client, config
 
         api = config.new_client_from_config(str(self.endpoints.kubeconfig))
@@ -257,14 +281,11 @@ class DevCluster:
                 for s in obj.status.container_statuses or []
                 if s.container_id
             ]
-            for cid in ids:
-                subprocess.run(["runc", "--root", str(root), "pause", cid], check=True, capture_output=True)
-            core.delete_namespaced_pod(pod, namespace, grace_period_seconds=0)
-            for cid in ids:
-                subprocess.run(
-                    ["runc", "--root", str(root), "kill", cid, "KILL"], check=True, capture_output=True
-                )
-                subprocess.run(["runc", "--root", str(root), "resume", cid], check=False, capture_output=True)
+
+            def runc(*args: str, check: bool = True) -> None:
+                subprocess.run(["runc", "--root", str(root), *args], check=check, capture_output=True)
+
+            yield core, runc, ids
         finally:
             api.close()
 

@@ -1,0 +1,114 @@
+"""The stall check: when a running attempt counts as stuck, and which rank is named."""
+
+from __future__ import annotations
+
+import datetime as dt
+
+from kubetune.stall import STALL_MIN_S, RankSeen, RankWatch, Stall, find_stall, stall_limit
+from kubetune.status import decide
+
+
+def seen(rank: int, step: int, since: float, answered=True, activity="compute", phase="training", step_s=1.0):
+    return RankSeen(rank, f"j-a1-w{rank}", f"node-{rank}", step, since, answered, phase, activity, step_s)
+
+
+def test_the_limit_is_the_deadline_or_many_step_times_but_never_under_ten_minutes():
+    assert stall_limit(30, 5.0) == 30
+    assert stall_limit(None, 1.0) == STALL_MIN_S
+    assert stall_limit(None, 60.0) == 1200
+    assert stall_limit(None, None) == STALL_MIN_S
+
+
+def test_a_job_still_stepping_is_not_stalled():
+    assert find_stall([seen(0, 10, 100.0), seen(1, 10, 100.0)], now=120.0, deadline_s=30) is None
+    # one rank moved recently: the attempt is moving
+    assert find_stall([seen(0, 10, 0.0), seen(1, 11, 100.0)], now=120.0, deadline_s=30) is None
+
+
+def test_loading_checkpointing_evaluating_and_unheard_ranks_never_count():
+    for phase in ("loading", "checkpointing", "evaluating", "uploading"):
+        assert find_stall([seen(0, 10, 0.0, phase=phase), seen(1, 10, 0.0)], 1e6, 30) is None
+    never = RankSeen(1, "j-a1-w1", None, since=0.0)
+    assert find_stall([seen(0, 10, 0.0), never], 1e6, 30) is None
+
+
+def test_a_silent_rank_is_named_first():
+    stall = find_stall([seen(0, 10, 0.0), seen(1, 10, 0.0, answered=False)], now=40.0, deadline_s=30)
+    assert stall == Stall(
+        "j-a1-w1",
+        1,
+        "node-1",
+        "no optimizer step for 40 s (deadline 30 s, spec.progressDeadlineSeconds): "
+        "rank 1 stopped answering /progress at step 10",
+    )
+
+
+def test_a_rank_stuck_reading_or_behind_is_named_then_rank0_for_a_hung_collective():
+    reading = find_stall([seen(0, 10, 0.0), seen(1, 10, 0.0, activity="data")], 40.0, 30)
+    assert reading.rank == 1 and "reading its data" in reading.message
+    behind = find_stall([seen(0, 11, 0.0), seen(1, 10, 0.0), seen(2, 11, 0.0)], 40.0, 30)
+    assert behind.rank == 1 and "behind at step 10" in behind.message
+    hung = find_stall([seen(0, 10, 0.0), seen(1, 10, 0.0)], 40.0, 30)
+    assert hung.rank == 0 and "every rank waits at step 10" in hung.message
+
+
+def test_the_watch_times_a_step_from_when_it_changed_and_ignores_what_is_not_a_step():
+    w = RankWatch()
+    w.asked("p", 0, "n", now=0.0)
+    w.answered("p", {"step": 5, "phase": "training", "stepSeconds": 0.5}, now=1.0)
+    w.answered("p", {"step": 5, "phase": "training"}, now=50.0)  # same step: since unchanged
+    (r,) = w.ranks(["p"])
+    assert (r.step, r.since, r.answered, r.step_seconds) == (5, 1.0, True, None)
+    w.answered("p", None, now=60.0)
+    assert not w.ranks(["p"])[0].answered and w.ranks(["p"])[0].since == 1.0
+    w.answered("p", {"step": "6", "phase": ["x"], "stepSeconds": float("nan")}, now=70.0)
+    (r,) = w.ranks(["p"])
+    assert r.step is None and r.phase is None and r.step_seconds is None
+    w.keep(set())
+    assert w.ranks(["p"]) == []
+
+
+def running_job(workers=2):
+    return {
+        "metadata": {"name": "j", "uid": "u", "generation": 1, "namespace": "ns"},
+        "spec": {
+            "model": {"name": "org/m"},
+            "dataset": {"uri": "s3://data/x/"},
+            "checkpoint": {"uri": "s3://ckpt/x/"},
+            "output": {"uri": "s3://out/x/"},
+            "workers": workers,
+        },
+        "status": {
+            "phase": "Running",
+            "attempt": 1,
+            "attemptStartTime": "2026-01-01T00:00:00Z",
+            "preemptions": 0,
+            "failures": 0,
+            "startTime": "2026-01-01T00:00:00Z",
+        },
+    }
+
+
+def running_pod(rank):
+    return {
+        "metadata": {
+            "name": f"j-a1-w{rank}",
+            "labels": {"kubetune.io/attempt": "1", "kubetune.io/rank": str(rank)},
+        },
+        "spec": {"nodeName": f"node-{rank}"},
+        "status": {"phase": "Running", "podIP": f"10.0.0.{rank + 1}"},
+    }
+
+
+def test_a_stalled_attempt_is_replaced_as_a_failure_naming_the_rank():
+    now = dt.datetime(2026, 1, 1, 1, tzinfo=dt.timezone.utc)
+    stall = Stall("j-a1-w1", 1, "node-1", "no optimizer step for 40 s: rank 1 stopped answering")
+    plan = decide(running_job(), [running_pod(0), running_pod(1)], now, stall=stall)
+    assert plan.status["failures"] == 1 and plan.status["attempt"] == 2
+    assert sorted(plan.delete) == ["j-a1-w0", "j-a1-w1"]
+    (event,) = [e for e in plan.events if e[1] == "AttemptFailed"]
+    assert "worker j-a1-w1 on node node-1: Stalled: no optimizer step for 40 s" in event[2]
+    # a stall of an earlier attempt's pod does not touch the current one
+    old = Stall("j-a0-w1", 1, "node-1", "old")
+    again = decide(running_job(), [running_pod(0), running_pod(1)], now, stall=old)
+    assert again.status["attempt"] == 1 and not again.delete
