@@ -47,6 +47,11 @@ RECIPES: dict[str, dict | None] = {
     "alpha16": {"lora": {"alpha": 16}},
     "nodropout": {"lora": {"dropout": 0.0}},
     "batch8-steps40": {"training": {"batchSize": 8, "maxSteps": 40}},
+    # plain LoRA on the full-precision base: a 135M model needs no 4-bit base on a CPU, and
+    # the base it trains on is then the base users serve (em_4bit reads "on the trained base")
+    "lora": {"method": "lora"},
+    "lora-steps180": {"method": "lora", "training": {"maxSteps": 180}},
+    "lora-lr2e-3": {"method": "lora", "training": {"learningRate": 2.0e-3}},
 }
 
 

@@ -270,7 +270,8 @@ class FineTuneJobSpec(TrainingConfig):
         ge=10,
         description="How long a training worker may go without finishing an optimizer step before "
         "its attempt is replaced as a failure (a hung collective, a stuck read); unset: 20 times "
-        "its usual step time, at least 600. Loading, checkpointing and evaluating never count.",
+        "its usual step time, at least 600; never under 6 of the operator's progress polls. Loading, "
+        "checkpointing and evaluating never count.",
     )
     termination_grace_period_seconds: int = Field(
         90, ge=1, le=3600, description="Time a preempted worker gets to commit its final checkpoint."

@@ -167,23 +167,23 @@ class Controller:
     def pod_event(self, kind: str, body: dict) -> None:
         meta = body["metadata"]
         job = (meta.get("labels") or {}).get(JOB_LABEL)
-        if not job or (kind != "DELETED" and controller_uid(body) is None):
-            return  # not made by a FineTuneJob, whatever its labels say
+        if not job:
+            return
         key = (meta["namespace"], job)
         pods = self.pods.setdefault(key, {})
-        if kind == "DELETED" and terminated_container(body) and key in self.jobs:
+        if kind == "DELETED" and terminated_container(body) and key in self.jobs and controller_uid(body):
             # kept as its last state: an evicted trainer's exit code and termination message
             # (its checkpoint) must reach the reconcile even though the pod object is gone
             pods[meta["name"]] = body
-        elif kind == "DELETED":
-            # gone, or its job is: a deleted job's pods go after it (the garbage collector
-            # deletes them once the job is gone), and nothing of them is kept
+        elif kind == "DELETED" or controller_uid(body) is None:
+            # gone, or its job is (a deleted job's pods go after it: the garbage collector
+            # deletes them once the job is gone), or not made by a FineTuneJob whatever its
+            # labels say: nothing of it is kept
             pods.pop(meta["name"], None)
         elif _newer(body, pods.get(meta["name"])):
             pods[meta["name"]] = body
         if not pods:
             del self.pods[key]
-            return
         if key in self.jobs:
             self.queue.add_after(key, POD_SETTLE_S)
 
@@ -217,7 +217,7 @@ class Controller:
                 return wait  # backing off after a refused create (a spec change retries at once)
         t0 = time.perf_counter()
         now = dt.datetime.now(dt.timezone.utc)
-        pods = self._owned(key, job, self.pods.get(key, {}).values())
+        pods = self._owned(key, job, list(self.pods.get(key, {}).values()))
         progress = self.progress.get(key)
         attempt = (job.get("status") or {}).get("attempt")
         waiting = [p for p in pods if gated(p) and pod_attempt(p) == attempt]
@@ -235,7 +235,8 @@ class Controller:
             if any(loss.reason == "PodDeleted" for loss in plan.losses):
                 # a pod missing from the cache may only be not seen yet: ask the API server
                 pods = self._owned(key, job, self.kube.list_pods(key[0], f"{JOB_LABEL}={key[1]}"))
-                self.pods[key] = {p["metadata"]["name"]: p for p in pods}
+                if key in self.jobs:  # (not brought back for a job deleted meanwhile)
+                    self.pods[key] = {p["metadata"]["name"]: p for p in pods}
                 plan = decide(job, pods, now, problems, progress=progress, gang=gang, stall=stall)
             for name in plan.ungate:
                 gates = without_gang_gate(self.pods[key][name]) or None
@@ -246,6 +247,9 @@ class Controller:
             self._apply(key, job, plan, now)
         except Refused as r:
             return self._refused(key, job, plan, r, now)
+        except NameBusy as b:
+            log.info("%s/%s: %s; trying again in %.0f s", *key, b, RETRY_S)
+            return RETRY_S
         try:
             self._after_apply(key, job, plan, now)
             log.debug(
@@ -310,13 +314,20 @@ class Controller:
         found = self.kube.get(ns, obj["kind"], name)
         if found is None:  # deleted in between: the next reconcile creates it
             raise ApiException(status=409, reason=f"{obj['kind']} {name} was deleted while being created")
-        if controller_uid(found) != uid:
-            raise Refused(
-                409,
-                f"{obj['kind']} {name} already exists and was not made by this job; "
-                "delete it, or give the job another name",
+        owner = controller_uid(found)
+        if owner == uid:
+            return found
+        if found["metadata"].get("deletionTimestamp") or owner is not None:
+            # an earlier job of this name still going (its pods get their grace period), or
+            # one whose owner is gone, which the garbage collector removes: wait, quietly
+            raise NameBusy(
+                f"{obj['kind']} {name} is still being deleted, or is an earlier job's of this name"
             )
-        return found
+        raise Refused(
+            409,
+            f"{obj['kind']} {name} already exists and was not made by this job; "
+            "delete it, or give the job another name",
+        )
 
     def _refused(self, key, job: dict, plan, refusal: Refused, now: dt.datetime) -> float | None:
         """The Job controller's way with a refused create: a FailedCreate Event, the API
@@ -373,44 +384,61 @@ class Controller:
     def poll_progress(self, interval_s: float, stopping: threading.Event, loop) -> None:
         """GET /progress from every worker of every running job: rank 0's changed answer
         queues a reconcile, which folds it into status.progress (one status write, as
-        always); every rank's step feeds the stall check, and a stall found queues one too."""
+        always); every rank's step feeds the stall check, and a stall found queues one too.
+        Pods are known by (namespace, name): jobs of one name in two namespaces are two."""
         watch = RankWatch()
+        rank0: set[tuple[str, str]] = set()
 
-        def changed(key, name, body):
-            if not name.endswith("-w0"):
+        def changed(key, pod, body):
+            if pod not in rank0:
                 return  # status.progress is rank 0's; the other ranks only show they move
-            seen = (name, body)
+            seen = (pod[1], body)
             if self.progress.get(key) != seen:
                 self.progress[key] = seen
                 loop.call_soon_threadsafe(self.queue.add, key)
 
         poller = ProgressPoller(interval_s, fetch_progress, changed, answered=watch.answered)
         while not stopping.wait(interval_s):
-            now = time.monotonic()
-            targets, attempts = [], {}
-            for key, job in list(self.jobs.items()):
-                if (job.get("status") or {}).get("phase") == "Running":
-                    owned = self._owned(key, job, self.pods.get(key, {}).values())
-                    pods = running_workers(owned, job["status"].get("attempt"))
-                    for pod in pods:
-                        name = pod["metadata"]["name"]
-                        watch.asked(name, pod_rank(pod), pod["spec"].get("nodeName"), now)
-                        targets.append((key, name, pod["status"]["podIP"]))
-                    if pods:
-                        attempts[key] = [p["metadata"]["name"] for p in pods]
-            poller.tick(targets, now)
-            watch.keep({name for _, name, _ in targets})
-            for key in set(self.stalls) - set(attempts):
-                del self.stalls[key]
-            for key, names in attempts.items():
-                deadline = (self.jobs.get(key) or {}).get("spec", {}).get("progressDeadlineSeconds")
-                stall = find_stall(watch.ranks(names), now, finite(deadline))
-                if stall is None:
-                    self.stalls.pop(key, None)
-                elif key not in self.stalls or self.stalls[key].pod != stall.pod:
-                    self.stalls[key] = stall
-                    log.warning("%s/%s: %s", *key, stall.message)
-                    loop.call_soon_threadsafe(self.queue.add, key)
+            try:
+                rank0 = self._poll_round(poller, watch, interval_s, loop)
+            except Exception:  # a bug here must not end progress and stall checks for good
+                log.exception("progress poll round failed")
+
+    def _poll_round(self, poller, watch, interval_s: float, loop) -> set:
+        now = time.monotonic()
+        targets, attempts, rank0 = [], {}, set()
+        for key, job in list(self.jobs.items()):
+            if (job.get("status") or {}).get("phase") != "Running":
+                continue
+            owned = self._owned(key, job, list(self.pods.get(key, {}).values()))
+            pods = running_workers(owned, job["status"].get("attempt"))
+            for pod in pods:
+                pod_id = (key[0], pod["metadata"]["name"])
+                watch.asked(pod_id, pod_rank(pod), pod["spec"].get("nodeName"), now)
+                targets.append((key, pod_id, pod["status"]["podIP"]))
+                if pod_rank(pod) == 0:
+                    rank0.add(pod_id)
+            if pods:
+                attempts[key] = ([(key[0], p["metadata"]["name"]) for p in pods], job)
+        poller.tick(targets, now)
+        watch.keep({pod_id for _, pod_id, _ in targets})
+        for key in set(self.stalls) - set(attempts):
+            self.stalls.pop(key, None)
+        for key, (pod_ids, job) in attempts.items():
+            deadline = finite((job.get("spec") or {}).get("progressDeadlineSeconds"))
+            stall = find_stall(watch.ranks(pod_ids), now, deadline, interval_s)
+            old = self.stalls.get(key)
+            if stall is None:
+                self.stalls.pop(key, None)
+            elif old is None or old.pod != stall.pod:
+                self.stalls[key] = stall
+                log.warning("%s/%s: %s", *key, stall.message)
+                loop.call_soon_threadsafe(self.queue.add, key)
+        return rank0
+
+
+class NameBusy(Exception):
+    """A name the new attempt needs is held by an object on its way out."""
 
 
 class Refused(Exception):
@@ -448,9 +476,9 @@ class ProgressPoller:
         self.pool = concurrent.futures.ThreadPoolExecutor(fetchers, thread_name_prefix="progress")
         self.in_flight: dict[str, concurrent.futures.Future] = {}
 
-    def tick(self, targets: list[tuple], now: float) -> list[str]:
-        """Start a request for each (key, pod name, address) that is due and not already
-        asked; returns the pods asked."""
+    def tick(self, targets: list[tuple], now: float) -> list:
+        """Start a request for each (key, pod, address) that is due and not already asked
+        (a pod: any id, (namespace, name) in the operator); returns the pods asked."""
         for name in [n for n, f in self.in_flight.items() if f.done()]:
             del self.in_flight[name]
         self.backoff.keep({name for _, name, _ in targets})

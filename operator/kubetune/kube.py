@@ -184,7 +184,9 @@ class Kube:
         try:
             self.call("DELETE", f"{JOBS.format(ns=namespace)}/{name}", body)
         except ApiException as e:
-            if e.status not in (404, 409):
+            if e.status == 409:
+                log.info("%s/%s not deleted: it is another job now (uid %s is gone)", namespace, name, uid)
+            elif e.status != 404:
                 raise
 
     def event(self, job: dict, event_type: str, reason: str, message: str, now: str) -> None:

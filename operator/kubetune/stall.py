@@ -16,12 +16,15 @@ from kubetune.status import count, finite, text
 
 STALL_FACTOR = 20  # the usual step time, times this, without a step: stuck
 STALL_MIN_S = 600.0  # never sooner than this unless spec.progressDeadlineSeconds says so
+# and never sooner than this many progress polls: one unanswered poll (a dropped request)
+# must not look like a stuck trainer
+STALL_MIN_POLLS = 6
 
 
 @dataclass
 class RankSeen:
     rank: int
-    pod: str
+    pod: str  # its name
     node: str | None
     step: int | None = None
     since: float = 0.0  # when this step was first seen (or the rank first asked)
@@ -39,20 +42,23 @@ class Stall:
     message: str
 
 
-def stall_limit(deadline_s: float | None, step_seconds: float | None) -> float:
-    if deadline_s:
-        return float(deadline_s)
-    return max(STALL_FACTOR * (step_seconds or 0.0), STALL_MIN_S)
+def stall_limit(deadline_s: float | None, step_seconds: float | None, poll_s: float = 0.0) -> float:
+    auto = max(STALL_FACTOR * (step_seconds or 0.0), STALL_MIN_S)
+    return max(float(deadline_s) if deadline_s else auto, STALL_MIN_POLLS * poll_s)
 
 
-def find_stall(ranks: list[RankSeen], now: float, deadline_s: float | None) -> Stall | None:
+def find_stall(
+    ranks: list[RankSeen], now: float, deadline_s: float | None, poll_s: float = 0.0
+) -> Stall | None:
     """Whether the attempt these ranks make up is stuck, and the rank to name. Only while
-    training: loading, checkpointing and evaluating have their own pace, and a rank never
-    heard from is still starting."""
-    if not ranks or any(r.step is None or r.phase != "training" for r in ranks):
+    training: loading, checkpointing and evaluating have their own pace (a rank's time
+    without a step counts from its return to training). A rank never heard from (still
+    starting, or its progress port unreachable) is left out."""
+    ranks = [r for r in ranks if r.step is not None]
+    if not ranks or any(r.phase != "training" for r in ranks):
         return None
     rank0 = min(ranks, key=lambda r: r.rank)
-    limit = stall_limit(deadline_s, rank0.step_seconds)
+    limit = stall_limit(deadline_s, rank0.step_seconds, poll_s)
     idle = min(now - r.since for r in ranks)  # since the latest step of any rank
     if idle < limit:
         return None
@@ -89,13 +95,13 @@ class RankWatch:
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
-        self.seen: dict[str, RankSeen] = {}
+        self.seen: dict = {}  # (namespace, pod name) -> RankSeen
 
-    def asked(self, pod: str, rank: int, node: str | None, now: float) -> None:
+    def asked(self, pod: tuple[str, str], rank: int, node: str | None, now: float) -> None:
         with self.lock:
-            self.seen.setdefault(pod, RankSeen(rank, pod, node, since=now))
+            self.seen.setdefault(pod, RankSeen(rank, pod[1], node, since=now))
 
-    def answered(self, pod: str, body: dict | None, now: float) -> None:
+    def answered(self, pod: tuple[str, str], body: dict | None, now: float) -> None:
         with self.lock:
             r = self.seen.get(pod)
             if r is None:
@@ -103,18 +109,20 @@ class RankWatch:
             r.answered = body is not None
             if body is None:
                 return
-            step = count(body.get("step"))
-            if step != r.step:
-                r.step, r.since = step, now
-            r.phase = text(body.get("phase"), 32)
+            step, phase = count(body.get("step")), text(body.get("phase"), 32)
+            if step != r.step or phase != r.phase or phase != "training":
+                # a new step, or time that is not training's (loading, evaluating,
+                # checkpointing): the clock starts again
+                r.since = now
+            r.step, r.phase = step, phase
             r.activity = text(body.get("activity"), 32)
             r.step_seconds = finite(body.get("stepSeconds"))
 
-    def ranks(self, pods: list[str]) -> list[RankSeen]:
+    def ranks(self, pods: list) -> list[RankSeen]:
         with self.lock:
             return [self.seen[p] for p in pods if p in self.seen]
 
-    def keep(self, pods: set[str]) -> None:
+    def keep(self, pods: set) -> None:
         with self.lock:
             for pod in set(self.seen) - pods:
                 del self.seen[pod]

@@ -67,7 +67,7 @@ NAMESPACED = {
     *(("", "pods", v) for v in ("get", "list", "watch", "create", "delete", "patch")),
     *(("", "services", v) for v in ("get", "create", "delete")),
     *((g, "events", v) for g in ("", "events.k8s.io") for v in ("create", "patch")),
-    ("networking.k8s.io", "networkpolicies", "create"),
+    *(("networking.k8s.io", "networkpolicies", v) for v in ("create", "get")),
 }
 NODES = {("", "nodes", v) for v in ("get", "list", "watch")}
 NEVER = {"secrets", "configmaps", "serviceaccounts", "roles", "rolebindings", "clusterroles", "*"}
@@ -756,6 +756,16 @@ def test_installed_chart_cluster_wide_runs_pods_everywhere(
         custom.create_namespaced_custom_object(GROUP, VERSION, jobs_ns, PLURAL, job)
         wait_phase(custom, jobs_ns, "everywhere", "Running", 60, logs)
         assert core.list_namespaced_pod(jobs_ns, label_selector=f"{GROUP}/job=everywhere").items
+        # a second attempt finds its job's NetworkPolicy there already, and may read it
+        core.delete_namespaced_pod("everywhere-a1-w0", jobs_ns, grace_period_seconds=0)
+        wait_for(
+            lambda: (
+                (s := status_of(custom, jobs_ns, "everywhere")).get("attempt") == 2
+                and s.get("phase") == "Running"
+            ),
+            60,
+            "attempt 2 of everywhere to run (a 403 on its NetworkPolicy would hold it)",
+        )
         text = logs()
         assert "Forbidden" not in text and " 403" not in text, text[-3000:]
         # the cluster-wide grant stops at the protected namespaces (the chart's admission policy,

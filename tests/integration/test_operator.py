@@ -404,9 +404,10 @@ def test_a_pod_squatting_a_jobs_pod_name_is_reported_and_the_job_starts_once_it_
         "a FailedCreate status",
     )
     assert "Pod squat-a1-w0 already exists and was not made by this job" in st["message"], st
-    wait_for(lambda: warnings(core, namespace, "squat", "FailedCreate"), 30, "a FailedCreate Event")
+    # at once: each refusal doubles the wait before the next try
     core.delete_namespaced_pod("squat-a1-w0", namespace, grace_period_seconds=0)
     st = wait_phase(custom, namespace, "squat", "Running", timeout_s=60)
+    assert warnings(core, namespace, "squat", "FailedCreate")
     pod = core.read_namespaced_pod("squat-a1-w0", namespace)
     assert pod.metadata.owner_references[0].uid == get(custom, namespace, "squat")["metadata"]["uid"]
 

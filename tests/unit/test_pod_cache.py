@@ -76,6 +76,49 @@ def test_pods_not_made_by_a_finetunejob_are_not_cached_whatever_their_labels():
     asyncio.run(run())
 
 
+def test_losing_the_last_pod_of_a_job_queues_its_reconcile():
+    """A force-deleted pod (grace 0, or the pod GC after a node is lost) must be noticed
+    at once, not at the next resync."""
+
+    async def run():
+        c = controller()
+        c.job_event("ADDED", job("solo", "u1"))
+        drain(c)
+        c.pod_event("ADDED", pod("solo", "u1"))
+        drain(c)
+        c.pod_event("DELETED", pod("solo", "u1", rv=2))  # still running: gone without a word
+        assert ("ns", "solo") not in c.pods
+        assert ("ns", "solo") in c.queue.timers
+        drain(c)
+
+    asyncio.run(run())
+
+
+def test_a_pod_whose_owner_reference_is_taken_away_leaves_the_cache():
+    async def run():
+        c = controller()
+        c.job_event("ADDED", job("j", "u1"))
+        c.pod_event("ADDED", pod("j", "u1"))
+        c.pod_event("MODIFIED", pod("j", None, rv=2))
+        assert ("ns", "j") not in c.pods
+        drain(c)
+
+    asyncio.run(run())
+
+
+def test_a_deleted_job_leaves_no_stall_or_progress_behind():
+    async def run():
+        c = controller()
+        c.job_event("ADDED", job("j", "u1"))
+        c.stalls[("ns", "j")] = object()
+        c.progress[("ns", "j")] = ("j-a1-w0", {})
+        c.job_event("DELETED", job("j", "u1"))
+        assert not c.stalls and not c.progress
+        drain(c)
+
+    asyncio.run(run())
+
+
 def test_a_reconcile_counts_only_the_pods_of_this_job_not_an_earlier_one_of_its_name():
     new = job("same", "new-uid")
     pods = [pod("same", "old-uid", rank=0), pod("same", "new-uid", rank=1)]
@@ -128,7 +171,7 @@ def test_memory_stays_flat_over_thousands_of_job_create_delete_cycles():
         after = tracemalloc.take_snapshot()
         tracemalloc.stop()
         grown = sum(s.size_diff for s in after.compare_to(before, "filename"))
-        assert not c.pods and not c.jobs and not c.first_seen and not c.progress
+        assert not c.pods and not c.jobs and not c.first_seen
         # 3,000 cached pod bodies would be well over a megabyte
         assert grown < 100_000, f"{grown} bytes more after 3,000 jobs came and went"
 

@@ -25,11 +25,9 @@ def test_a_job_still_stepping_is_not_stalled():
     assert find_stall([seen(0, 10, 0.0), seen(1, 11, 100.0)], now=120.0, deadline_s=30) is None
 
 
-def test_loading_checkpointing_evaluating_and_unheard_ranks_never_count():
+def test_loading_checkpointing_and_evaluating_never_count():
     for phase in ("loading", "checkpointing", "evaluating", "uploading"):
         assert find_stall([seen(0, 10, 0.0, phase=phase), seen(1, 10, 0.0)], 1e6, 30) is None
-    never = RankSeen(1, "j-a1-w1", None, since=0.0)
-    assert find_stall([seen(0, 10, 0.0), never], 1e6, 30) is None
 
 
 def test_a_silent_rank_is_named_first():
@@ -53,19 +51,56 @@ def test_a_rank_stuck_reading_or_behind_is_named_then_rank0_for_a_hung_collectiv
 
 
 def test_the_watch_times_a_step_from_when_it_changed_and_ignores_what_is_not_a_step():
-    w = RankWatch()
-    w.asked("p", 0, "n", now=0.0)
-    w.answered("p", {"step": 5, "phase": "training", "stepSeconds": 0.5}, now=1.0)
-    w.answered("p", {"step": 5, "phase": "training"}, now=50.0)  # same step: since unchanged
-    (r,) = w.ranks(["p"])
-    assert (r.step, r.since, r.answered, r.step_seconds) == (5, 1.0, True, None)
-    w.answered("p", None, now=60.0)
-    assert not w.ranks(["p"])[0].answered and w.ranks(["p"])[0].since == 1.0
-    w.answered("p", {"step": "6", "phase": ["x"], "stepSeconds": float("nan")}, now=70.0)
-    (r,) = w.ranks(["p"])
+    w, p = RankWatch(), ("ns", "p")
+    w.asked(p, 0, "n", now=0.0)
+    w.answered(p, {"step": 5, "phase": "training", "stepSeconds": 0.5}, now=1.0)
+    w.answered(p, {"step": 5, "phase": "training"}, now=50.0)  # same step: since unchanged
+    (r,) = w.ranks([p])
+    assert (r.pod, r.step, r.since, r.answered, r.step_seconds) == ("p", 5, 1.0, True, None)
+    w.answered(p, None, now=60.0)
+    assert not w.ranks([p])[0].answered and w.ranks([p])[0].since == 1.0
+    w.answered(p, {"step": "6", "phase": ["x"], "stepSeconds": float("nan")}, now=70.0)
+    (r,) = w.ranks([p])
     assert r.step is None and r.phase is None and r.step_seconds is None
     w.keep(set())
-    assert w.ranks(["p"]) == []
+    assert w.ranks([p]) == []
+
+
+def test_time_spent_loading_or_evaluating_never_counts_as_time_without_a_step():
+    """A 15-minute model load, then training at step 0; an evaluation longer than the
+    deadline: the clock restarts when the rank is back to training."""
+    w, p = RankWatch(), ("ns", "j-a1-w0")
+    w.asked(p, 0, "n", now=0.0)
+    w.answered(p, {"step": 0, "phase": "loading"}, now=1.0)
+    w.answered(p, {"step": 0, "phase": "loading"}, now=899.0)
+    w.answered(p, {"step": 0, "phase": "training"}, now=901.0)
+    assert find_stall(w.ranks([p]), now=905.0, deadline_s=None) is None
+    w.answered(p, {"step": 10, "phase": "training"}, now=950.0)
+    w.answered(p, {"step": 10, "phase": "evaluating"}, now=960.0)
+    w.answered(p, {"step": 10, "phase": "evaluating"}, now=1040.0)
+    w.answered(p, {"step": 10, "phase": "training"}, now=1041.0)
+    assert find_stall(w.ranks([p]), now=1050.0, deadline_s=60) is None
+    assert find_stall(w.ranks([p]), now=1102.0, deadline_s=60) is not None
+
+
+def test_two_namespaces_with_a_job_of_the_same_name_are_watched_apart():
+    w = RankWatch()
+    a, b = ("team-a", "llm-a1-w0"), ("team-b", "llm-a1-w0")
+    for pod in (a, b):
+        w.asked(pod, 0, "n", now=0.0)
+    w.answered(a, {"step": 3, "phase": "training"}, now=1.0)
+    w.answered(b, {"step": 7, "phase": "training"}, now=100.0)
+    assert find_stall(w.ranks([a]), now=120.0, deadline_s=30) is not None
+    assert find_stall(w.ranks([b]), now=120.0, deadline_s=30) is None
+
+
+def test_a_rank_never_heard_from_is_left_out_and_a_short_deadline_waits_for_several_polls():
+    never = RankSeen(1, "j-a1-w1", None, since=0.0)
+    stall = find_stall([seen(0, 10, 0.0), never], now=40.0, deadline_s=30)
+    assert stall is not None and stall.rank == 0
+    # polled every 10 s, 6 polls (60 s) at least, whatever the deadline says
+    assert find_stall([seen(0, 10, 0.0)], now=40.0, deadline_s=30, poll_s=10.0) is None
+    assert find_stall([seen(0, 10, 0.0)], now=61.0, deadline_s=30, poll_s=10.0) is not None
 
 
 def running_job(workers=2):

@@ -95,10 +95,11 @@ ClusterRole when it watches every namespace). */}}
   resources: [events]
   verbs: [create, patch]
 {{- if .Values.networkPolicy.enabled }}
-# Each job's NetworkPolicy (who may reach its trainer pods).
+# Each job's NetworkPolicy (who may reach its trainer pods); get: whether one already
+# holding its name is the job's own (a later attempt) or someone else's.
 - apiGroups: [networking.k8s.io]
   resources: [networkpolicies]
-  verbs: [create]
+  verbs: [create, get]
 {{- end }}
 - apiGroups: [events.k8s.io]
   resources: [events]
