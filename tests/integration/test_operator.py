@@ -379,7 +379,7 @@ def test_a_pod_with_a_jobs_labels_that_the_job_did_not_make_counts_for_nothing(
     )
     # the real pod's deletion comes after the forged status in the same pod watch: once the
     # operator has acted on it, it has seen the forgery too
-    core.delete_namespaced_pod("victim-a1-w0", namespace)
+    core.delete_namespaced_pod("victim-a1-w0", namespace, grace_period_seconds=0)
     st = wait_for(
         lambda: (
             (s := status(custom, namespace, "victim")).get("attempt") == 2

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import socket
 import urllib.request
+from http.server import BaseHTTPRequestHandler
 
 import pytest
 
@@ -148,3 +149,23 @@ def test_a_rank_that_cannot_bind_trains_on_but_rank_0_fails():
         assert p.server is None and p.snapshot()["rank"] == 1
         with pytest.raises(OSError):
             start_progress(port, 0, env)
+
+
+def test_a_client_that_hangs_up_early_leaves_no_traceback_but_a_real_error_does(capsys):
+    from kubetune_trainer.progress import QuietServer
+
+    server = QuietServer(("127.0.0.1", 0), BaseHTTPRequestHandler)
+    try:
+        for error in (BrokenPipeError(32, "Broken pipe"), ConnectionResetError(104, "reset")):
+            try:
+                raise error
+            except OSError:
+                server.handle_error(None, ("10.0.0.1", 1234))
+        assert capsys.readouterr().err == ""
+        try:
+            raise ValueError("a bug in the handler")
+        except ValueError:
+            server.handle_error(None, ("10.0.0.1", 1234))
+        assert "a bug in the handler" in capsys.readouterr().err
+    finally:
+        server.server_close()

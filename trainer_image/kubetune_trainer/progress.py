@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import json
+import sys
 import threading
 import time
 from collections import deque
@@ -90,7 +91,7 @@ class ProgressServer:
         self.c_ckpt = Counter("kubetune_trainer_checkpoints", "Checkpoints committed", registry=self.registry)
         self.server = None
         if port is not None:
-            self.server = ThreadingHTTPServer((host, port), self._handler())
+            self.server = QuietServer((host, port), self._handler())
             self.server.daemon_threads = True
             threading.Thread(target=self.server.serve_forever, daemon=True, name="progress").start()
 
@@ -181,6 +182,18 @@ class ProgressServer:
         if self.server:
             self.server.shutdown()
             self.server.server_close()
+
+
+class QuietServer(ThreadingHTTPServer):
+    """A client that gave up before the answer (the operator's poll has a 2 s deadline, and a
+    trainer loading its model may take longer to answer) is no error worth a traceback in
+    the trainer's log: under load those filled it."""
+
+    daemon_threads = True
+
+    def handle_error(self, request, client_address) -> None:
+        if not isinstance(sys.exc_info()[1], (BrokenPipeError, ConnectionResetError, TimeoutError)):
+            super().handle_error(request, client_address)
 
 
 class Rate:
