@@ -24,7 +24,6 @@ from kubetune.api import GROUP, PLURAL, VERSION
 from kubetune.gang import capacity_scope, gang_fit, gated, without_gang_gate
 from kubetune.kube import Kube, watch_pods
 from kubetune.manifests import (
-    ATTEMPT_LABEL,
     JOB_LABEL,
     PROGRESS_PORT,
     build_network_policy,
@@ -217,7 +216,7 @@ class Controller:
                 return wait  # backing off after a refused create (a spec change retries at once)
         t0 = time.perf_counter()
         now = dt.datetime.now(dt.timezone.utc)
-        pods = self._owned(key, job, list(self.pods.get(key, {}).values()))
+        pods = self._owned(job, list(self.pods.get(key, {}).values()))
         progress = self.progress.get(key)
         attempt = (job.get("status") or {}).get("attempt")
         waiting = [p for p in pods if gated(p) and pod_attempt(p) == attempt]
@@ -234,7 +233,7 @@ class Controller:
             plan = decide(job, pods, now, problems, progress=progress, gang=gang, stall=stall)
             if any(loss.reason == "PodDeleted" for loss in plan.losses):
                 # a pod missing from the cache may only be not seen yet: ask the API server
-                pods = self._owned(key, job, self.kube.list_pods(key[0], f"{JOB_LABEL}={key[1]}"))
+                pods = self._owned(job, self.kube.list_pods(key[0], f"{JOB_LABEL}={key[1]}"))
                 if key in self.jobs:  # (not brought back for a job deleted meanwhile)
                     self.pods[key] = {p["metadata"]["name"]: p for p in pods}
                 plan = decide(job, pods, now, problems, progress=progress, gang=gang, stall=stall)
@@ -273,7 +272,7 @@ class Controller:
         return plan.requeue_after if plan.requeue_after is not None else self._resync(plan)
 
     @staticmethod
-    def _owned(key, job: dict, pods) -> list[dict]:
+    def _owned(job: dict, pods) -> list[dict]:
         """The pods this job made: the same labels on a pod of an earlier job of the same
         name, or on a pod anyone else made, count for nothing."""
         uid = job["metadata"]["uid"]
@@ -387,10 +386,9 @@ class Controller:
         always); every rank's step feeds the stall check, and a stall found queues one too.
         Pods are known by (namespace, name): jobs of one name in two namespaces are two."""
         watch = RankWatch()
-        rank0: set[tuple[str, str]] = set()
 
         def changed(key, pod, body):
-            if pod not in rank0:
+            if watch.rank(pod) != 0:
                 return  # status.progress is rank 0's; the other ranks only show they move
             seen = (pod[1], body)
             if self.progress.get(key) != seen:
@@ -400,26 +398,25 @@ class Controller:
         poller = ProgressPoller(interval_s, fetch_progress, changed, answered=watch.answered)
         while not stopping.wait(interval_s):
             try:
-                rank0 = self._poll_round(poller, watch, interval_s, loop)
+                self._poll_round(poller, watch, interval_s, loop)
             except Exception:  # a bug here must not end progress and stall checks for good
                 log.exception("progress poll round failed")
 
-    def _poll_round(self, poller, watch, interval_s: float, loop) -> set:
+    def _poll_round(self, poller, watch, interval_s: float, loop) -> None:
         now = time.monotonic()
-        targets, attempts, rank0 = [], {}, set()
+        targets, attempts = [], {}
         for key, job in list(self.jobs.items()):
             if (job.get("status") or {}).get("phase") != "Running":
                 continue
-            owned = self._owned(key, job, list(self.pods.get(key, {}).values()))
-            pods = running_workers(owned, job["status"].get("attempt"))
-            for pod in pods:
+            owned = self._owned(job, list(self.pods.get(key, {}).values()))
+            pod_ids = []
+            for pod in running_workers(owned, job["status"].get("attempt")):
                 pod_id = (key[0], pod["metadata"]["name"])
                 watch.asked(pod_id, pod_rank(pod), pod["spec"].get("nodeName"), now)
                 targets.append((key, pod_id, pod["status"]["podIP"]))
-                if pod_rank(pod) == 0:
-                    rank0.add(pod_id)
-            if pods:
-                attempts[key] = ([(key[0], p["metadata"]["name"]) for p in pods], job)
+                pod_ids.append(pod_id)
+            if pod_ids:
+                attempts[key] = (pod_ids, job)
         poller.tick(targets, now)
         watch.keep({pod_id for _, pod_id, _ in targets})
         for key in set(self.stalls) - set(attempts):
@@ -434,7 +431,6 @@ class Controller:
                 self.stalls[key] = stall
                 log.warning("%s/%s: %s", *key, stall.message)
                 loop.call_soon_threadsafe(self.queue.add, key)
-        return rank0
 
 
 class NameBusy(Exception):
@@ -563,7 +559,7 @@ def running_workers(pods: list[dict], attempt: int | None) -> list[dict]:
     out = [
         p
         for p in pods
-        if (p["metadata"].get("labels") or {}).get(ATTEMPT_LABEL) == str(attempt)
+        if pod_attempt(p) == attempt
         and (p.get("status") or {}).get("phase") == "Running"
         and (p.get("status") or {}).get("podIP")
     ]

@@ -111,13 +111,16 @@ class Kube:
                 return None
             raise
 
-    def get(self, namespace: str, kind: str, name: str) -> dict | None:
+    def _get_or_none(self, path: str) -> dict | None:
         try:
-            return self.call("GET", f"/{COLLECTIONS[kind].format(ns=namespace)}/{name}")
+            return self.call("GET", path)
         except ApiException as e:
             if e.status == 404:
                 return None
             raise
+
+    def get(self, namespace: str, kind: str, name: str) -> dict | None:
+        return self._get_or_none(f"/{COLLECTIONS[kind].format(ns=namespace)}/{name}")
 
     def delete_pod(self, namespace: str, name: str) -> None:
         """Graceful delete: the pod gets its terminationGracePeriodSeconds."""
@@ -158,12 +161,7 @@ class Kube:
         )
 
     def get_job(self, namespace: str, name: str) -> dict | None:
-        try:
-            return self.call("GET", f"{JOBS.format(ns=namespace)}/{name}")
-        except ApiException as e:
-            if e.status == 404:
-                return None
-            raise
+        return self._get_or_none(f"{JOBS.format(ns=namespace)}/{name}")
 
     def patch_job_status(self, namespace: str, name: str, status: dict, resource_version: str | None) -> dict:
         """Merge-patch the status subresource; with resource_version, a concurrent change

@@ -118,6 +118,12 @@ class RankWatch:
             r.activity = text(body.get("activity"), 32)
             r.step_seconds = finite(body.get("stepSeconds"))
 
+    def rank(self, pod: tuple[str, str]) -> int | None:
+        """The rank the pod was asked as (None: not polled now)."""
+        with self.lock:
+            r = self.seen.get(pod)
+            return r.rank if r else None
+
     def ranks(self, pods: list) -> list[RankSeen]:
         with self.lock:
             return [self.seen[p] for p in pods if p in self.seen]

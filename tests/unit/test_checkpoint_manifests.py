@@ -12,12 +12,7 @@ import pytest
 
 from kubetune_trainer.checkpoints import FORMAT_VERSION, MANIFEST, CheckpointStore, step_dir
 from kubetune_trainer.storage import LocalStore
-
-
-def commit(store: CheckpointStore, step: int) -> None:
-    folder = store.local_dir(step)
-    (folder / "state.json").write_text(f'{{"step": {step}}}')
-    store.commit(step, folder, wait=True)
+from tests.unit.test_checkpoint_store import commit
 
 
 def manifest_with(files) -> dict:

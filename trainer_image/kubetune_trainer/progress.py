@@ -92,7 +92,6 @@ class ProgressServer:
         self.server = None
         if port is not None:
             self.server = QuietServer((host, port), self._handler())
-            self.server.daemon_threads = True
             threading.Thread(target=self.server.serve_forever, daemon=True, name="progress").start()
 
     @property
