@@ -147,7 +147,12 @@ def tour_placement(core, custom) -> None:
 
 def finetune(cluster, core, custom, kubectl, model_dir: Path) -> None:
 
-    say("\n2. A real fine-tune: SmolLM2-135M-Instruct, QLoRA on text-to-SQL, on a spot runner node.")
+    job = yaml.safe_load((REPO_ROOT / "examples" / "quickstart.yaml").read_text())
+    method = job["spec"].get("method", "qlora")
+    say(
+        f"\n2. A real fine-tune: SmolLM2-135M-Instruct, {'QLoRA' if method == 'qlora' else 'LoRA'} on "
+        "text-to-SQL, on a spot runner node."
+    )
     s3 = cluster.s3_client()
     for bucket in ("models", "datasets", "runs"):
         s3.create_bucket(Bucket=bucket)
@@ -158,7 +163,6 @@ def finetune(cluster, core, custom, kubectl, model_dir: Path) -> None:
     )
     ep = cluster.endpoints
     core.create_namespaced_secret("default", cluster.s3_secret("s3-credentials"))
-    job = yaml.safe_load((REPO_ROOT / "examples" / "quickstart.yaml").read_text())
     job["spec"]["storage"]["endpoint"] = ep.s3
     custom.create_namespaced_custom_object(GROUP, VERSION, "default", PLURAL, job)
     say("  kubectl apply -f examples/quickstart.yaml (storage.endpoint set to this MinIO)\n")
@@ -205,7 +209,8 @@ def finetune(cluster, core, custom, kubectl, model_dir: Path) -> None:
     unquantized = (em.get("after_unquantized_base") or {}).get("exact_match")
     say(
         f"  held-out exact match of generated SQL ({(em.get('after') or {}).get('examples')} questions, "
-        f"unseen schemas and phrasings): base model {before:.2f} -> fine-tuned {after:.2f} on the 4-bit base"
+        f"unseen schemas and phrasings): base model {before:.2f} -> fine-tuned {after:.2f} "
+        + ("on the 4-bit base" if method == "qlora" else "on the full-precision base it was trained on")
         + ("" if unquantized is None else f", {unquantized:.2f} on the unquantized base")
     )
     for sample in (em.get("after") or {}).get("samples", [])[:3]:
@@ -219,7 +224,7 @@ def finetune(cluster, core, custom, kubectl, model_dir: Path) -> None:
         f"  copied out of the cluster to {kept}: the adapter, adapter_config.json, tokenizer, "
         "metrics.json, loss_curve.png, README.md (model card)"
     )
-    say(load_snippet(kept, model_dir))
+    say(load_snippet(kept, model_dir, method))
     events = core.list_namespaced_event("default", field_selector="involvedObject.name=quickstart").items
     say("\n$ kubectl get events --field-selector involvedObject.name=quickstart")
     for e in sorted(events, key=lambda e: e.metadata.creation_timestamp):
@@ -241,9 +246,10 @@ def keep_outputs(s3, bucket: str, prefix: str, dest: Path) -> Path:
     return dest
 
 
-def load_snippet(adapter: Path, base: Path) -> str:
-    """Three lines that load the kept adapter on the local base, quantized as in training
-    (the unquantized base scores lower: the model card says how much), and generate SQL."""
+def load_snippet(adapter: Path, base: Path, method: str = "lora") -> str:
+    """Three lines that load the kept adapter on the local base as it was trained (qlora:
+    quantized to 4 bits; the unquantized base scores lower, the model card says how much)
+    and generate SQL."""
     from kubetune_trainer.templates import render
 
     question = {
@@ -252,14 +258,22 @@ def load_snippet(adapter: Path, base: Path) -> str:
         "answer": "SELECT COUNT(*) FROM head WHERE age > 56",  # what it should print
     }
     prompt = json.dumps(render(question, "text-to-sql", {}, None)[0])  # a Python string literal too
+    if method == "qlora":
+        where = "on the 4-bit base it was trained on"
+        imports = "AutoTokenizer, BitsAndBytesConfig as Q"
+        base_model = (
+            f'M.from_pretrained("{base}", quantization_config=Q(load_in_4bit=True, bnb_4bit_quant_type="nf4", '
+            "bnb_4bit_use_double_quant=True))"
+        )
+    else:
+        where = "on the base it was trained on"
+        imports = "AutoTokenizer"
+        base_model = f'M.from_pretrained("{base}")'
     return (
-        "  load it on the 4-bit base it was trained on and generate, in the project's virtualenv "
-        "(hack/ensure-env.sh --path):\n"
-        "    from peft import PeftModel; from transformers import AutoModelForCausalLM as M, AutoTokenizer, "
-        "BitsAndBytesConfig as Q\n"
-        f'    tok, model = AutoTokenizer.from_pretrained("{adapter}"), PeftModel.from_pretrained(M.from_pretrained('
-        f'"{base}", quantization_config=Q(load_in_4bit=True, bnb_4bit_quant_type="nf4", '
-        f'bnb_4bit_use_double_quant=True)), "{adapter}")\n'
+        f"  load it {where} and generate, in the project's virtualenv (hack/ensure-env.sh --path):\n"
+        f"    from peft import PeftModel; from transformers import AutoModelForCausalLM as M, {imports}\n"
+        f'    tok, model = AutoTokenizer.from_pretrained("{adapter}"), PeftModel.from_pretrained({base_model}, '
+        f'"{adapter}")\n'
         f'    print(tok.decode(model.generate(**tok({prompt}, return_tensors="pt"), max_new_tokens=40)[0]))'
     )
 

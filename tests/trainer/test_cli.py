@@ -144,5 +144,10 @@ def test_the_demo_keeps_its_outputs_out_of_the_throwaway_cluster(minio, tmp_path
     kept = keep_outputs(s3, "demo-runs", "quickstart/adapter/", tmp_path / "runs" / "demo")
     assert sorted(p.relative_to(kept).as_posix() for p in kept.rglob("*") if p.is_file()) == sorted(files)
     assert (kept / "merged" / "config.json").read_bytes() == b"{}"
-    snippet = load_snippet(kept, tmp_path / "base")
-    assert f'"{kept}"' in snippet and f'"{tmp_path / "base"}"' in snippet and "file://" not in snippet
+    for method in ("lora", "qlora"):
+        snippet = load_snippet(kept, tmp_path / "base", method)
+        assert f'"{kept}"' in snippet and f'"{tmp_path / "base"}"' in snippet and "file://" not in snippet
+        # the base is loaded as the adapter was trained on it: 4-bit for qlora only
+        assert ("load_in_4bit=True" in snippet) == (method == "qlora")
+        code = "\n".join(line.strip() for line in snippet.splitlines()[1:])
+        compile(code, "snippet", "exec")  # it runs as printed

@@ -189,3 +189,41 @@ def test_a_custom_format_without_the_output_field_is_a_config_error():
     with pytest.raises(ValidationError, match=r"must contain \{label\}"):
         Dataset(uri="s3://data/x/", template="custom", format="{q} {output}", fields={"output": "label"})
     assert Dataset(uri="s3://data/x/", template="custom", format="{q} => {label}", fields={"output": "label"})
+
+
+@pytest.mark.parametrize("method", ["lora", "qlora"])
+def test_the_model_card_says_which_base_the_adapter_expects(method):
+    """A plain-LoRA adapter is served on the full-precision base it was trained on; a QLoRA
+    one reproduces its scores on the 4-bit base (or merged/), and the card says so."""
+    from kubetune_trainer.config import TrainingConfig
+    from kubetune_trainer.export import model_card
+
+    cfg = TrainingConfig.model_validate(
+        {
+            "model": {"uri": "file:///models/smol"},
+            "dataset": {
+                "uri": "s3://data/sql/",
+                "template": "text-to-sql",
+                "validation": {"uri": "s3://data/eval/"},
+            },
+            "method": method,
+            "checkpoint": {"uri": "s3://runs/ckpt/"},
+            "output": {"uri": "s3://runs/out/"},
+        }
+    )
+    scores = {"before": {"exact_match": 0.0}, "after": {"exact_match": 0.9, "examples": 80}}
+    metrics = {
+        "steps": 160,
+        "tokens": 1,
+        "final_loss": 0.01,
+        "compute_dtype": "float32",
+        "exact_match": scores,
+    }
+    card = model_card(cfg, metrics)
+    assert "0.00 (base model) → 0.90" in card
+    snippet = card.split("```python")[1].split("```")[0]
+    assert 'from_pretrained("/models/smol")' in snippet and "file://" not in snippet
+    if method == "lora":
+        assert "full-precision base (float32)" in card and "4-bit base it was trained on" not in card
+    else:
+        assert "on the 4-bit base it was trained on" in card and "load_in_4bit=True" in card

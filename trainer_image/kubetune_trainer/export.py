@@ -81,7 +81,11 @@ def model_card(cfg, metrics: dict) -> str:
         before = (em.get("before") or {}).get("exact_match")
         validation = cfg.dataset.validation
         split = f"`{validation.uri}`" if validation and validation.uri else "a held-out fraction of the data"
-        trained_on = "the 4-bit base it was trained on" if cfg.method == "qlora" else "its base"
+        trained_on = (
+            "the 4-bit base it was trained on"
+            if cfg.method == "qlora"
+            else "the full-precision base it was trained on, as served"
+        )
         lines.append(
             f"- exact match on {em['after']['examples']} held-out examples ({split}): "
             f"{'n/a' if before is None else f'{before:.2f}'} (base model) → {em['after']['exact_match']:.2f} "
@@ -108,6 +112,15 @@ def model_card(cfg, metrics: dict) -> str:
             f'bnb_4bit_quant_type="{cfg.quantization.type}")`) or on `merged/` when exported '
             "(the dequantized 4-bit weights with the adapter folded in); on the unquantized base it "
             "scores as stated above.",
+        ]
+    elif cfg.method == "lora":
+        dtype = metrics.get("compute_dtype")
+        lines += [
+            "",
+            "Trained on the full-precision base"
+            + (f" ({dtype})" if dtype else "")
+            + ": load it on that base as above, or merge it (`model.merge_and_unload()`); "
+            "either gives the outputs measured above. A 4-bit base would change them.",
         ]
     lines += ["", "![loss curve](loss_curve.png)", ""]
     return "\n".join(lines)
