@@ -75,14 +75,17 @@ def default_recipe_config(work: Path, steps: int) -> dict:
     generation and periodic checkpoints (they are not training throughput)."""
     import yaml
 
+    from kubetune_trainer.config import expand_vars
     from kubetune_trainer.local_models import cached_smollm2
 
     model = cached_smollm2()
-    env = {**os.environ, "KUBETUNE_MODELS": str(model.parent), "KUBETUNE_EXAMPLES": str(ROOT / "examples")}
-    text = (ROOT / "examples" / "local-text-to-sql.yaml").read_text()
-    for name, value in env.items():
-        text = text.replace("${" + name + "}", value)
-    raw = yaml.safe_load(text)
+    env = {
+        **os.environ,
+        "PWD": str(work),
+        "KUBETUNE_MODELS": str(model.parent),
+        "KUBETUNE_EXAMPLES": str(ROOT / "examples"),
+    }
+    raw = yaml.safe_load(expand_vars((ROOT / "examples" / "local-text-to-sql.yaml").read_text(), env))
     raw["dataset"].pop("validation", None)
     raw["training"].update(maxSteps=steps, loggingSteps=1000)
     raw["checkpoint"] = {"uri": f"file://{work}/ckpt", "everySteps": 10_000, "everyMinutes": None}
