@@ -7,7 +7,7 @@ export PYTHONPATH := $(CURDIR)/operator:$(CURDIR)/trainer_image
 export PATH := $(VENV)/bin:$(PATH)
 PYTEST_ARGS ?=
 
-.PHONY: deps tools lock images prereqs lint generate test demo dev-up dev-down clean bench-startup bench-operator bench-trainer bench-data bench-gpu bench-recovery
+.PHONY: deps tools lock images prereqs lint generate test demo dev-up dev-down clean bench-startup bench-operator bench-trainer bench-data bench-gpu bench-recovery bench-goodput
 
 deps:
 	@hack/ensure-env.sh >/dev/null
@@ -84,3 +84,7 @@ bench-gpu: deps
 
 bench-recovery: deps tools images
 	$(PY) benchmarks/recovery.py
+
+# Goodput under a seeded spot market: kubetune vs periodic checkpoints vs restart from scratch.
+bench-goodput: deps tools
+	$(PY) benchmarks/goodput.py

@@ -24,6 +24,7 @@ KWOK_VERSION=$(module_version kwok sigs.k8s.io/kwok)
 HELM_VERSION=$(module_version helm helm.sh/helm/v3)
 MINIO_VERSION=$(module_version minio github.com/minio/minio)
 COREDNS_VERSION=$(module_version coredns github.com/coredns/coredns)
+KUEUE_VERSION=$(module_version kueue sigs.k8s.io/kueue)
 # our own code: keyed by its sources
 FAKEGPU_VERSION=$(cat "$HACK"/fakegpu/{main.go,go.mod,go.sum} | sha256sum | cut -c1-12)
 
@@ -36,11 +37,12 @@ declare -A DIRS=(
   [helm]="$CACHE/bin/helm-$HELM_VERSION"
   [minio]="$CACHE/bin/minio-${MINIO_VERSION##*-}"
   [coredns]="$CACHE/bin/coredns-$COREDNS_VERSION"
+  [kueue]="$CACHE/bin/kueue-$KUEUE_VERSION"
   [fake-gpu-plugin]="$CACHE/bin/fake-gpu-plugin-$FAKEGPU_VERSION"
 )
 
 if [[ "${1:-}" == "--print" ]]; then
-  for k in kubernetes kubectl kubelet etcd kwok helm minio coredns fake-gpu-plugin; do echo "$k=${DIRS[$k]}"; done
+  for k in kubernetes kubectl kubelet etcd kwok helm minio coredns fake-gpu-plugin kueue; do echo "$k=${DIRS[$k]}"; done
   exit 0
 fi
 
@@ -73,6 +75,7 @@ build() {
   local out="$tmp/"
   [[ $# -eq 1 ]] && out="$tmp/$name"
   (cd "$HACK/$moddir" && go build -trimpath -ldflags "$ldflags" -o "$out" "$@")
+  if declare -F "after_$name" >/dev/null; then "after_$name" "$tmp"; fi
   touch "$tmp/.complete"
   rm -rf "$dest" && mv "$tmp" "$dest"
   echo "[build-tools] $name: built in $((SECONDS - start)) s"
@@ -86,6 +89,17 @@ build minio minio "-s -w" github.com/minio/minio
 build coredns coredns "-s -w" github.com/coredns/coredns
 # a kubelet device plugin advertising nvidia.com/gpu on one runner node (hack/fakegpu)
 build fake-gpu-plugin fakegpu "-s -w" .
+# beside the binary, what installing it takes, from the same module: CRDs and webhooks
+after_kueue() {
+  local src
+  src=$(cd "$HACK/kueue" && go list -m -f '{{.Dir}}' sigs.k8s.io/kueue)
+  mkdir -p "$1/crds"
+  cp "$src"/config/components/crd/bases/*.yaml "$1/crds/"
+  cp "$src/config/components/webhook/manifests.yaml" "$1/webhook-manifests.yaml"
+  chmod -R u+w "$1"
+}
+# Kueue: queueing, gang admission and preemption of the jobs that name a queue
+build kueue kueue "-s -w -X sigs.k8s.io/kueue/pkg/version.GitVersion=$KUEUE_VERSION" sigs.k8s.io/kueue/cmd/kueue
 build kubernetes k8s "$(k8s_ldflags)" \
   k8s.io/kubernetes/cmd/kube-apiserver k8s.io/kubernetes/cmd/kube-controller-manager \
   k8s.io/kubernetes/cmd/kube-scheduler

@@ -137,6 +137,11 @@ class Spot(ApiModel):
     on_demand_after_preemptions: int | None = Field(
         None, ge=1, description="After this many preemptions, require on-demand capacity."
     )
+    standby: bool = Field(
+        True,
+        description="When a node of a single-worker job announces its reclaim, start the next attempt on "
+        "other capacity during the notice, loaded and waiting, so the resume skips the start and model load.",
+    )
 
 
 class SecretRef(ApiModel):
@@ -363,6 +368,36 @@ class Evaluation(ApiModel):
     eval_loss: float | None = Field(None, description="Final validation loss.")
 
 
+class Goodput(ApiModel):
+    ratio: float | None = Field(
+        None,
+        description="useful / (useful + lost): the share of the time spent training, or lost to "
+        "interruptions of training, that became adapter (1 for a run never interrupted).",
+    )
+    useful_seconds: float | None = Field(
+        None, description="Seconds of the optimizer steps the adapter is made of (each counted once)."
+    )
+    lost_seconds: float | None = Field(None, description="recomputed + restart + waiting.")
+    recomputed_seconds: float | None = Field(
+        None, description="Seconds of steps done again after an attempt was lost past its last checkpoint."
+    )
+    restart_seconds: float | None = Field(
+        None, description="Resumed attempts' own start: model load, checkpoint restore, data positioning."
+    )
+    waiting_seconds: float | None = Field(
+        None,
+        description="The rest of the time between attempts: old pods stopping, waiting for capacity, "
+        "scheduling, container start.",
+    )
+    other_seconds: float | None = Field(
+        None,
+        description="What an uninterrupted run spends too: the first start, evaluations, checkpoint pauses.",
+    )
+    wall_seconds: float | None = Field(None, description="Since the first attempt's trainer started.")
+    steps_recomputed: int | None = Field(None, description="Optimizer steps done more than once.")
+    attempts: int | None = Field(None, description="Attempts that trained (the ledger's count).")
+
+
 class FineTuneJobStatus(ApiModel):
     phase: Phase | None = Field(None, description="Where the job is: Preempted waits for the next attempt.")
     reason: str | None = Field(None, description="Why the job is in its phase (CamelCase).")
@@ -380,6 +415,11 @@ class FineTuneJobStatus(ApiModel):
     adapter: AdapterRef | None = Field(None, description="The uploaded adapter, once the job succeeded.")
     evaluation: Evaluation | None = Field(
         None, description="The held-out evaluation of the finished adapter (dataset.validation)."
+    )
+    goodput: Goodput | None = Field(
+        None,
+        description="How much of the job's time became adapter, and where the rest went (the trainer's "
+        "ledger, carried in its checkpoints).",
     )
     start_time: str | None = Field(None, description="When the first attempt's pods were created.")
     attempt_start_time: str | None = Field(None, description="When the current attempt's pods were created.")

@@ -14,9 +14,51 @@ EXIT_USAGE = 64
 def _dev(args: argparse.Namespace) -> int:
     from kubetune.devcluster import supervisor
 
-    return {"up": supervisor.up, "down": supervisor.down, "serve": supervisor.serve}[args.action](
-        args.workdir
+    if args.action == "down":
+        return supervisor.down(args.workdir)
+    return {"up": supervisor.up, "serve": supervisor.serve}[args.action](args.workdir, kueue=args.kueue)
+
+
+def _spot_market(args: argparse.Namespace) -> int:
+    """Reclaim the dev cluster's spot nodes at random until the duration is over or ^C."""
+    import json
+    import signal
+    import threading
+
+    from kubernetes import client, config
+
+    from kubetune.devcluster.cluster import DevCluster, Endpoints
+    from kubetune.devcluster.spot import SpotMarket, spot_nodes
+
+    workdir = args.workdir.resolve()
+    kubeconfig = workdir / "kubeconfig"
+    if not kubeconfig.exists():
+        print(f"no dev cluster in {workdir}: start one with `kubetune dev up`", file=sys.stderr)
+        return EXIT_USAGE
+    cluster = DevCluster(workdir, endpoints=Endpoints("", "", "", "", kubeconfig))
+    core = client.CoreV1Api(config.new_client_from_config(str(kubeconfig)))
+    nodes = args.nodes.split(",") if args.nodes else spot_nodes(core)
+    market = SpotMarket(
+        core,
+        nodes,
+        args.rate,
+        seed=args.seed,
+        cloud=args.cloud,
+        notice_s=args.notice,
+        return_s=args.return_after,
+        time_scale=args.time_scale,
+        duration_s=args.duration,
+        hard_loss=cluster.lose_pod,
     )
+    print(market.describe(), flush=True)
+    done = threading.Event()
+    signal.signal(signal.SIGINT, lambda *_: done.set())
+    signal.signal(signal.SIGTERM, lambda *_: done.set())
+    market.start()
+    done.wait(args.duration / args.time_scale)
+    market.stop()
+    print(json.dumps({"reclaims": market.summary()}, indent=1))
+    return 0
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -153,9 +195,31 @@ def main(argv: list[str] | None = None) -> None:
     render.set_defaults(func=_render)
 
     dev = sub.add_parser("dev", help="a local dev cluster: real control plane, fake GPU nodes, MinIO")
-    dev.add_argument("action", choices=["up", "down", "serve"])
-    dev.add_argument("--workdir", type=Path, default=Path(".dev"))
-    dev.set_defaults(func=_dev)
+    dev_sub = dev.add_subparsers(dest="action", required=True)
+    for action in ("up", "down", "serve"):
+        p = dev_sub.add_parser(action)
+        p.add_argument("--workdir", type=Path, default=Path(".dev"))
+        if action != "down":
+            p.add_argument(
+                "--kueue",
+                action="store_true",
+                help="also Kueue (built from its Go module), a ClusterQueue and LocalQueue named kubetune",
+            )
+        p.set_defaults(func=_dev)
+    market = dev_sub.add_parser(
+        "spot-market",
+        help="reclaim the dev cluster's spot nodes at random, each announced the way a cloud does",
+    )
+    market.add_argument("--workdir", type=Path, default=Path(".dev"))
+    market.add_argument("--rate", type=float, default=6.0, help="reclaims per hour (Poisson)")
+    market.add_argument("--seed", type=int, default=0)
+    market.add_argument("--cloud", choices=["gke", "aws", "karpenter", "azure"], default="gke")
+    market.add_argument("--notice", type=float, default=None, help="seconds of notice (default: the cloud's)")
+    market.add_argument("--return-after", type=float, default=120.0, help="seconds until capacity comes back")
+    market.add_argument("--time-scale", type=float, default=1.0, help="10: an hour of market in 6 minutes")
+    market.add_argument("--duration", type=float, default=3600.0, help="seconds of market time")
+    market.add_argument("--nodes", default=None, help="comma-separated (default: every spot node)")
+    market.set_defaults(func=_spot_market)
 
     train = sub.add_parser(
         "train", help="run the trainer here, on a config file (e.g. examples/local-text-to-sql.yaml)"

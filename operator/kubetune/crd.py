@@ -36,6 +36,7 @@ PRINTER_COLUMNS = [
     {"name": "Failures", "type": "integer", "jsonPath": ".status.failures", "priority": 1},
     {"name": "ETA", "type": "string", "jsonPath": ".status.progress.eta", "priority": 1},
     {"name": "Exact-Match", "type": "number", "jsonPath": ".status.evaluation.exactMatch", "priority": 1},
+    {"name": "Goodput", "type": "number", "jsonPath": ".status.goodput.ratio", "priority": 1},
     {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
 ]
 

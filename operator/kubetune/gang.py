@@ -32,6 +32,7 @@ from kubernetes.utils.quantity import parse_quantity
 from kubetune.api import GROUP
 
 GANG_GATE = f"{GROUP}/gang"
+KUEUE_ADMISSION_GATE = "kueue.x-k8s.io/admission"
 BLOCKING_EFFECTS = ("NoSchedule", "NoExecute")
 # JSON list of namespaces: count only their pods (the chart sets it with
 # gang.capacityView: namespaces and watch.namespaces); unset: every pod in the cluster
@@ -54,6 +55,11 @@ def capacity_scope(environ: Mapping[str, str] = os.environ) -> list[str] | None:
     if not isinstance(raw, list) or not all(isinstance(ns, str) and ns for ns in raw):
         raise ValueError(f"{CAPACITY_NAMESPACES_ENV} must be a JSON list of namespace names, not {raw!r}")
     return list(dict.fromkeys(raw))
+
+
+def queued_in_kueue(pod: dict) -> bool:
+    """Held by Kueue's admission gate: its pod group waits in a queue for quota."""
+    return any(g.get("name") == KUEUE_ADMISSION_GATE for g in pod["spec"].get("schedulingGates") or [])
 
 
 def gated(pod: dict) -> bool:

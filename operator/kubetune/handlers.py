@@ -9,9 +9,11 @@ import concurrent.futures
 import contextlib
 import dataclasses
 import datetime as dt
+import http.client
 import json
 import logging
 import os
+import secrets
 import socket
 import threading
 import time
@@ -22,22 +24,27 @@ from kubernetes.client.rest import ApiException
 from kubetune import metrics
 from kubetune.api import GROUP, PLURAL, VERSION
 from kubetune.gang import capacity_scope, gang_fit, gated, without_gang_gate
-from kubetune.kube import Kube, watch_pods
+from kubetune.kube import Kube, watch_nodes, watch_pods
+from kubetune.kueue import PRIORITY_BOOST_ANNOTATION
 from kubetune.manifests import (
     JOB_LABEL,
     PROGRESS_PORT,
     build_network_policy,
     build_service,
+    control_token,
     controller_uid,
+    with_control_token,
 )
+from kubetune.notices import Notice, notice, pods_on
 from kubetune.policy import Policy, violations
 from kubetune.stall import RankWatch, Stall, find_stall
-from kubetune.status import after_refusal, decide, finite, iso, merge_patch, pod_attempt, pod_rank
+from kubetune.status import GONE, after_refusal, decide, finite, iso, merge_patch, pod_attempt, pod_rank
 
 log = logging.getLogger("kubetune")
 NETWORK_POLICY_ENV = "KUBETUNE_NETWORK_POLICY"  # {"namespace": ..., "podLabels": {...}}
 RESYNC_S = 30.0  # a running job is looked at again at least this often
 RETRY_S = 2.0
+BOOST_RETRY_S = 5.0  # a Kueue Workload not found yet (Kueue makes it just after the pods)
 # Pod changes come in bursts (bound, started, ready): look once they settled, so one
 # status write covers them. New jobs and spec changes are looked at at once.
 POD_SETTLE_S = 0.5
@@ -135,11 +142,21 @@ class Controller:
         self.gang_lock = threading.Lock()
         self.stalls: dict[tuple[str, str], Stall] = {}  # running jobs whose trainer is stuck
         self.refusals: dict[tuple[str, str], Refusal] = {}  # jobs whose last create was refused
+        # the priority boost last set on each queued job's Kueue Workload ((name, value),
+        # and when to try again if that Workload was not there yet)
+        self.boosts: dict[tuple[str, str], tuple[tuple[str, int], float | None]] = {}
         self.policy = Policy.from_env()  # what podOverrides may set (the chart's policy values)
         # where the operator runs, for each job's NetworkPolicy (unset: none is made)
         self.network_policy = json.loads(os.environ.get(NETWORK_POLICY_ENV) or "null")
         # whose pods the gang check counts: None, the cluster's; else these namespaces' only
         self.capacity_namespaces = capacity_scope()
+        # nodes under a termination notice (kubetune.notices), and the checkpoint requests
+        # sent to the trainers on them (a thread of their own: a slow pod holds up nothing)
+        self.notices: dict[str, Notice] = {}
+        self.asked: set[tuple] = set()  # (job key, node, attempt) asked for a checkpoint
+        self.trainer_port = PROGRESS_PORT
+        self.requests = concurrent.futures.ThreadPoolExecutor(4, thread_name_prefix="checkpoint-request")
+        self.starting: set[tuple] = set()  # (job key, pod) a POST /start is in flight for
 
     # -- watch side (event loop) ----------------------------------------------------------
 
@@ -152,6 +169,9 @@ class Controller:
             self.stalls.pop(key, None)
             self.first_seen.pop(key, None)
             self.refusals.pop(key, None)
+            self.boosts.pop(key, None)
+            self.starting = {s for s in self.starting if s[0] != key}
+            self.asked = {a for a in self.asked if a[0] != key}
             metrics.forget_job(key)
             return
         old = self.jobs.get(key)
@@ -170,10 +190,15 @@ class Controller:
             return
         key = (meta["namespace"], job)
         pods = self.pods.setdefault(key, {})
-        if kind == "DELETED" and terminated_container(body) and key in self.jobs and controller_uid(body):
+        cached = pods.get(meta["name"])
+        if kind == "DELETED" and cached is not None and cached["metadata"].get("uid") != meta.get("uid"):
+            # an earlier pod of this name (a standby deleted and made again): the cached
+            # one is its successor and stays
+            pass
+        elif kind == "DELETED" and terminated_container(body) and key in self.jobs and controller_uid(body):
             # kept as its last state: an evicted trainer's exit code and termination message
             # (its checkpoint) must reach the reconcile even though the pod object is gone
-            pods[meta["name"]] = body
+            pods[meta["name"]] = {**body, GONE: True}
         elif kind == "DELETED" or controller_uid(body) is None:
             # gone, or its job is (a deleted job's pods go after it: the garbage collector
             # deletes them once the job is gone), or not made by a FineTuneJob whatever its
@@ -185,6 +210,87 @@ class Controller:
             del self.pods[key]
         if key in self.jobs:
             self.queue.add_after(key, POD_SETTLE_S)
+            self._ask_if_noticed(key)
+
+    def node_event(self, kind: str, node: dict) -> None:
+        """A node's termination notice appeared: every job with a worker of its current
+        attempt there is asked for a checkpoint now, so that the SIGTERM that follows finds
+        its work saved. A notice withdrawn is forgotten (the checkpoint taken meanwhile
+        costs a few seconds and changes nothing). Nodes under notice are kept out of new
+        attempts' placement."""
+        name = node["metadata"]["name"]
+        found = None if kind == "DELETED" else notice(node)
+        old = self.notices.get(name)
+        if found is None:
+            if old is not None:
+                del self.notices[name]
+                self.asked = {a for a in self.asked if a[1] != name}
+                log.info("node %s: %s withdrawn", name, old.what)
+                self._reconcile_jobs_on(name)  # a standby started for it goes
+            return
+        self.notices[name] = found
+        if old is not None:
+            return  # already acted on
+        log.warning("%s", found.reason)
+        metrics.count_notice(found.source)
+        for key in list(self.pods):
+            self._ask_if_noticed(key)
+        self._reconcile_jobs_on(name)  # a single-worker job's standby starts now
+
+    def _reconcile_jobs_on(self, node: str) -> None:
+        for key, pods in list(self.pods.items()):
+            if pods_on(node, list(pods.values())):
+                self.queue.add(key)
+
+    def _ask_if_noticed(self, key) -> None:
+        """Ask the job's rank 0 for a checkpoint, once per attempt and node, if a worker of
+        its current attempt runs on a node under notice. Called on a notice and on every
+        pod change: a notice seen before the pods (an operator restart lists the nodes
+        first) or before rank 0 had an address is acted on when they show up."""
+        job = self.jobs.get(key)
+        if (
+            not self.notices
+            or job is None
+            or (job.get("status") or {}).get("phase") in ("Succeeded", "Failed")
+        ):
+            return
+        attempt = (job.get("status") or {}).get("attempt")
+        owned = self._owned(job, list(self.pods.get(key, {}).values()))
+        rank0 = next((p for p in running_workers(owned, attempt) if pod_rank(p) == 0), None)
+        if rank0 is None:
+            return  # not training yet: nothing to save
+        for name, found in list(self.notices.items()):
+            there = [p["metadata"]["name"] for p in pods_on(name, owned) if pod_attempt(p) == attempt]
+            if there and (key, name, attempt) not in self.asked:
+                self.asked.add((key, name, attempt))
+                self.requests.submit(self._ask_checkpoint, job, rank0, found, there)
+
+    def avoided_nodes(self) -> tuple[str, ...]:
+        """The nodes under a notice the scheduler does not see: a condition (AKS), not a
+        NoSchedule taint, which it heeds itself and which is lifted with the notice (a pod
+        kept off a node by affinity would stay off it when its capacity comes back)."""
+        return tuple(sorted(n for n, found in list(self.notices.items()) if not found.taint))
+
+    def _ask_checkpoint(self, job: dict, rank0: dict, found: Notice, there: list[str]) -> None:
+        pod = rank0["metadata"]["name"]
+        answer = request_checkpoint(
+            rank0["status"]["podIP"], control_token(rank0), found.reason, port=self.trainer_port
+        )
+        stamp = iso(dt.datetime.now(dt.timezone.utc))
+        workers = ", ".join(there)
+        if answer is None:
+            message = f"{found.reason}: the checkpoint request to {pod} failed; its workers there: {workers}"
+            log.warning("%s/%s: %s", job["metadata"]["namespace"], job["metadata"]["name"], message)
+            self.events.submit(self._event, job, "Warning", "CheckpointRequestFailed", message, stamp)
+            return
+        message = (
+            f"{found.reason}: checkpoint requested of {pod} at step {answer.get('step')}"
+            + (" (one was already under way)" if answer.get("coalesced") else "")
+            + f"; its workers there: {workers}"
+        )
+        log.info("%s/%s: %s", job["metadata"]["namespace"], job["metadata"]["name"], message)
+        metrics.count_checkpoint_request()
+        self.events.submit(self._event, job, "Normal", "CheckpointRequested", message, stamp)
 
     async def run_workers(self) -> None:
         await asyncio.gather(*(self._worker() for _ in range(self.workers)))
@@ -230,13 +336,28 @@ class Controller:
                 gang = gang_fit(waiting[0], len(waiting), self.kube.list_nodes(), held)
             problems = violations(job.get("spec") or {}, self.policy)
             stall = self.stalls.get(key)
-            plan = decide(job, pods, now, problems, progress=progress, gang=gang, stall=stall)
+            avoid, noticed = self.avoided_nodes(), tuple(sorted(self.notices))
+
+            def decide_on(pods: list[dict]):
+                return decide(
+                    job,
+                    pods,
+                    now,
+                    problems,
+                    progress=progress,
+                    gang=gang,
+                    stall=stall,
+                    avoid_nodes=avoid,
+                    noticed=noticed,
+                )
+
+            plan = decide_on(pods)
             if any(loss.reason == "PodDeleted" for loss in plan.losses):
                 # a pod missing from the cache may only be not seen yet: ask the API server
                 pods = self._owned(job, self.kube.list_pods(key[0], f"{JOB_LABEL}={key[1]}"))
                 if key in self.jobs:  # (not brought back for a job deleted meanwhile)
                     self.pods[key] = {p["metadata"]["name"]: p for p in pods}
-                plan = decide(job, pods, now, problems, progress=progress, gang=gang, stall=stall)
+                plan = decide_on(pods)
             for name in plan.ungate:
                 gates = without_gang_gate(self.pods[key][name]) or None
                 released = self.kube.patch_pod(key[0], name, {"spec": {"schedulingGates": gates}})
@@ -251,6 +372,8 @@ class Controller:
             return RETRY_S
         try:
             self._after_apply(key, job, plan, now)
+            self._boost(key, plan.workload_boost)
+            self._start_standby(key, plan.start)
             log.debug(
                 "reconciled %s/%s: attempt %s, %d pod(s) seen, phase %s, create %d, delete %d",
                 *key,
@@ -270,6 +393,46 @@ class Controller:
             return 0.05
         metrics.observe_reconcile(time.perf_counter() - t0)
         return plan.requeue_after if plan.requeue_after is not None else self._resync(plan)
+
+    def _start_standby(self, key, names: list[str]) -> None:
+        """POST /start to standby trainers whose attempt's turn has come (one request in
+        flight per pod; the next progress poll asks again if it did not get through)."""
+        for name in names:
+            pod = self.pods.get(key, {}).get(name)
+            address = ((pod or {}).get("status") or {}).get("podIP")
+            if pod is None or not address or (key, name) in self.starting:
+                continue
+            self.starting.add((key, name))
+            self.requests.submit(self._send_start, key, pod, address)
+
+    def _send_start(self, key, pod: dict, address: str) -> None:
+        name = pod["metadata"]["name"]
+        try:
+            answer = control_request(address, control_token(pod), "/start", {}, port=self.trainer_port)
+            if answer is not None and not answer.get("again"):
+                log.info("%s/%s: standby %s told to start", *key, name)
+        finally:
+            self.starting.discard((key, name))
+
+    def _boost(self, key, boost: tuple[str, int] | None) -> None:
+        """Set the running pod group's priority boost on its Kueue Workload, when it moved."""
+        if boost is None:
+            return
+        last, retry_at = self.boosts.get(key, (None, None))
+        if last == boost and (retry_at is None or time.monotonic() < retry_at):
+            return
+        workload, value = boost
+        patch = {"metadata": {"annotations": {PRIORITY_BOOST_ANNOTATION: str(value)}}}
+        try:
+            self.kube.patch_workload(key[0], workload, patch)
+        except ApiException as e:
+            if e.status == 404:  # Kueue has not made it yet (or is not installed)
+                self.boosts[key] = (boost, time.monotonic() + BOOST_RETRY_S)
+                return
+            if e.status != 403:
+                raise
+            log.warning("%s/%s: may not patch Kueue Workload %s: %s", *key, workload, api_message(e))
+        self.boosts[key] = (boost, None)
 
     @staticmethod
     def _owned(job: dict, pods) -> list[dict]:
@@ -292,6 +455,10 @@ class Controller:
             objects.insert(0, build_network_policy(name, uid, self.network_policy))
         try:
             for obj in objects + plan.create if plan.create else []:
+                if obj["kind"] == "Pod":
+                    # the bearer token its trainer takes checkpoint requests with (random,
+                    # so not in the pure plan)
+                    with_control_token(obj, secrets.token_urlsafe(24))
                 created = self.kube.create(ns, obj)
                 if created is None:
                     created = self._existing(ns, obj, uid)
@@ -355,6 +522,7 @@ class Controller:
                 self.jobs[key] = updated
             job = updated
         metrics.set_phase(key, status.get("phase"))
+        metrics.set_goodput(key, status.get("goodput"))
         for event in events:
             self.events.submit(self._event, job, *event, stamp)
 
@@ -599,6 +767,41 @@ def fetch_progress(address: str, port: int = PROGRESS_PORT, deadline_s: float = 
 MAX_PROGRESS_RESPONSE = 64 * 1024
 
 
+def request_checkpoint(
+    address: str, token: str | None, reason: str, port: int = PROGRESS_PORT, timeout_s: float = 3.0
+) -> dict | None:
+    """POST /checkpoint to a trainer: its answer ({"accepted", "coalesced", "step"}), or
+    None (no token on the pod, unreachable, refused, not JSON)."""
+    return control_request(address, token, "/checkpoint", {"reason": reason}, port, timeout_s)
+
+
+def control_request(
+    address: str, token: str | None, path: str, body: dict, port: int = PROGRESS_PORT, timeout_s: float = 3.0
+) -> dict | None:
+    """POST to a trainer's control path with the pod's bearer token: its JSON answer, or
+    None (no token on the pod, unreachable, refused, not JSON)."""
+    if not token:
+        return None
+    conn = http.client.HTTPConnection(address, port, timeout=timeout_s)
+    try:
+        conn.request(
+            "POST",
+            path,
+            body=json.dumps(body),
+            headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"},
+        )
+        response = conn.getresponse()
+        body = response.read(MAX_PROGRESS_RESPONSE)
+        if response.status != 202:
+            return None
+        answer = json.loads(body)
+        return answer if isinstance(answer, dict) else None
+    except (OSError, ValueError, http.client.HTTPException):
+        return None
+    finally:
+        conn.close()
+
+
 def register(
     workers: int = 8, namespaces: list[str] | None = None, progress_interval_s: float = 10.0
 ) -> None:
@@ -632,6 +835,13 @@ def register(
             args=(progress_interval_s, STOPPING, loop),
             daemon=True,
             name="poll-progress",
+        ).start()
+
+        def emit_node(kind, node):
+            loop.call_soon_threadsafe(CONTROLLER.node_event, kind, node)
+
+        threading.Thread(
+            target=watch_nodes, args=(CONTROLLER.kube, emit_node, STOPPING), daemon=True, name="watch-nodes"
         ).start()
         for ns in namespaces or [None]:
             threading.Thread(

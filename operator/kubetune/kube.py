@@ -152,12 +152,16 @@ class Kube:
             for pod in self.call("GET", f"/api/v1/namespaces/{ns}/pods", query=query)["items"]
         ]
 
+    def _merge_patch(self, path: str, patch: dict) -> dict:
+        return self.call("PATCH", path, patch, content_type="application/merge-patch+json")
+
     def patch_pod(self, namespace: str, name: str, patch: dict) -> dict:
-        return self.call(
-            "PATCH",
-            f"/api/v1/namespaces/{namespace}/pods/{name}",
-            patch,
-            content_type="application/merge-patch+json",
+        return self._merge_patch(f"/api/v1/namespaces/{namespace}/pods/{name}", patch)
+
+    def patch_workload(self, namespace: str, name: str, patch: dict) -> dict:
+        """Merge-patch a Kueue Workload (its priority-boost annotation)."""
+        return self._merge_patch(
+            f"/apis/kueue.x-k8s.io/v1beta2/namespaces/{namespace}/workloads/{name}", patch
         )
 
     def get_job(self, namespace: str, name: str) -> dict | None:
@@ -221,21 +225,35 @@ def watch_pods(kube: Kube, namespace: str | None, label_selector: str, emit, sto
     operator sees every event of every trainer pod, so this path must be cheap. A
     relist after an expired watch emits DELETED for pods that vanished meanwhile."""
     base = f"/api/v1/namespaces/{namespace}/pods" if namespace else "/api/v1/pods"
-    known: dict[tuple[str, str], dict] = {}  # pod -> its labels
+    watch_objects(kube, base, {"labelSelector": label_selector}, emit, stopping, "pod")
+
+
+def watch_nodes(kube: Kube, emit, stopping) -> None:
+    """The nodes, as watch_pods watches pods (for termination notices)."""
+    watch_objects(kube, "/api/v1/nodes", {}, emit, stopping, "node")
+
+
+def watch_objects(kube: Kube, base: str, query: dict, emit, stopping, what: str) -> None:
+    known: dict[tuple[str, str], dict] = {}  # object -> its labels
+
+    def key_of(obj: dict) -> tuple[str, str]:
+        return (obj["metadata"].get("namespace") or "", obj["metadata"]["name"])
+
     while not stopping.is_set():
         try:
-            listing = kube.call("GET", base, query={"labelSelector": label_selector})
-            current = {(p["metadata"]["namespace"], p["metadata"]["name"]): p for p in listing["items"]}
+            listing = kube.call("GET", base, query=dict(query))
+            current = {key_of(p): p for p in listing["items"]}
             for key in set(known) - set(current):
-                emit("DELETED", {"metadata": {"namespace": key[0], "name": key[1], "labels": known[key]}})
-            for pod in current.values():
-                emit("ADDED", pod)
+                meta = {"name": key[1], "labels": known[key], **({"namespace": key[0]} if key[0] else {})}
+                emit("DELETED", {"metadata": meta})
+            for obj in current.values():
+                emit("ADDED", obj)
             known = {k: p["metadata"].get("labels") or {} for k, p in current.items()}
             rv = listing["metadata"]["resourceVersion"]
             for event in kube.stream(
                 base,
                 {
-                    "labelSelector": label_selector,
+                    **query,
                     "watch": "1",
                     "resourceVersion": rv,
                     "allowWatchBookmarks": "true",
@@ -247,12 +265,11 @@ def watch_pods(kube: Kube, namespace: str | None, label_selector: str, emit, sto
                     break  # 410 Gone: the resourceVersion expired; list again
                 if kind == "BOOKMARK":
                     continue
-                key = (obj["metadata"]["namespace"], obj["metadata"]["name"])
                 if kind == "DELETED":
-                    known.pop(key, None)
+                    known.pop(key_of(obj), None)
                 else:
-                    known[key] = obj["metadata"].get("labels") or {}
+                    known[key_of(obj)] = obj["metadata"].get("labels") or {}
                 emit(kind, obj)
         except Exception as e:  # dropped connection, API server restart: list again
-            log.warning("pod watch restarting: %s", e)
+            log.warning("%s watch restarting: %s", what, e)
             stopping.wait(1.0)

@@ -29,6 +29,11 @@ TRAINER_IMAGES = {
 TRAINER_IMAGE_ENV = "KUBETUNE_TRAINER_IMAGE_"  # + CUDA, XPU, IPEX_LLM, CPU
 
 
+def pod_group_name(job: str, attempt: int) -> str:
+    """An attempt's Kueue pod group, which is also its Workload's name."""
+    return f"{job}-a{attempt}"
+
+
 def trainer_image(spec: FineTuneJobSpec, environ=os.environ) -> str:
     """podOverrides.image, else the image of the job's backend as the operator was
     configured (KUBETUNE_TRAINER_IMAGE_<BACKEND>), else the default of this version."""
@@ -154,9 +159,21 @@ def trainer_env(spec: FineTuneJobSpec, job: str, attempt: int, rank: int, uid: s
     return env
 
 
-def build_pod(name: str, uid: str, spec: FineTuneJobSpec, attempt: int, rank: int, preemptions: int) -> dict:
-    """Worker `rank` of attempt `attempt` of job `name`."""
-    placement = place(spec, preemptions)
+def build_pod(
+    name: str,
+    uid: str,
+    spec: FineTuneJobSpec,
+    attempt: int,
+    rank: int,
+    preemptions: int,
+    avoid_nodes=(),
+    last_seen_step: int | None = None,
+    standby: bool = False,
+) -> dict:
+    """Worker `rank` of attempt `attempt` of job `name`. last_seen_step: the highest step
+    the operator saw the earlier attempts reach (for the trainer's goodput ledger);
+    standby: made while the attempt before still runs, it loads and waits for POST /start."""
+    placement = place(spec, preemptions, avoid_nodes)
     overrides = spec.pod_overrides
     labels = {
         **overrides.labels,
@@ -176,7 +193,9 @@ def build_pod(name: str, uid: str, spec: FineTuneJobSpec, attempt: int, rank: in
             "-m",
             "kubetune_trainer" if spec.resources.gpus <= 1 else "kubetune_trainer.launch",
         ],
-        "env": trainer_env(spec, name, attempt, rank, uid),
+        "env": trainer_env(spec, name, attempt, rank, uid)
+        + ([{"name": "KUBETUNE_LAST_SEEN_STEP", "value": str(last_seen_step)}] if last_seen_step else [])
+        + ([{"name": STANDBY_ENV, "value": "1"}] if standby else []),
         "ports": [{"name": "metrics", "containerPort": PROGRESS_PORT, "protocol": "TCP"}],
         "resources": {"requests": placement.requests, "limits": placement.limits},
         "terminationMessagePolicy": "FallbackToLogsOnError",
@@ -224,16 +243,62 @@ def build_pod(name: str, uid: str, spec: FineTuneJobSpec, attempt: int, rank: in
     if spec.queue_name:
         # Kueue plain pod groups: Kueue gates the pods itself and admits all or none
         labels["kueue.x-k8s.io/queue-name"] = spec.queue_name
-        labels["kueue.x-k8s.io/pod-group-name"] = f"{name}-a{attempt}"
+        labels["kueue.x-k8s.io/pod-group-name"] = pod_group_name(name, attempt)
         metadata["annotations"]["kueue.x-k8s.io/pod-group-total-count"] = str(spec.workers)
+        # an attempt is never retried in its group (a lost worker ends it; the next attempt
+        # is a new group): once no pod of it runs, Kueue finishes its Workload and frees the
+        # quota, rather than holding it for replacement pods that never come
+        metadata["annotations"]["kueue.x-k8s.io/retriable-in-group"] = "false"
     elif spec.workers > 1:
         # no worker is scheduled (and holds a GPU) until the operator finds room for all
         pod_spec["schedulingGates"] = [{"name": GANG_GATE}]
     return {"apiVersion": "v1", "kind": "Pod", "metadata": metadata, "spec": pod_spec}
 
 
-def build_pods(name: str, uid: str, spec: FineTuneJobSpec, attempt: int, preemptions: int) -> list[dict]:
-    return [build_pod(name, uid, spec, attempt, rank, preemptions) for rank in range(spec.workers)]
+def build_pods(
+    name: str,
+    uid: str,
+    spec: FineTuneJobSpec,
+    attempt: int,
+    preemptions: int,
+    avoid_nodes=(),
+    last_seen_step: int | None = None,
+    standby: bool = False,
+) -> list[dict]:
+    return [
+        build_pod(name, uid, spec, attempt, rank, preemptions, avoid_nodes, last_seen_step, standby)
+        for rank in range(spec.workers)
+    ]
+
+
+def is_standby(pod: dict) -> bool:
+    """Made as a standby (its trainer waits for POST /start once it has loaded)."""
+    return any(
+        e.get("name") == STANDBY_ENV and e.get("value") == "1"
+        for c in (pod.get("spec") or {}).get("containers") or []
+        for e in c.get("env") or []
+    )
+
+
+CONTROL_TOKEN_ENV = "KUBETUNE_CONTROL_TOKEN"
+STANDBY_ENV = "KUBETUNE_STANDBY"
+
+
+def with_control_token(pod: dict, token: str) -> dict:
+    """The pod with the bearer token its trainer takes checkpoint requests with (the
+    operator reads it back from the pod when a notice comes)."""
+    container = pod["spec"]["containers"][0]
+    container["env"] = [e for e in container["env"] if e["name"] != CONTROL_TOKEN_ENV]
+    container["env"].append({"name": CONTROL_TOKEN_ENV, "value": token})
+    return pod
+
+
+def control_token(pod: dict) -> str | None:
+    for container in (pod.get("spec") or {}).get("containers") or []:
+        for e in container.get("env") or []:
+            if e.get("name") == CONTROL_TOKEN_ENV and isinstance(e.get("value"), str):
+                return e["value"]
+    return None
 
 
 def build_service(name: str, uid: str) -> dict:

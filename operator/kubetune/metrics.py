@@ -3,6 +3,7 @@ first sight to its pods' creation, pod losses by kind and reason."""
 
 from __future__ import annotations
 
+import contextlib
 import threading
 
 from prometheus_client import Counter, Gauge, Histogram, start_http_server
@@ -21,6 +22,22 @@ PODS_CREATED = Histogram(
     buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
 )
 LOSSES = Counter("kubetune_pod_losses_total", "Worker pod losses", ["kind", "reason"])
+NOTICES = Counter("kubetune_node_termination_notices_total", "Termination notices seen on nodes", ["source"])
+CHECKPOINT_REQUESTS = Counter(
+    "kubetune_checkpoint_requests_total", "Checkpoints asked of trainers on nodes under notice"
+)
+GOODPUT = Gauge("kubetune_job_goodput_ratio", "useful / (useful + lost) per job", ["namespace", "job"])
+GOODPUT_SECONDS = Gauge(
+    "kubetune_job_goodput_seconds",
+    "Seconds per job: useful, or lost to recomputed steps, restarts, waiting",
+    ["namespace", "job", "kind"],
+)
+GOODPUT_KINDS = {
+    "useful": "usefulSeconds",
+    "recomputed": "recomputedSeconds",
+    "restart": "restartSeconds",
+    "waiting": "waitingSeconds",
+}
 
 PHASES = tuple(p.value for p in Phase)
 _phases: dict = {}
@@ -46,6 +63,29 @@ def forget_job(key) -> None:
         old = _phases.pop(key, None)
         if old is not None:
             JOBS.labels(old).dec()
+    for labels in ((*key,), *((*key, kind) for kind in GOODPUT_KINDS)):
+        gauge = GOODPUT if len(labels) == 2 else GOODPUT_SECONDS
+        with contextlib.suppress(KeyError):
+            gauge.remove(*labels)
+
+
+def set_goodput(key, goodput: dict | None) -> None:
+    """A job's status.goodput as gauges (nothing until its trainer reported one)."""
+    if not goodput:
+        return
+    if goodput.get("ratio") is not None:
+        GOODPUT.labels(*key).set(goodput["ratio"])
+    for kind, field in GOODPUT_KINDS.items():
+        if goodput.get(field) is not None:
+            GOODPUT_SECONDS.labels(*key, kind).set(goodput[field])
+
+
+def count_notice(source: str) -> None:
+    NOTICES.labels(source).inc()
+
+
+def count_checkpoint_request() -> None:
+    CHECKPOINT_REQUESTS.inc()
 
 
 for _phase in PHASES:  # every phase is exported, at 0 until a job is in it

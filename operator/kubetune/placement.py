@@ -49,13 +49,22 @@ class Placement:
     required_any: list[list[dict]] = field(default_factory=list)
     preferred: list[dict] = field(default_factory=list)
     tolerations: list[dict] = field(default_factory=list)
+    avoid_nodes: tuple[str, ...] = ()  # by name: nodes under a termination notice
 
     def affinity(self) -> dict | None:
         node_affinity: dict = {}
         terms = [self.required_terms + alt for alt in self.required_any] or [self.required_terms]
-        if any(terms):
+        # (a field selector takes one value per requirement: one NotIn per node, ANDed)
+        avoid = [{"key": "metadata.name", "operator": "NotIn", "values": [n]} for n in self.avoid_nodes]
+        if any(terms) or self.avoid_nodes:
             node_affinity["requiredDuringSchedulingIgnoredDuringExecution"] = {
-                "nodeSelectorTerms": [{"matchExpressions": t} for t in terms]
+                "nodeSelectorTerms": [
+                    {
+                        **({"matchExpressions": t} if t else {}),
+                        **({"matchFields": avoid} if self.avoid_nodes else {}),
+                    }
+                    for t in terms
+                ]
             }
         if self.preferred:
             node_affinity["preferredDuringSchedulingIgnoredDuringExecution"] = self.preferred
@@ -127,12 +136,14 @@ def require_on_demand(spec: FineTuneJobSpec, preemptions: int) -> bool:
     return not spec.spot.enabled or (after is not None and preemptions >= after)
 
 
-def place(spec: FineTuneJobSpec, preemptions: int = 0) -> Placement:
-    """Where the workers of the next attempt may run, given the preemptions so far."""
+def place(spec: FineTuneJobSpec, preemptions: int = 0, avoid_nodes=()) -> Placement:
+    """Where the workers of the next attempt may run, given the preemptions so far and
+    the nodes under a termination notice (kubetune.notices): most notices are NoSchedule
+    taints the scheduler heeds anyway; Azure's is a node condition it does not read."""
     res = spec.resources
     requests = {"cpu": res.cpu, "memory": res.memory}
     limits = {"memory": res.memory}
-    p = Placement(requests=requests, limits=limits)
+    p = Placement(requests=requests, limits=limits, avoid_nodes=tuple(sorted(avoid_nodes)))
     gpu = gpu_resource(spec)
     if gpu:
         limits[gpu] = str(res.gpus)

@@ -17,8 +17,9 @@ from dataclasses import dataclass, field
 from pydantic import ValidationError
 
 from kubetune.api import AUTO, FineTuneJobSpec, Phase
-from kubetune.gang import Fit, gated
-from kubetune.manifests import ATTEMPT_LABEL, RANK_LABEL, build_pods, pod_name
+from kubetune.gang import Fit, gated, queued_in_kueue
+from kubetune.kueue import priority_boost
+from kubetune.manifests import ATTEMPT_LABEL, RANK_LABEL, build_pods, pod_group_name, pod_name
 from kubetune.placement import min_gpu_memory
 
 # Condition types and reasons (CamelCase constants, as Kubernetes does).
@@ -29,6 +30,7 @@ TOO_MANY_PREEMPTIONS = "TooManyPreemptions"
 DEADLINE_EXCEEDED = "DeadlineExceeded"
 CONFIG_ERROR = "ConfigError"
 WAITING_FOR_CAPACITY = "WaitingForCapacity"
+QUEUED = "Queued"  # in Kueue, waiting for its admission
 LOSS_NOT_FINITE = "LossNotFinite"
 FAILED_CREATE = "FailedCreate"
 WAITING_FOR_CONFIG = "WaitingForConfig"
@@ -74,6 +76,9 @@ class Plan:
     losses: list[Loss] = field(default_factory=list)
     delete_job: bool = False
     requeue_after: float | None = None
+    # (Kueue Workload name, kueue.x-k8s.io/priority-boost): the running attempt's pod group
+    workload_boost: tuple[str, int] | None = None
+    start: list[str] = field(default_factory=list)  # standby pods to send POST /start
 
 
 def iso(t: dt.datetime) -> str:
@@ -148,12 +153,64 @@ def known(values: dict, kinds: dict) -> dict:
     return {k: v for k, v in out.items() if v is not None}
 
 
-def record_checkpoint(status: dict, message: dict) -> None:
-    """status.lastCheckpoint from a trainer's termination message (known keys only)."""
-    if isinstance(message.get("checkpoint"), dict):
-        checkpoint = known(message["checkpoint"], {"step": count, "uri": text, "time": text})
-        if checkpoint:
-            status["lastCheckpoint"] = checkpoint
+GOODPUT_SECONDS = (
+    "usefulSeconds",
+    "lostSeconds",
+    "recomputedSeconds",
+    "restartSeconds",
+    "waitingSeconds",
+    "otherSeconds",
+    "wallSeconds",
+)
+
+
+def goodput_from_trainer(report) -> dict | None:
+    """status.goodput from the trainer's goodput report (its /progress or termination
+    message): known keys, right types, finite and in range; None when nothing is usable."""
+    if not isinstance(report, dict):
+        return None
+    out = {}
+    ratio = finite(report.get("ratio"))
+    if ratio is not None and 0 <= ratio <= 1:
+        out["ratio"] = round(ratio, 4)
+    for key in GOODPUT_SECONDS:
+        v = finite(report.get(key))
+        if v is not None and v >= 0:
+            out[key] = round(v, 1)
+    for key in ("stepsRecomputed", "attempts"):
+        v = count(report.get(key))
+        if v is not None:
+            out[key] = v
+    return out if "usefulSeconds" in out else None
+
+
+def record_goodput(status: dict, source: dict) -> None:
+    """status.goodput from a /progress body or a termination message, when it has one."""
+    goodput = goodput_from_trainer(source.get("goodput"))
+    if goodput:
+        status["goodput"] = goodput
+
+
+def record_checkpoint(status: dict, ref) -> None:
+    """status.lastCheckpoint from what a trainer reports as committed (its termination
+    message's checkpoint, /progress's lastCheckpoint while it runs; known keys only)."""
+    if isinstance(ref, dict):
+        checkpoint = known(ref, {"step": count, "uri": text, "time": text})
+        if checkpoint.get("step") is not None:
+            old = status.get("lastCheckpoint") or {}
+            # a resumed trainer names its checkpoint without the time it was committed at
+            status["lastCheckpoint"] = (
+                {**old, **checkpoint} if old.get("step") == checkpoint["step"] else checkpoint
+            )
+
+
+# set by the pod cache on a deleted pod's last state, which it keeps (the exit code and
+# termination message of an evicted trainer must reach the reconcile): not in the API now
+GONE = "kubetuneGone"
+
+
+def is_gone(pod: dict) -> bool:
+    return bool(pod.get(GONE))
 
 
 def is_stopped(pod: dict) -> bool:
@@ -167,7 +224,9 @@ def classify_loss(pod: dict | None, name: str) -> Loss:
     if pod is None:
         return Loss("preemption", name, None, "PodDeleted", "the pod was deleted")
     node = pod["spec"].get("nodeName")
-    disruption = condition(pod, "DisruptionTarget")
+    # the kubelet's, the Eviction API's and the taint manager's; Kueue's own when it
+    # preempts a pod group (TerminationTarget)
+    disruption = condition(pod, "DisruptionTarget") or condition(pod, "TerminationTarget")
     if disruption and disruption.get("status") == "True":
         return Loss(
             "preemption",
@@ -330,6 +389,8 @@ class Ctx:
         self.progress: tuple | None = None
         self.gang: Fit | None = None
         self.stall = None
+        self.avoid_nodes: tuple[str, ...] = ()  # nodes under a notice the scheduler does not see
+        self.noticed: tuple[str, ...] = ()  # every node under a termination notice
 
     def transition(self, phase: str, reason: str, message: str, event_type: str = "Normal") -> None:
         if self.st.get("phase") != phase or self.st.get("reason") != reason:
@@ -353,10 +414,13 @@ class Ctx:
             p for p in self.pods.values() if not is_stopped(p) and not p["metadata"].get("deletionTimestamp")
         ]
 
-    def stop_active(self) -> None:
-        """Delete every running pod of the job, once per plan however often it is asked."""
+    def stop_active(self, spare_attempt: int | None = None) -> None:
+        """Delete every running pod of the job (but spare_attempt's: a standby), once per
+        plan however often it is asked."""
         self.plan.delete += [
-            n for n in (p["metadata"]["name"] for p in self.active()) if n not in self.plan.delete
+            n
+            for n in (p["metadata"]["name"] for p in self.active() if pod_attempt(p) != spare_attempt)
+            if n not in self.plan.delete
         ]
 
 
@@ -371,15 +435,20 @@ def decide(
     progress: tuple | None = None,
     gang: Fit | None = None,
     stall=None,
+    avoid_nodes=(),
+    noticed=(),
 ) -> Plan:
     """What to do about one job now. Pure: same inputs, same plan. `progress` is the last
     (pod name, GET /progress body) polled from a trainer; `gang` whether the gated workers
     of the current attempt fit on the nodes now (kubetune.gang); `stall` a worker found
-    stuck (kubetune.stall.Stall: pod, node, message)."""
+    stuck (kubetune.stall.Stall: pod, node, message); `noticed` the nodes under a
+    termination notice (kubetune.notices)."""
     c = Ctx(job, pods, now)
     c.progress = progress
     c.gang = gang
     c.stall = stall
+    c.avoid_nodes = tuple(avoid_nodes)
+    c.noticed = tuple(noticed)
     st = c.st
     try:
         spec = FineTuneJobSpec.model_validate(job.get("spec") or {})
@@ -515,8 +584,29 @@ def _attempt(c: Ctx, spec: FineTuneJobSpec) -> None:
         if any(not is_stopped(p) for p in older):
             c.plan.requeue_after = 2.0
             return
-        c.plan.create += build_pods(c.name, c.uid, spec, attempt, st["preemptions"])
+        # a pod of an attempt not started yet is a standby; one that ended before its turn
+        # (its own node reclaimed) is no loss of this attempt: it is deleted, and once it
+        # is gone a fresh one is made
+        current = {r: p for r, p in current.items() if not is_gone(p)}
+        ended = [p for p in current.values() if is_stopped(p) or p["metadata"].get("deletionTimestamp")]
+        if ended:
+            c.plan.delete += [
+                p["metadata"]["name"] for p in ended if not p["metadata"].get("deletionTimestamp")
+            ]
+            c.plan.requeue_after = 1.0
+            return
+        seen = (st.get("progress") or {}).get("step") if attempt > 1 else None
+        c.plan.create += build_pods(
+            c.name, c.uid, spec, attempt, st["preemptions"], c.avoid_nodes, count(seen)
+        )
         st["attemptStartTime"] = c.now_s
+        if current:
+            # its standby is there already, and the attempt before has stopped: told to
+            # start now (one still loading starts when it has loaded), observed at once
+            c.plan.start = [
+                p["metadata"]["name"] for p in current.values() if (p.get("status") or {}).get("podIP")
+            ]
+            c.plan.requeue_after = 0.5
         if st.get("reason") == FAILED_CREATE:  # a retry after a refusal: it went through
             c.transition(
                 Phase.pending.value, "Created", f"attempt {attempt} of {spec.workers} worker(s) created"
@@ -554,11 +644,71 @@ def _attempt(c: Ctx, spec: FineTuneJobSpec) -> None:
     waiting = sorted(p["metadata"]["name"] for p in pods if gated(p))
     if waiting:
         return _admit_gang(c, waiting, spec.workers)
+    if any(queued_in_kueue(p) for p in pods):
+        message = f"queued in Kueue's LocalQueue {spec.queue_name}: its pod group waits for admission"
+        c.cond(SCHEDULED, False, QUEUED, message)
+        if c.st.get("phase") != Phase.preempted.value:
+            c.transition(Phase.pending.value, QUEUED, message)
+        return None
     if c.stall is not None and c.stall.pod in names.values():
         # stuck, not gone: the attempt is replaced as an application failure
         return _lost(c, spec, [Loss("failure", c.stall.pod, c.stall.node, STALLED, c.stall.message)])
     _observe_running(c, pods, spec)
     _observe_progress(c, rank0)
+    _kueue_boost(c, spec)
+    _standby(c, spec, current)
+
+
+def _standby(c: Ctx, spec: FineTuneJobSpec, current: dict[int, dict]) -> None:
+    """A single-worker attempt on a node under a termination notice: its successor starts
+    now on other capacity (a standby: it loads, then waits for POST /start), so the resume
+    after the reclaim skips the schedule, the start and the model load. The notice
+    withdrawn while the attempt still runs: the standby goes."""
+    attempt = c.st["attempt"]
+    successors = [p for p in c.pods.values() if pod_attempt(p) == attempt + 1 and not is_gone(p)]
+    ended = [p for p in successors if is_stopped(p) or p["metadata"].get("deletionTimestamp")]
+    if (
+        ended
+    ):  # a standby that ended (its own node taken, or withdrawn): gone first (its name is the new one's)
+        c.plan.delete += [p["metadata"]["name"] for p in ended if not p["metadata"].get("deletionTimestamp")]
+        return
+    standby = successors
+    on_notice = sorted({p["spec"].get("nodeName") for p in current.values()} & set(c.noticed))
+    if not on_notice:
+        # (not while the attempt's own pods are being stopped: a node that vanished with
+        # its notice leaves its pods for a moment, and their successor is this standby)
+        going = [p["metadata"]["name"] for p in standby if not p["metadata"].get("deletionTimestamp")]
+        if going and not any(p["metadata"].get("deletionTimestamp") for p in current.values()):
+            c.plan.delete += going
+            c.plan.events.append(
+                ("Normal", "StandbyWithdrawn", f"the notice is over: attempt {attempt + 1}'s standby goes")
+            )
+        return
+    if standby or not (spec.spot.standby and spec.workers == 1) or c.st.get("phase") != Phase.running.value:
+        return
+    avoid = tuple(sorted({*c.avoid_nodes, *on_notice}))
+    seen = count((c.st.get("progress") or {}).get("step"))
+    c.plan.create += build_pods(
+        c.name, c.uid, spec, attempt + 1, c.st["preemptions"] + 1, avoid, seen, standby=True
+    )
+    c.plan.events.append(
+        (
+            "Normal",
+            "StandbyCreated",
+            f"node {', '.join(on_notice)} announced its reclaim: attempt {attempt + 1} starts on other "
+            "capacity and waits, loaded, to resume from the checkpoint this attempt saves",
+        )
+    )
+
+
+def _kueue_boost(c: Ctx, spec: FineTuneJobSpec) -> None:
+    """For a job in a Kueue queue: its running pod group's priority boost, from the age of
+    its last checkpoint (kubetune.kueue), so Kueue preempts the job that loses least."""
+    if not spec.queue_name:
+        return
+    committed = parse_time((c.st.get("lastCheckpoint") or {}).get("time"))
+    age = (c.now - committed).total_seconds() if committed else None
+    c.plan.workload_boost = (pod_group_name(c.name, c.st["attempt"]), priority_boost(age))
 
 
 def _admit_gang(c: Ctx, waiting: list[str], workers: int) -> None:
@@ -586,6 +736,9 @@ def _observe_progress(c: Ctx, rank0: dict | None) -> None:
     """The trainer's own progress, when it comes from this attempt's rank 0."""
     if rank0 is None or not c.progress or c.progress[0] != rank0["metadata"]["name"]:
         return
+    if c.progress[1].get("phase") == "standby":
+        c.plan.start = [rank0["metadata"]["name"]]  # its attempt's turn: the one before has stopped
+        return
     if c.progress[1].get("phase") in ("starting", "loading"):
         return  # a resumed trainer reports step 0 until its checkpoint is loaded
     body = c.progress[1]
@@ -595,6 +748,8 @@ def _observe_progress(c: Ctx, rank0: dict | None) -> None:
         return
     # what the trainer has not reported yet (the loss right after a resume) stays as it was
     c.st["progress"] = {**old, **new}
+    record_goodput(c.st, body)
+    record_checkpoint(c.st, body.get("lastCheckpoint"))
     bad = loss_not_finite(body)
     was = next((x for x in c.st.get("conditions") or [] if x["type"] == LOSS_NOT_FINITE), None)
     if bad:
@@ -678,7 +833,8 @@ def _succeeded(c: Ctx, rank0: dict) -> None:
     evaluation = evaluation_from_message(msg)
     if evaluation:
         st["evaluation"] = evaluation
-    record_checkpoint(st, msg)
+    record_checkpoint(st, msg.get("checkpoint"))
+    record_goodput(st, msg)
     step = count(msg.get("step"))
     if step is not None:
         total = (st.get("progress") or {}).get("totalSteps", step)
@@ -700,13 +856,16 @@ def _lost(c: Ctx, spec: FineTuneJobSpec, losses: list[Loss]) -> None:
     c.plan.losses = losses
     for loss in losses:
         if loss.pod in c.pods:
-            record_checkpoint(st, termination_message(c.pods[loss.pod]))
+            record_checkpoint(st, termination_message(c.pods[loss.pod]).get("checkpoint"))
+            record_goodput(st, termination_message(c.pods[loss.pod]))
     worst = next(
         loss for kind in ("permanent", "failure", "preemption") for loss in losses if loss.kind == kind
     )
     where = f" on node {worst.node}" if worst.node else ""
     detail = f"worker {worst.pod}{where}: {worst.reason}" + (f": {worst.message}" if worst.message else "")
-    c.stop_active()
+    # the next attempt's standby, if a notice started one, is that attempt (a job that
+    # fails for good loses it with the rest once finished)
+    c.stop_active(spare_attempt=st["attempt"] + 1)
     if worst.kind == "permanent":
         return c.fail(CONFIG_ERROR, f"{detail} (configuration errors are not retried)")
     if worst.kind == "failure":

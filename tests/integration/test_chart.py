@@ -68,6 +68,7 @@ NAMESPACED = {
     *(("", "services", v) for v in ("get", "create", "delete")),
     *((g, "events", v) for g in ("", "events.k8s.io") for v in ("create", "patch")),
     *(("networking.k8s.io", "networkpolicies", v) for v in ("create", "get")),
+    ("kueue.x-k8s.io", "workloads", "patch"),
 }
 NODES = {("", "nodes", v) for v in ("get", "list", "watch")}
 NEVER = {"secrets", "configmaps", "serviceaccounts", "roles", "rolebindings", "clusterroles", "*"}

@@ -8,6 +8,8 @@ import os
 import signal
 import subprocess
 import sys
+import urllib.error
+import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -15,6 +17,7 @@ import pytest
 
 from kubetune.devcluster.cluster import repo_pythonpath
 from kubetune.devcluster.procs import free_port
+from kubetune_trainer.checkpoints import MANIFEST
 from tests.helpers import SQL_DATA, tiny_sql_llama
 
 
@@ -36,6 +39,13 @@ def tiny_model(tmp_path_factory) -> Path:
 def sql_bucket(minio) -> str:
     """The shipped data in S3, split into more shards than shipped (10 x 200 records)
     so that shard boundaries, shard order and reads during an outage all happen."""
+    upload_sql_data(minio)
+    return "data"
+
+
+def upload_sql_data(minio) -> None:
+    """The shipped data into bucket "data" (10 train shards and the eval split), and an
+    empty bucket "runs"."""
     s3 = minio.client()
     s3.create_bucket(Bucket="data")
     s3.create_bucket(Bucket="runs")
@@ -50,7 +60,6 @@ def sql_bucket(minio) -> str:
     s3.put_object(
         Bucket="data", Key="sql/eval/eval.jsonl", Body=(SQL_DATA / "eval" / "eval.jsonl").read_bytes()
     )
-    return "data"
 
 
 def tiny_config(model: Path, run: str, **training) -> dict:
@@ -178,3 +187,27 @@ def adapter_tensors(minio, uri: str) -> dict:
 def max_abs_diff(a: dict, b: dict) -> float:
     assert a.keys() == b.keys()
     return max(float((a[k] - b[k]).abs().max()) for k in a)
+
+
+def committed_steps(s3, prefix: str) -> list[int]:
+    keys = [o["Key"] for o in s3.list_objects_v2(Bucket="runs", Prefix=prefix).get("Contents", [])]
+    return sorted({int(k.split("step-")[1][:8]) for k in keys if k.endswith("/" + MANIFEST)})
+
+
+def post_checkpoint(
+    run, token: str | None, reason: str = "test", path: str = "/checkpoint"
+) -> tuple[int, dict]:
+    """POST /checkpoint to a trainer, as the operator does on a node's termination notice
+    (or another control path: /start, a standby's go)."""
+    port = run.env["KUBETUNE_PROGRESS_PORT"]
+    req = urllib.request.Request(
+        f"http://127.0.0.1:{port}{path}",
+        data=json.dumps({"reason": reason}).encode(),
+        method="POST",
+        headers={"Authorization": f"Bearer {token}"} if token else {},
+    )
+    try:
+        with urllib.request.urlopen(req, timeout=5) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, {}

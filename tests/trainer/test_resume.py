@@ -15,7 +15,15 @@ import pytest
 
 from kubetune_trainer.checkpoints import MANIFEST
 from tests.helpers import wait_for
-from tests.trainer.conftest import adapter_tensors, max_abs_diff, run_trainer, start_trainer, tiny_config
+from tests.trainer.conftest import (
+    adapter_tensors,
+    committed_steps,
+    max_abs_diff,
+    post_checkpoint,
+    run_trainer,
+    start_trainer,
+    tiny_config,
+)
 
 STEPS, EVERY = 40, 10
 
@@ -181,11 +189,6 @@ def test_checkpoints_of_another_run_are_refused_not_resumed(tiny_model, minio, s
     assert third.steps()[0]["step"] == 11
 
 
-def committed_steps(s3, prefix: str) -> list[int]:
-    keys = [o["Key"] for o in s3.list_objects_v2(Bucket="runs", Prefix=prefix).get("Contents", [])]
-    return sorted({int(k.split("step-")[1][:8]) for k in keys if k.endswith("/" + MANIFEST)})
-
-
 def test_a_leftover_attempt_stops_writing_once_a_newer_one_holds_the_prefix(
     tiny_model, minio, sql_bucket, tmp_path
 ):
@@ -208,3 +211,128 @@ def test_a_leftover_attempt_stops_writing_once_a_newer_one_holds_the_prefix(
     late = start_trainer(cfg, tmp_path, minio, "attempt-1-late", extra_env={"KUBETUNE_ATTEMPT": "1"})
     assert late.wait(120) == 1 and late.termination_message()["outcome"] == "fenced"
     assert committed_steps(s3, "fenced/ckpt/") == steps
+
+
+def test_a_requested_checkpoint_is_committed_while_training_goes_on_and_the_sigterm_after_it_loses_nothing(
+    baseline, tiny_model, minio, tmp_path
+):
+    base_steps, base_adapter = baseline
+    token = "t0ken-" + hashlib.sha256(str(random.random()).encode()).hexdigest()[:16]
+    cfg = tiny_config(tiny_model, "requested")
+    # no periodic checkpoints (they do not change what is trained): the requested one is
+    # never a step a periodic one already saved
+    cfg["checkpoint"]["everySteps"] = 1000
+    first = start_trainer(cfg, tmp_path, minio, "first", extra_env={"KUBETUNE_CONTROL_TOKEN": token})
+    s3 = minio.client()
+
+    def committed() -> list[int]:
+        keys = [
+            o["Key"] for o in s3.list_objects_v2(Bucket="runs", Prefix="requested/ckpt/").get("Contents", [])
+        ]
+        return sorted(int(k.split("/")[2][5:]) for k in keys if k.endswith(MANIFEST))
+
+    wait_for(lambda: first.last_step() >= 13, 120, "step 13", procs=[first.watch()])
+    # only the operator, with the pod's token, may ask
+    assert post_checkpoint(first, None)[0] == 401
+    assert post_checkpoint(first, token[:-1] + "x")[0] == 401
+    code, body = post_checkpoint(
+        first, token, reason="node runner-0: cloud.google.com/impending-node-termination"
+    )
+    assert code == 202 and body["coalesced"] is False, body
+    # asked again before it is taken or while it uploads: one checkpoint, not two
+    code, again = post_checkpoint(first, token)
+    assert code == 202 and again["coalesced"] is True, again
+    asked_at = body["step"]
+    wait_for(committed, 60, "the requested checkpoint", procs=[first.watch()])
+    requested = committed()
+    assert requested == [requested[0]] and requested[0] <= asked_at + 2, (committed(), asked_at)
+    # training went on past it
+    wait_for(lambda: first.last_step() >= requested[0] + 2, 60, "steps after it", procs=[first.watch()])
+    first.signal(signal.SIGTERM)
+    assert first.wait(60) == 75, first.log_text()[-3000:]
+    log = first.log_text()
+    assert log.index(f"checkpoint step {requested[0]} committed") < log.index("stop requested (SIGTERM)")
+    assert "node runner-0: cloud.google.com/impending-node-termination" in log
+    assert token not in log
+    stopped = first.termination_message()["step"]
+    assert first.termination_message()["checkpoint"]["step"] == stopped == first.last_step()
+
+    second = run_trainer(cfg, tmp_path, minio, "second", extra_env={"KUBETUNE_LAST_SEEN_STEP": str(stopped)})
+    assert second.steps()[0]["step"] == stopped + 1
+    assert samples_by_step(first, second) == {row["step"]: row["samples"] for row in base_steps}
+    assert max_abs_diff(adapter_tensors(minio, cfg["output"]["uri"]), base_adapter) <= 1e-5
+    goodput = second.termination_message()["goodput"]
+    assert goodput["attempts"] == 2 and goodput["stepsRecomputed"] == 0, goodput
+    assert goodput["recomputedSeconds"] == 0 and goodput["restartSeconds"] > 0, goodput
+    parts = goodput["usefulSeconds"] + goodput["lostSeconds"] + goodput["otherSeconds"]
+    assert abs(parts - goodput["wallSeconds"]) <= 0.5, goodput
+    assert 0 < goodput["ratio"] < 1
+
+
+def get_progress(run) -> dict:
+    import urllib.request
+
+    port = run.env["KUBETUNE_PROGRESS_PORT"]
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/progress", timeout=2) as r:
+            return json.loads(r.read())
+    except OSError:
+        return {}
+
+
+def test_a_standby_loads_while_the_last_attempt_runs_and_resumes_exactly_once_told_to_start(
+    baseline, tiny_model, minio, tmp_path
+):
+    """The next attempt started during a termination notice: it loads everything while
+    the current one trains (and claims nothing: the current one keeps committing), then,
+    told to start once that one has stopped, resumes from its SIGTERM checkpoint: the same
+    adapter as an uninterrupted run, and a restart that costs only the restore."""
+    base_steps, base_adapter = baseline
+    token = "t0ken-standby-" + hashlib.sha256(str(random.random()).encode()).hexdigest()[:12]
+    cfg = tiny_config(tiny_model, "standby")
+    env = {"KUBETUNE_ATTEMPT": "2", "KUBETUNE_STANDBY": "1", "KUBETUNE_CONTROL_TOKEN": token}
+    second = start_trainer(cfg, tmp_path, minio, "second", extra_env=env)
+    wait_for(
+        lambda: get_progress(second).get("phase") == "standby", 120, "the standby", procs=[second.watch()]
+    )
+    assert post_checkpoint(second, None, path="/start")[0] == 401  # only the operator starts it
+    # the attempt it stands in for trains, and commits its checkpoints, beside it
+    first = start_trainer(cfg, tmp_path, minio, "first", extra_env={"KUBETUNE_ATTEMPT": "1"})
+    wait_for(
+        lambda: 10 in committed_steps(minio.client(), "standby/ckpt/") and first.last_step() >= 12,
+        120,
+        "checkpoint 10 and step 12",
+        procs=[first.watch()],
+    )
+    first.signal(signal.SIGTERM)
+    assert first.wait(60) == 75, first.log_text()[-3000:]
+    stopped = first.termination_message()["checkpoint"]["step"]
+    assert stopped == first.last_step() and stopped in committed_steps(minio.client(), "standby/ckpt/")
+    assert get_progress(second).get("phase") == "standby" and second.proc.poll() is None
+    code, body = post_checkpoint(second, token, path="/start")
+    assert code == 202 and body["again"] is False, body
+    assert second.wait(300) == 0, second.log_text()[-3000:]
+    assert second.steps()[0]["step"] == stopped + 1
+    assert samples_by_step(first, second) == {row["step"]: row["samples"] for row in base_steps}
+    assert max_abs_diff(adapter_tensors(minio, cfg["output"]["uri"]), base_adapter) <= 1e-5
+    log = second.log_text()
+    load = float(log.split("loaded on ")[1].split(" in ")[1].split(" s;")[0])
+    goodput = second.termination_message()["goodput"]
+    # its restart is the restore after the go, not the imports and the model load before it
+    assert goodput["attempts"] == 2 and goodput["restartSeconds"] < load / 2, (goodput, load)
+
+
+def test_a_standby_stopped_before_its_start_leaves_the_checkpoints_alone(
+    tiny_model, minio, sql_bucket, tmp_path
+):
+    cfg = tiny_config(tiny_model, "standby-withdrawn")
+    env = {"KUBETUNE_ATTEMPT": "2", "KUBETUNE_STANDBY": "1", "KUBETUNE_CONTROL_TOKEN": "t"}
+    standby = start_trainer(cfg, tmp_path, minio, "standby", extra_env=env)
+    wait_for(
+        lambda: get_progress(standby).get("phase") == "standby", 120, "the standby", procs=[standby.watch()]
+    )
+    standby.signal(signal.SIGTERM)  # the notice was withdrawn: the operator deletes it
+    assert standby.wait(60) == 75, standby.log_text()[-3000:]
+    assert standby.termination_message()["outcome"] == "preempted"
+    keys = minio.client().list_objects_v2(Bucket="runs", Prefix="standby-withdrawn/").get("Contents", [])
+    assert not keys, [k["Key"] for k in keys]  # no fence claimed, nothing written

@@ -142,6 +142,28 @@ def test_an_evicted_pods_last_state_is_kept_only_while_its_job_exists():
     with_controller(body)
 
 
+def test_a_late_delete_of_an_earlier_pod_of_the_same_name_leaves_its_successor_cached():
+    """A standby deleted and made again at once: the old pod's DELETED may come after the
+    new one is cached (the operator caches what its create returned)."""
+
+    def incarnation(uid: str, rv: int, exit_code=None) -> dict:
+        p = pod("again", "u1", rv=rv, exit_code=exit_code)
+        p["metadata"]["uid"] = uid
+        return p
+
+    def body(c: Controller) -> None:
+        c.job_event("ADDED", job("again", "u1"))
+        c.pod_event("ADDED", incarnation("old", 1))
+        c.pod_event("ADDED", incarnation("new", 5))
+        for last_state in (incarnation("old", 4, exit_code=137), incarnation("old", 4)):
+            c.pod_event("DELETED", last_state)
+            assert c.pods[("ns", "again")]["again-a1-w0"]["metadata"]["uid"] == "new"
+        c.pod_event("DELETED", incarnation("new", 6))
+        assert ("ns", "again") not in c.pods
+
+    with_controller(body)
+
+
 def test_memory_stays_flat_over_thousands_of_job_create_delete_cycles():
     """Jobs are deleted before their pods (the garbage collector deletes the pods once the
     job is gone): the pods' last events arrive for a job the operator has forgotten."""

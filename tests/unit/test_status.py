@@ -14,11 +14,13 @@ from hypothesis import strategies as hs
 
 from kubetune.gang import GANG_GATE, Fit
 from kubetune.status import (
+    GONE,
     after_refusal,
     classify_loss,
     create_backoff,
     decide,
     format_eta,
+    iso,
     merge_patch,
     progress_from_trainer,
 )
@@ -63,6 +65,7 @@ class World:
         self.now = T0
         self.plans = []
         self.gang = Fit(True, "room for all")  # what the handler found on the nodes
+        self.noticed: tuple[str, ...] = ()  # nodes under a termination notice
 
     def reconcile(self, times=1, progress=None):
         for _ in range(times):
@@ -73,6 +76,7 @@ class World:
                 self.now,
                 progress=progress,
                 gang=self.gang if gated else None,
+                noticed=self.noticed,
             )
             self.plans.append(plan)
             for pod in plan.create:
@@ -136,6 +140,131 @@ def test_single_workers_and_kueue_gangs_get_no_gate_of_ours():
     assert "schedulingGates" not in pod["spec"]  # Kueue's webhook adds its own
     assert pod["metadata"]["labels"]["kueue.x-k8s.io/pod-group-name"] == "j-a1"
     assert pod["metadata"]["annotations"]["kueue.x-k8s.io/pod-group-total-count"] == "3"
+    # a lost worker ends the attempt: Kueue must not hold the quota for replacement pods
+    assert pod["metadata"]["annotations"]["kueue.x-k8s.io/retriable-in-group"] == "false"
+
+
+def test_a_pod_group_kueue_holds_shows_queued_then_runs_with_a_boost_from_its_checkpoint_age():
+    w = World(job(queueName="team-a"))
+    w.reconcile()
+    w.pods["j-a1-w0"]["spec"]["schedulingGates"] = [{"name": "kueue.x-k8s.io/admission"}]
+    st = w.reconcile()
+    assert (st["phase"], st["reason"]) == ("Pending", "Queued") and "team-a" in st["message"]
+    assert w.plans[-1].workload_boost is None  # nothing runs yet
+    w.pods["j-a1-w0"]["spec"].pop("schedulingGates")  # Kueue admitted the group
+    w.set_pod("j-a1-w0", "Running", podIP="10.0.0.5")
+    st = w.reconcile()
+    assert st["phase"] == "Running"
+    assert w.plans[-1].workload_boost == ("j-a1", 0)  # no checkpoint: a preemption loses it all
+    ref = {"step": 20, "uri": "s3://b/c/step-00000020/", "time": iso(T0 - dt.timedelta(seconds=5))}
+    body = {"step": 21, "totalSteps": 100, "updatedAt": iso(T0), "lastCheckpoint": ref}
+    w.reconcile(progress=("j-a1-w0", body))
+    assert w.plans[-1].workload_boost == ("j-a1", -100)  # just saved: the cheapest to preempt
+    w.now = T0 + dt.timedelta(hours=1)
+    w.reconcile(progress=("j-a1-w0", body))
+    assert w.plans[-1].workload_boost == ("j-a1", 0)  # an hour of work since: as dear as any
+
+
+def env_of(pod: dict) -> dict:
+    return {e["name"]: e.get("value") for e in pod["spec"]["containers"][0]["env"]}
+
+
+def test_a_notice_starts_the_next_attempt_as_a_standby_elsewhere_and_its_turn_sends_it_start():
+    w = running_world()  # j-a1-w0 runs on n1
+    w.noticed = ("n1",)
+    w.reconcile()
+    (standby,) = w.plans[-1].create
+    assert standby["metadata"]["name"] == "j-a2-w0" and env_of(standby)["KUBETUNE_STANDBY"] == "1"
+    terms = standby["spec"]["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]
+    assert {"key": "metadata.name", "operator": "NotIn", "values": ["n1"]} in [
+        f for t in terms["nodeSelectorTerms"] for f in t.get("matchFields", [])
+    ]
+    assert w.plans[-1].events[-1][:2] == ("Normal", "StandbyCreated")
+    st = w.reconcile()
+    assert not w.plans[-1].create and st["attempt"] == 1  # one standby; the attempt is still 1
+    w.set_pod("j-a2-w0", "Running", node="n2", podIP="10.0.0.6")
+    w.reconcile(progress=("j-a2-w0", {"phase": "standby", "updatedAt": iso(T0)}))
+    assert w.plans[-1].start == []  # not its turn while attempt 1 trains
+    # the reclaim: attempt 1 saved its step on the SIGTERM and stopped
+    w.set_pod("j-a1-w0", "Failed", exit_code=75)
+    st = w.reconcile(2)
+    assert (st["attempt"], st["preemptions"], st["failures"]) == (2, 1, 0)
+    # its standby runs already: told to start at once (not after the next progress poll)
+    assert w.plans[-1].start == ["j-a2-w0"] and w.plans[-1].requeue_after == 0.5
+    st = w.reconcile(progress=("j-a2-w0", {"phase": "standby", "updatedAt": iso(T0)}))
+    assert w.plans[-1].start == ["j-a2-w0"]
+    assert w.plans[-1].delete == []  # the standby is the attempt now
+    body = {
+        "phase": "training",
+        "step": 41,
+        "totalSteps": 100,
+        "updatedAt": iso(T0 + dt.timedelta(seconds=1)),
+    }
+    st = w.reconcile(progress=("j-a2-w0", body))
+    assert w.plans[-1].start == [] and st["phase"] == "Running" and st["progress"]["step"] == 41
+
+
+def test_a_withdrawn_notice_deletes_the_standby_and_multi_worker_or_opted_out_jobs_get_none():
+    w = running_world()
+    w.noticed = ("n1",)
+    w.reconcile()
+    w.noticed = ()
+    w.reconcile()
+    assert w.plans[-1].delete == ["j-a2-w0"] and w.plans[-1].events[-1][1] == "StandbyWithdrawn"
+    # noticed again at once: the deleted standby may linger (the cache keeps a deleted pod's
+    # last state); a new one is made all the same (its create waits for the name)
+    w.pods["j-a2-w0"]["status"] = {"phase": "Pending", "containerStatuses": [{"state": {"terminated": {}}}]}
+    w.pods["j-a2-w0"][GONE] = True
+    w.noticed = ("n1",)
+    w.reconcile()
+    assert [p["metadata"]["name"] for p in w.plans[-1].create] == ["j-a2-w0"]
+    for spec in ({"workers": 2}, {"spot": {"enabled": True, "standby": False}}):
+        w = World(job(**spec))
+        w.reconcile()
+        for name in list(w.pods):
+            w.set_pod(name, "Running", podIP="10.0.0.5")
+        w.reconcile()
+        w.noticed = ("n1",)
+        w.reconcile()
+        assert not w.plans[-1].create, spec
+
+
+def test_a_standby_that_ends_before_its_turn_is_replaced_and_never_counted():
+    w = running_world()
+    w.noticed = ("n1",)
+    w.reconcile()
+    w.set_pod("j-a2-w0", "Failed", exit_code=75, node="n2")  # its own node was reclaimed
+    w.reconcile()
+    assert w.plans[-1].delete == ["j-a2-w0"] and not w.plans[-1].create
+    del w.pods["j-a2-w0"]
+    w.reconcile()
+    assert [p["metadata"]["name"] for p in w.plans[-1].create] == ["j-a2-w0"]  # a new standby
+    # the running attempt is lost while its standby has just ended too: one preemption
+    w.set_pod("j-a2-w0", "Failed", exit_code=75, node="n2")
+    w.set_pod("j-a1-w0", "Failed", exit_code=75)
+    st = w.reconcile(2)
+    assert (st["attempt"], st["preemptions"], st["failures"]) == (2, 1, 0)
+    assert "j-a2-w0" in w.plans[-1].delete and not w.plans[-1].create
+    del w.pods["j-a2-w0"]
+    w.noticed = ()
+    st = w.reconcile()
+    assert [p["metadata"]["name"] for p in w.plans[-1].create] == ["j-a2-w0"]
+    assert "KUBETUNE_STANDBY" not in env_of(w.plans[-1].create[0])  # an ordinary attempt now
+    assert (st["preemptions"], st["failures"]) == (1, 0)
+
+
+def test_kueues_preemption_of_a_pod_group_is_a_preemption():
+    w = running_world()
+    w.set_pod(
+        "j-a1-w0",
+        "Failed",
+        exit_code=1,
+        conditions=[
+            {"type": "TerminationTarget", "status": "True", "reason": "Preempted", "message": "by x"}
+        ],
+    )
+    st = w.reconcile()
+    assert (st["preemptions"], st["failures"]) == (1, 0)
 
 
 def test_a_preemption_is_counted_once_and_the_next_attempt_waits_for_the_old_pods():
@@ -449,6 +578,20 @@ def test_polled_progress_reaches_status_only_from_the_current_rank0():
     )
 
 
+def test_a_committed_checkpoint_reaches_status_while_the_trainer_runs():
+    w = running_world()
+    ref = {"step": 20, "uri": "s3://b/ckpt/step-00000020/", "time": "2026-01-01T00:00:09Z"}
+    body = {"step": 23, "totalSteps": 100, "updatedAt": "2026-01-01T00:00:10Z", "lastCheckpoint": ref}
+    assert w.reconcile(progress=("j-a1-w0", body))["lastCheckpoint"] == ref
+    # a resumed trainer names the same checkpoint without its commit time: the time stays
+    resumed = {**body, "updatedAt": "2026-01-01T00:00:20Z", "lastCheckpoint": {"step": 20, "uri": ref["uri"]}}
+    assert w.reconcile(progress=("j-a1-w0", resumed))["lastCheckpoint"] == ref
+    # what is not a checkpoint reference changes nothing
+    for bad in ({"uri": "s3://b/x/"}, {"step": -1}, "step-20", None):
+        later = {**body, "updatedAt": "2026-01-01T00:00:30Z", "lastCheckpoint": bad}
+        assert w.reconcile(progress=("j-a1-w0", later))["lastCheckpoint"] == ref
+
+
 def test_progress_formatting():
     assert (
         format_eta(None) is None
@@ -556,6 +699,7 @@ PROGRESS_KEYS = [
     "etaSeconds",
     "updatedAt",
     "phase",
+    "lastCheckpoint",
 ]
 
 

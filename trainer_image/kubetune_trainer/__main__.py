@@ -15,13 +15,17 @@ import traceback
 from pathlib import Path
 
 from kubetune_trainer.signals import (
+    CONTROL_TOKEN_ENV,
     EXIT_CONFIG,
     EXIT_DATA,
     EXIT_FAILED,
     EXIT_NO_INPUT,
     EXIT_OK,
     EXIT_PREEMPTED,
+    STANDBY_ENV,
+    CheckpointRequest,
     RedactingFilter,
+    StartSignal,
     StopFlag,
     redact,
     termination_message,
@@ -42,6 +46,9 @@ def setup_logging(rank: int) -> None:
     logging.basicConfig(level=logging.INFO, handlers=[handler], force=True)
     for noisy in ("botocore", "boto3", "urllib3", "s3transfer", "httpx"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+PROCESS_START = time.time()  # the goodput ledger's start of this attempt
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -66,20 +73,32 @@ def main(argv: list[str] | None = None) -> int:
     except (ValidationError, ValueError, OSError) as e:
         return finish(EXIT_CONFIG, "config-error", error=f"invalid configuration: {e}")
 
-    progress = start_progress(args.progress_port, rank, os.environ)
+    requested = CheckpointRequest()
+    start = StartSignal() if os.environ.get(STANDBY_ENV) == "1" else None
+    progress = start_progress(args.progress_port, rank, os.environ, requested, start)
     t0 = time.monotonic()
     try:
         from kubetune_trainer.export import evaluation_summary, export
         from kubetune_trainer.model import model_dir
         from kubetune_trainer.train import Preempted, Trainer
 
-        trainer = Trainer(cfg, stop=stop, progress=progress, workdir=args.workdir)
+        trainer = Trainer(
+            cfg,
+            stop=stop,
+            progress=progress,
+            workdir=args.workdir,
+            checkpoint_request=requested,
+            process_start=PROCESS_START,
+            start_signal=start,
+        )
         try:
             result = trainer.run()
         except Preempted as p:
             trainer.ckpts.close()
             trainer.close()
-            return finish(EXIT_PREEMPTED, "preempted", step=p.step, checkpoint=p.checkpoint)
+            ledger = getattr(trainer, "ledger", None)  # (none: a standby stopped before its go)
+            goodput = ledger.report(time.time()) if ledger is not None and trainer.dist.main else None
+            return finish(EXIT_PREEMPTED, "preempted", step=p.step, checkpoint=p.checkpoint, goodput=goodput)
         result.metrics["tokens"] = trainer.tokens_seen
         adapter = None
         if trainer.dist.main:
@@ -106,6 +125,7 @@ def main(argv: list[str] | None = None) -> int:
             checkpoint=result.checkpoint,
             adapter=adapter,
             evaluation=evaluation,
+            goodput=trainer.ledger.report(time.time()) if trainer.dist.main else None,
         )
     except DataError as e:
         return finish(EXIT_DATA, "data-error", error=str(e))
@@ -123,11 +143,12 @@ def main(argv: list[str] | None = None) -> int:
         progress.close()
 
 
-def start_progress(port: int | None, rank: int, environ=os.environ):
+def start_progress(port: int | None, rank: int, environ=os.environ, requested=None, start=None):
     """This process's /progress server: every rank's pod answers on the progress port (see
     progress_port_for), on the pod's own IP when known (the downward API gives it), else on
     every address. Only rank 0's answer is the job's status; another rank that cannot bind
-    trains on without one."""
+    trains on without one. POST /checkpoint takes the pod's control token (set by the
+    operator; without one, nobody may ask)."""
     from kubetune_trainer.progress import ProgressServer, progress_port_for
 
     if port is None and "KUBETUNE_PROGRESS_PORT" in environ:
@@ -135,7 +156,10 @@ def start_progress(port: int | None, rank: int, environ=os.environ):
     port = progress_port_for(port, int(environ.get("LOCAL_RANK", 0)))
     host = environ.get("POD_IP") or "0.0.0.0"
     try:
-        return ProgressServer(port, host, rank=rank)
+        token = environ.get(CONTROL_TOKEN_ENV) or None
+        return ProgressServer(
+            port, host, rank=rank, control_token=token, checkpoint_request=requested, start_signal=start
+        )
     except OSError as e:
         if rank == 0:
             raise

@@ -31,6 +31,10 @@ STEP_DIR = re.compile(r"^step-(\d{8})$")
 FORMAT_VERSION = 2  # 2: RNG and scheduler state as JSON, no pickle but the weights-only optimizer
 
 
+def utc_now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
 def step_dir(step: int) -> str:
     return f"step-{step:08d}"
 
@@ -130,8 +134,13 @@ UNUSABLE = (ValueError, KeyError, TypeError, OSError, pickle.UnpicklingError, Ru
 
 
 class CheckpointStore:
-    def __init__(self, store: Store, keep: int, workdir: Path | None = None, attempt: int = 0) -> None:
+    def __init__(
+        self, store: Store, keep: int, workdir: Path | None = None, attempt: int = 0, on_commit=None
+    ) -> None:
         self.store, self.keep, self.attempt = store, keep, attempt
+        # called with {"step", "uri", "time"} once a checkpoint exists for a reader (from the
+        # upload thread): what the trainer reports as its last checkpoint, never one in flight
+        self.on_commit = on_commit
         self.fenced = False  # set once a newer attempt is seen holding the prefix
         self.workdir = Path(workdir or tempfile.mkdtemp(prefix="kubetune-ckpt-"))
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -159,11 +168,12 @@ class CheckpointStore:
         if wait:
             self.wait()
 
-    def wait(self, raise_errors: bool = True) -> None:
-        """Until the upload in flight is done. A failed periodic upload is not fatal (the
-        next one may succeed; botocore already retried it); a final one is."""
+    def wait(self, raise_errors: bool = True) -> bool:
+        """Until the upload in flight is done; whether it committed (True when none was in
+        flight). A failed periodic upload is not fatal (the next one may succeed; botocore
+        already retried it); a final one is."""
         if self.in_flight is None:
-            return
+            return True
         t0 = time.monotonic()
         future, self.in_flight = self.in_flight, None
         try:
@@ -172,8 +182,11 @@ class CheckpointStore:
             if raise_errors:
                 raise
             log.warning("a checkpoint upload failed, training goes on: %s", e)
-        if time.monotonic() - t0 > 1:
-            log.info("waited %.1f s for the previous checkpoint upload", time.monotonic() - t0)
+            return False
+        finally:
+            if time.monotonic() - t0 > 1:
+                log.info("waited %.1f s for the previous checkpoint upload", time.monotonic() - t0)
+        return True
 
     # -- fencing (attempts of a job on Kubernetes; a local run is attempt 0) --------------
     def holder(self) -> int:
@@ -223,6 +236,8 @@ class CheckpointStore:
         )
         shutil.rmtree(folder, ignore_errors=True)
         self.verified.add(step)
+        if self.on_commit is not None:
+            self.on_commit({"step": step, "uri": self.uri(step), "time": utc_now()})
         self.prune()
 
     def prune(self) -> None:

@@ -12,6 +12,7 @@ import uuid
 from pathlib import Path
 
 from kubetune_trainer.checkpoints import sha256_file
+from kubetune_trainer.goodput import summary_line
 from kubetune_trainer.storage import open_store
 
 log = logging.getLogger("kubetune.export")
@@ -94,6 +95,8 @@ def model_card(cfg, metrics: dict) -> str:
         unq = em.get("after_unquantized_base")
         if unq:
             lines.append(f"- the same adapter on the {unq['base']} base: {unq['exact_match']:.2f}")
+    if metrics.get("goodput"):
+        lines.append(f"- {summary_line(metrics['goodput'])}")
     lines += [
         "",
         "```python",

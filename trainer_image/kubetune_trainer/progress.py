@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import hmac
 import json
 import sys
 import threading
@@ -40,8 +41,10 @@ class Progress:
     tokens_per_second: float | None = None
     eta_seconds: float | None = None
     resumed_from_step: int | None = None
-    last_checkpoint_step: int | None = None
+    last_checkpoint_step: int | None = None  # committed: a reader would find it
+    last_checkpoint: dict | None = None  # {"step", "uri", "time"} of that checkpoint
     updated_at: str = ""
+    goodput: dict | None = None  # kubetune_trainer.goodput's report, when training
 
     def to_json(self) -> dict:
         d = asdict(self)
@@ -67,9 +70,50 @@ def progress_port_for(port: int | None, local_rank: int) -> int | None:
     return port if local_rank == 0 else None
 
 
+MAX_CONTROL_BODY = 4096
+
+
+def authorized(header: str | None, token: str | None) -> bool:
+    """Whether an Authorization header carries the bearer token (compared in constant
+    time). No token configured: nobody is."""
+    if not token or not header or not header.startswith("Bearer "):
+        return False
+    return hmac.compare_digest(header[len("Bearer ") :].strip().encode(), token.encode())
+
+
+def request_reason(body: bytes) -> str:
+    """The reason a checkpoint request gives ({"reason": "..."}), printable and short:
+    it goes into the trainer's log."""
+    try:
+        doc = json.loads(body or b"{}")
+    except ValueError:
+        return "requested"
+    reason = doc.get("reason") if isinstance(doc, dict) else None
+    if not isinstance(reason, str) or not reason.strip():
+        return "requested"
+    return "".join(ch if ch.isprintable() else "?" for ch in reason)[:200]
+
+
 class ProgressServer:
-    def __init__(self, port: int | None, host: str = "0.0.0.0", rank: int = 0, clock=time.monotonic) -> None:
+    """GET /progress and /metrics for anyone who reaches the port; POST /checkpoint (a
+    checkpoint now, at the next step boundary) and, for a standby, POST /start (resume
+    now) only with the pod's bearer token, which the operator set in its environment."""
+
+    def __init__(
+        self,
+        port: int | None,
+        host: str = "0.0.0.0",
+        rank: int = 0,
+        clock=time.monotonic,
+        control_token: str | None = None,
+        checkpoint_request=None,
+        start_signal=None,
+    ) -> None:
         self.progress = Progress(rank=rank)
+        self.control_token = control_token
+        self.checkpoint_request = checkpoint_request  # signals.CheckpointRequest
+        self.start_signal = start_signal  # signals.StartSignal: a standby's go
+        self.goodput_source = None  # () -> dict, set by the trainer once it trains
         self.lock = threading.Lock()
         self.clock = clock
         self.step_durations: deque[float] = deque(maxlen=STEP_WINDOW)
@@ -123,16 +167,20 @@ class ProgressServer:
         str is swapped whole, so a reader sees the old value or the new one."""
         self.progress.activity = activity
 
-    def step_done(self, step: int) -> None:
-        """Optimizer step `step` is done (every step; loss and rates stay update()'s)."""
+    def step_done(self, step: int) -> float | None:
+        """Optimizer step `step` is done (every step; loss and rates stay update()'s).
+        Returns its wall seconds since step_begins (None without one)."""
         now = self.clock()
+        seconds = None
         with self.lock:
             if self.step_started is not None:
-                self.step_durations.append(now - self.step_started)
+                seconds = now - self.step_started
+                self.step_durations.append(seconds)
             self.step_started = now  # without a step_begins, the next step counts from here
             self.progress.step = step
             self.updated = time.time()
         self.g_step.set(step)
+        return seconds
 
     @contextlib.contextmanager
     def phase_while(self, phase: str):
@@ -152,6 +200,8 @@ class ProgressServer:
             if self.updated is not None:
                 when = dt.datetime.fromtimestamp(self.updated, dt.timezone.utc)
                 self.progress.updated_at = when.strftime("%Y-%m-%dT%H:%M:%SZ")
+            source = self.goodput_source
+            self.progress.goodput = source() if source else None
             return self.progress.to_json()
 
     def _handler(self):
@@ -168,6 +218,33 @@ class ProgressServer:
                     return
                 self.send_response(200)
                 self.send_header("Content-Type", ctype)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def do_POST(self):
+                path = self.path.split("?")[0]
+                target = {"/checkpoint": outer.checkpoint_request, "/start": outer.start_signal}.get(path)
+                if target is None:
+                    self.send_error(404)
+                    return
+                if not authorized(self.headers.get("Authorization"), outer.control_token):
+                    self.send_error(401)
+                    return
+                try:
+                    length = min(int(self.headers.get("Content-Length") or 0), MAX_CONTROL_BODY)
+                except ValueError:
+                    length = 0
+                reason = request_reason(self.rfile.read(length) if length > 0 else b"")
+                if path == "/start":
+                    body = json.dumps({"accepted": True, "again": not target.go()}).encode()
+                else:
+                    new = target.ask(reason)
+                    with outer.lock:
+                        step = outer.progress.step
+                    body = json.dumps({"accepted": True, "coalesced": not new, "step": step}).encode()
+                self.send_response(202)
+                self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
                 self.wfile.write(body)

@@ -17,6 +17,7 @@ import math
 import os
 import signal
 import threading
+import time
 from pathlib import Path
 
 EXIT_OK = 0
@@ -30,7 +31,39 @@ TERMINATION_LOG_ENV = "KUBETUNE_TERMINATION_LOG"
 DEFAULT_TERMINATION_LOG = "/dev/termination-log"
 # the kubelet keeps at most 4096 bytes of a termination message
 MAX_MESSAGE = 4096
-SECRET_ENV = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ACCESS_KEY_ID", "HF_TOKEN")
+CONTROL_TOKEN_ENV = "KUBETUNE_CONTROL_TOKEN"  # the bearer token of POST /checkpoint and /start
+# "1": start as a standby (load everything, then wait for POST /start before resuming)
+STANDBY_ENV = "KUBETUNE_STANDBY"
+SECRET_ENV = (
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+    "AWS_ACCESS_KEY_ID",
+    "HF_TOKEN",
+    CONTROL_TOKEN_ENV,
+)
+
+
+class StartSignal:
+    """A standby trainer's go: the operator started it on other capacity while the attempt
+    it stands in for still ran (a node's termination notice), and sends POST /start once
+    that attempt has stopped and its last checkpoint is committed. Until then the standby
+    has loaded its model and holds nothing else: it must not claim the checkpoint prefix
+    the running attempt still writes."""
+
+    def __init__(self) -> None:
+        self.event = threading.Event()
+        self.at: float | None = None  # time.time() of the go
+
+    def go(self) -> bool:
+        """True the first time; later ones change nothing."""
+        if self.event.is_set():
+            return False
+        self.at = time.time()
+        self.event.set()
+        return True
+
+    def wait(self, timeout: float) -> bool:
+        return self.event.wait(timeout)
 
 
 class StopFlag:
@@ -52,6 +85,46 @@ class StopFlag:
 
     def __bool__(self) -> bool:
         return self.event.is_set()
+
+
+class CheckpointRequest:
+    """A checkpoint asked for from outside (the operator, on a node's termination notice):
+    taken at the next step boundary while training goes on. A request while one is
+    pending, or while the checkpoint it asked for is still uploading, is coalesced into
+    it: a notice repeated every poll makes one checkpoint, not one per poll."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.pending = False
+        self.reason = ""
+        self.in_flight = False  # taken, and its checkpoint not committed yet
+        self.coalesced = 0
+
+    def ask(self, reason: str) -> bool:
+        """True: a new request; False: coalesced into one pending or in flight."""
+        with self.lock:
+            if self.pending or self.in_flight:
+                self.coalesced += 1
+                return False
+            self.pending, self.reason = True, reason
+            return True
+
+    def take(self) -> str | None:
+        """The pending request's reason, or None; a request taken stays in flight (later
+        ones are coalesced into it) until done()."""
+        with self.lock:
+            if not self.pending:
+                return None
+            self.pending, self.in_flight = False, True
+            return self.reason
+
+    def done(self) -> None:
+        """The requested checkpoint is committed (or there was nothing new to save)."""
+        with self.lock:
+            self.in_flight = False
+
+    def __bool__(self) -> bool:
+        return self.pending
 
 
 def secrets(environ=os.environ) -> list[str]:

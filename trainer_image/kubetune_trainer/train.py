@@ -27,9 +27,10 @@ from pathlib import Path
 from kubetune_trainer.checkpoints import CheckpointStore, Fenced, Restored, RunMismatch
 from kubetune_trainer.config import RUN_FIELDS, TrainingConfig
 from kubetune_trainer.data import RecordStream, in_validation, list_shards
+from kubetune_trainer.goodput import Ledger, summary_line
 from kubetune_trainer.progress import ProgressServer, Rate, eta_seconds
 from kubetune_trainer.sequences import IGNORE, SequenceStream, collate, label_tokens, make_encoder
-from kubetune_trainer.signals import StopFlag
+from kubetune_trainer.signals import CheckpointRequest, StartSignal, StopFlag
 from kubetune_trainer.storage import open_store
 
 log = logging.getLogger("kubetune.train")
@@ -211,9 +212,18 @@ class Trainer:
         dist: Dist | None = None,
         workdir: Path | None = None,
         environ=os.environ,
+        checkpoint_request: CheckpointRequest | None = None,
+        process_start: float | None = None,
+        start_signal: StartSignal | None = None,
     ) -> None:
         self.cfg, self.environ = cfg, environ
         self.stop = stop if stop is not None else StopFlag()  # (a StopFlag not set is falsy)
+        # a checkpoint asked for from outside (POST /checkpoint: a node's termination notice)
+        self.requested = checkpoint_request if checkpoint_request is not None else CheckpointRequest()
+        # a standby's go (POST /start); None: not a standby, resume at once
+        self.start_signal = start_signal
+        # (wall clock: the goodput ledger compares times of attempts on different nodes)
+        self.process_start = process_start if process_start is not None else time.time()
         self.dist = dist or Dist.from_env(environ)
         self.progress = progress or ProgressServer(None, rank=self.dist.rank)
         self.workdir = Path(workdir or tempfile.mkdtemp(prefix="kubetune-train-"))
@@ -226,13 +236,7 @@ class Trainer:
     def setup(self) -> None:
         import torch
 
-        from kubetune_trainer.model import (
-            load_model,
-            load_tokenizer,
-            model_dir,
-            pick_backend,
-            resolve_compute_dtype,
-        )
+        from kubetune_trainer.model import load_tokenizer, model_dir, pick_backend
 
         cfg = self.cfg
         self.backend = pick_backend(self.environ)
@@ -260,9 +264,22 @@ class Trainer:
             cfg.checkpoint.keep,
             self.workdir / "ckpt",
             attempt=int(os.environ.get("KUBETUNE_ATTEMPT") or 0),
+            on_commit=self._committed,
         )
-        self.restored = self.ckpts.latest(read=read_checkpoint)
         self.fingerprint = run_fingerprint(cfg)
+        # a standby reads the newest checkpoint so far for its compute dtype only: it claims
+        # nothing, and resumes from whatever is newest once it is told to go
+        standby = self.start_signal is not None
+        self._find_restore_point(claim=not standby)
+        self._build_model(torch, path, agree, t0)
+        if standby:
+            self._stand_by(torch, path, agree)
+
+    def _find_restore_point(self, claim: bool) -> None:
+        """The newest good checkpoint (self.restored), refused if another run made it; with
+        claim, this attempt takes the prefix (an older attempt still running stops writing)."""
+        cfg = self.cfg
+        self.restored = self.ckpts.latest(read=read_checkpoint)
         if self.restored:
             made_by = self.restored.contents["state"].get("run")
             if made_by != self.fingerprint:
@@ -271,11 +288,42 @@ class Trainer:
                     "model, dataset, method, lora or quantization): resuming them would train something "
                     "else; give this run its own checkpoint.uri"
                 )
-        if self.dist.main:
-            self.ckpts.claim()  # from now on, an older attempt still running stops writing here
-        resumed_dtype = self.restored.contents["state"].get("compute_dtype") if self.restored else None
+        if claim and self.dist.main:
+            self.ckpts.claim()
+
+    def _resumed_dtype(self) -> str | None:
+        return self.restored.contents["state"].get("compute_dtype") if self.restored else None
+
+    def _stand_by(self, torch, path: Path, agree) -> None:
+        """Hold the loaded model until POST /start (the attempt this one replaces has
+        stopped), then take the newest checkpoint; a SIGTERM meanwhile stops it with
+        nothing to save. The model is loaded again only if that checkpoint computes in
+        another dtype than the one loaded."""
+        loaded = str(self.compute_dtype).removeprefix("torch.")
+        self.progress.update(phase="standby")
+        since = time.monotonic()
+        log.info("standing by, model loaded: resuming once told to (POST /start)")
+        while not self.start_signal.wait(0.2):
+            if self.stop:
+                raise Preempted(0, None)
+        # its restart is what came after the go; before it, it overlapped the last attempt
+        self.process_start = self.start_signal.at
+        log.info("told to start after %.1f s standing by", time.monotonic() - since)
+        self.progress.update(phase="loading")
+        self._find_restore_point(claim=True)
+        if self._resumed_dtype() not in (None, loaded):
+            log.info(
+                "the newest checkpoint computes in %s, not %s: loading again", self._resumed_dtype(), loaded
+            )
+            self._build_model(torch, path, agree, time.monotonic())
+
+    def _build_model(self, torch, path: Path, agree, t0: float) -> None:
+        """The model (in the restore point's dtype), its optimizer and scheduler."""
+        from kubetune_trainer.model import load_model, resolve_compute_dtype
+
+        cfg = self.cfg
         self.compute_dtype = resolve_compute_dtype(
-            cfg, self.backend, self.dist.local_rank, agree, resumed=resumed_dtype
+            cfg, self.backend, self.dist.local_rank, agree, resumed=self._resumed_dtype()
         )
         self.model = load_model(cfg, self.backend, path, self.dist.local_rank, self.compute_dtype)
         self.device = next(p.device for p in self.model.parameters() if p.requires_grad)
@@ -454,7 +502,11 @@ class Trainer:
         from peft import get_peft_model_state_dict
         from safetensors.torch import save_file
 
-        ref = {"step": step, "uri": self.ckpts.uri(step)}
+        ref = {
+            "step": step,
+            "uri": self.ckpts.uri(step),
+            "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }
         trainable, optimizer = self.trainable_state(), self.optimizer_state()
         if not self.dist.main:
             return ref
@@ -473,14 +525,18 @@ class Trainer:
             "exact_match_before": self.exact_match_before,
             "compute_dtype": str(self.compute_dtype).removeprefix("torch."),
             "run": self.fingerprint,
+            "goodput": self.ledger.to_state(),
         }
         (folder / STATE_FILE).write_text(json.dumps(state))
         if wait:  # (a periodic checkpoint's caller marks the loop's pause for it)
             self.progress.update(phase="checkpointing")
         self.ckpts.commit(step, folder, wait=wait)
-        self.progress.update(last_checkpoint_step=step)
         self.progress.c_ckpt.inc()
         return ref
+
+    def _committed(self, ref: dict) -> None:
+        """A checkpoint now exists for a reader: the status shows it (the upload thread)."""
+        self.progress.update(last_checkpoint_step=ref["step"], last_checkpoint=ref)
 
     def restore(self, restored: Restored) -> dict:
         from peft import set_peft_model_state_dict
@@ -517,6 +573,7 @@ class Trainer:
         step, history, data_state, last_ckpt = 0, [], None, None
         self.tokens_seen, self.exact_match_before = 0, None
         restored = self.restored
+        state = None
         if restored:
             state = self.restore(restored)
             step, history, data_state = state["step"], state["history"], state["data"]
@@ -524,7 +581,11 @@ class Trainer:
             self.exact_match_before = state.get("exact_match_before")
             last_ckpt = {"step": step, "uri": restored.uri}
             log.info("resumed from %s (step %d)", restored.uri, step)
-            self.progress.update(resumed_from_step=step, last_checkpoint_step=step)
+            self.progress.update(
+                resumed_from_step=step,
+                last_checkpoint_step=step,
+                last_checkpoint={"step": step, "uri": restored.uri},
+            )
         records = self.record_stream()
         seqs = (
             SequenceStream.restore(
@@ -541,6 +602,8 @@ class Trainer:
             # the base model's score (LoRA B starts at zero, so this is the base model)
             self.exact_match_before = self.exact_match(held_out, "before")
         pad_id = self.tokenizer.pad_token_id
+        self.ledger = self._ledger(state, step)
+        self.progress.goodput_source = lambda: self.ledger.report(time.time())
         start_step, t_start, last_ckpt_time = step, time.monotonic(), time.monotonic()
         rate, window_loss, window_steps = Rate(), 0.0, 0
         self.ddp_model.train()
@@ -548,11 +611,14 @@ class Trainer:
         self.progress.update(phase="training", step=step, total_steps=t.max_steps, activity="compute")
 
         while step < t.max_steps:
-            if self._should_stop(torch):
+            stop, requested = self._should_stop(torch)
+            if stop:
                 self.progress.set_activity(None)
                 ckpt = self._stop_checkpoint(step, last_ckpt, seqs, history)
                 # every rank waits for rank 0's commit and names the same checkpoint
                 raise Preempted(step, self._from_rank0(ckpt))
+            if requested:
+                last_ckpt = self._requested_checkpoint(requested, step, last_ckpt, seqs, history)
             # (a step's time starts past the stop check: a rank waiting there for rank 0's
             # evaluation or checkpoint is not slow)
             self.progress.step_begins()
@@ -582,7 +648,7 @@ class Trainer:
             self.scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
             step += 1
-            self.progress.step_done(step)
+            self.ledger.step(self.progress.step_done(step) or 0.0, time.time())
             self.tokens_seen += int(global_tokens)
             self.progress.c_tokens.inc(int(global_tokens))
             real_tokens = sum(len(seq.input_ids) for _, seqs in micro for seq in seqs)
@@ -650,15 +716,66 @@ class Trainer:
             result.checkpoint = last_ckpt
         # what export writes as the adapter (a gather under fsdp, so every rank's call)
         self.final_weights = self.trainable_state()
+        result.metrics["goodput"] = self.ledger.report(time.time())
+        if self.dist.main:
+            log.info("%s", summary_line(result.metrics["goodput"]))
         return result
+
+    def _ledger(self, state: dict | None, step: int) -> Ledger:
+        """The job's goodput ledger: the resumed checkpoint's, carried into this attempt,
+        or a new one (a first attempt, or a checkpoint from before ledgers)."""
+        saved = Ledger.load(state.get("goodput")) if state else None
+        if saved is None:
+            return Ledger(started_at=self.process_start)
+        seen = self.environ.get("KUBETUNE_LAST_SEEN_STEP", "")
+        last_seen = int(seen) if seen.isdigit() else None
+        attempt = self.environ.get("KUBETUNE_ATTEMPT", "")
+        ledger = saved.resumed(
+            step, self.process_start, time.time(), last_seen, int(attempt) if attempt.isdigit() else 0
+        )
+        log.info(json.dumps({"event": "goodput", "resumedFromStep": step, **ledger.report(time.time())}))
+        return ledger
+
+    def _requested_checkpoint(self, reason: str, step, last_ckpt, seqs, history) -> dict | None:
+        """A checkpoint asked for from outside, at this step boundary, uploaded while
+        training goes on (the SIGTERM that may follow waits for it)."""
+        if step == 0 or (last_ckpt is not None and last_ckpt["step"] == step):
+            if self.dist.main:
+                log.info("checkpoint requested (%s): step %d is already saved", reason, step)
+            self.requested.done()
+            return last_ckpt
+        if not self.shares_rank0_work:
+            self.requested.done()
+            return {"step": step, "uri": self.ckpts.uri(step)}
+        if self.dist.main:
+            self.ckpts.wait(raise_errors=False)  # one upload at a time; a failed one is logged
+            log.info("checkpoint requested (%s): saving step %d", reason, step)
+        ref = self.save_checkpoint(step, seqs.state(), history, wait=False)
+        future = self.ckpts.in_flight if self.dist.main else None
+        if future is None:
+            self.requested.done()
+        else:  # (runs at once if the upload is already done)
+            future.add_done_callback(lambda _f: self.requested.done())
+        return ref
 
     def _stop_checkpoint(self, step, last_ckpt, seqs, history) -> dict | None:
         """The SIGTERM checkpoint: nothing new to save if no step ran since the last one."""
         if not self.shares_rank0_work:
             return last_ckpt
-        if self.dist.main:
-            self.ckpts.wait()
-        if (last_ckpt is not None and last_ckpt["step"] == step) or step == 0:
+        saved = last_ckpt is not None and last_ckpt["step"] == step
+        # the upload in flight is last_ckpt's: if it failed (S3 away for longer than botocore's
+        # retries), that step is not saved after all and this checkpoint must be written again
+        if self.dist.main and not self.ckpts.wait(raise_errors=False):
+            saved = False
+        if self.sharded:  # every rank saves, or none (fsdp's gathers); under ddp rank 0 alone is here
+            saved = self._from_rank0(saved)
+        if saved or step == 0:
+            if self.dist.main and step:
+                log.info(
+                    "stop requested (%s): checkpoint of step %d was already committed",
+                    self.stop.signal_name,
+                    step,
+                )
             return last_ckpt
         t0 = time.monotonic()
         ckpt = self.save_checkpoint(step, seqs.state(), history, wait=True)
@@ -670,18 +787,21 @@ class Trainer:
         )
         return ckpt
 
-    def _should_stop(self, torch) -> bool:
-        """Every rank must stop at the same step, or the checkpoint would mix steps; and
-        every rank stops (without a checkpoint) once rank 0 finds a newer attempt holding
-        the checkpoint prefix."""
-        flag, fenced = bool(self.stop), self.ckpts.fenced
+    def _should_stop(self, torch) -> tuple[bool, str | None]:
+        """(stop now, the reason of a checkpoint requested now or None). Every rank must
+        stop, or checkpoint, at the same step, or the checkpoint would mix steps (a request
+        reaches rank 0's pod only); and every rank stops (without a checkpoint) once rank 0
+        finds a newer attempt holding the checkpoint prefix."""
+        flag, fenced, reason = bool(self.stop), self.ckpts.fenced, self.requested.take()
         if self.dist.world > 1:
-            t = torch.tensor([float(flag), float(fenced)], device=self.device)
+            t = torch.tensor([float(flag), float(fenced), float(reason is not None)], device=self.device)
             torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
             flag, fenced = bool(t[0].item()), bool(t[1].item())
+            if t[2].item() and reason is None:
+                reason = "requested of rank 0"
         if fenced:
             raise Fenced(f"a newer attempt of this job writes {self.cfg.checkpoint.uri}; this attempt stops")
-        return flag
+        return flag, reason
 
     def _from_rank0(self, value):
         if self.dist.world == 1:

@@ -104,6 +104,12 @@ ClusterRole when it watches every namespace). */}}
 - apiGroups: [events.k8s.io]
   resources: [events]
   verbs: [create, patch]
+# Kueue's Workload of a queued job's pod group: its priority-boost annotation (the age of
+# the job's last checkpoint, so Kueue preempts the job that loses least). Granted for
+# clusters without Kueue too: no such objects, nothing patched.
+- apiGroups: [kueue.x-k8s.io]
+  resources: [workloads]
+  verbs: [patch]
 {{- end }}
 
 {{/* kopf's peering objects, for the given resource (kopfpeerings in a namespace,

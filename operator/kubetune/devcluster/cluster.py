@@ -150,6 +150,8 @@ class DevCluster:
     _kubelets: kubelets.KubeletNodes | None = None
     _slot: kubelets.Slot | None = None
     _guard: subprocess.Popen | None = None
+    certs: CertPaths | None = None
+    kueue: object | None = None  # devcluster.kueue.Kueue, once start_kueue() ran
 
     # -- public ---------------------------------------------------------------------------
 
@@ -185,6 +187,7 @@ class DevCluster:
             self._guard.kill()
             self._guard.wait()
             self._guard = None
+        self.kueue = None
         shutil.rmtree(self.workdir / "etcd", ignore_errors=True)
         shutil.rmtree(self.workdir / "minio-data", ignore_errors=True)
 
@@ -194,6 +197,18 @@ class DevCluster:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+    def start_kueue(self):
+        """Kueue in this cluster (devcluster.kueue), once: its CRDs, webhooks on loopback and
+        controller manager, stopped with the cluster."""
+        from kubernetes import config
+
+        from . import kueue
+
+        if self.kueue is None:
+            api = config.new_client_from_config(str(self.endpoints.kubeconfig))
+            self.kueue = kueue.start(self, tool_dirs()["kueue"], api)
+        return self.kueue
 
     def s3_client(self):
         ep = self.endpoints
@@ -325,7 +340,7 @@ class DevCluster:
         self._take_the_nodes(len(runners))
         network = self._slot.network
         host = network.host_ip
-        certs = write_dev_certs(w / "pki", extra_ips=(host,))
+        self.certs = certs = write_dev_certs(w / "pki", extra_ips=(host,))
         port = {
             k: procs.free_port()
             for k in ("etcd", "peer", "api", "kcm", "sched", "kwok", "s3", "s3console", "registry")

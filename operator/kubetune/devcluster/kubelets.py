@@ -290,7 +290,19 @@ done
 for c in $("$CTR" --address "$SOCKET" -n k8s.io containers ls -q); do
   "$CTR" --address "$SOCKET" -n k8s.io containers rm "$c" >/dev/null 2>&1 || true
 done
-exec "$KUBELET" "$@"
+# containerd's socket can answer before its CRI server has initialized ("server is not
+# initialized yet"), and the kubelet exits at once on that: started again while it fails
+# within seconds, at most 40 times; a kubelet that ran longer ends the node
+tries=0
+while :; do
+  started=$(date +%s)
+  "$KUBELET" "$@" && exit 0
+  rc=$?
+  if [ $(( $(date +%s) - started )) -ge 5 ] || [ "$tries" -ge 40 ]; then exit "$rc"; fi
+  tries=$((tries + 1))
+  echo "kubelet exited $rc at start; again (containerd's CRI may not be ready yet)"
+  sleep 0.25
+done
 """
 
 

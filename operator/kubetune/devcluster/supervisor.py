@@ -27,21 +27,39 @@ def _pid(workdir: Path) -> int | None:
     return pid if procs.alive(pid) else None
 
 
-def serve(workdir: Path) -> int:
-    """Run in the foreground until SIGTERM/SIGINT (the detached supervisor body)."""
+def serve(workdir: Path, kueue: bool = False) -> int:
+    """Run in the foreground until SIGTERM/SIGINT (the detached supervisor body); with
+    kueue, Kueue too, a ClusterQueue and a LocalQueue `kubetune` in namespace default."""
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
     (workdir / "ready").unlink(missing_ok=True)
     cluster = DevCluster(workdir)
     with cluster:
+        if kueue:
+            _start_kueue(cluster)
         (workdir / "ready").write_text(f"{cluster.startup_s:.1f}\n")
         stop.wait()
     (workdir / "ready").unlink(missing_ok=True)
     return 0
 
 
-def up(workdir: Path, timeout_s: float = 180) -> int:
+def _start_kueue(cluster: DevCluster) -> None:
+    from kubernetes import client, config
+
+    from . import kueue
+
+    cluster.start_kueue()
+    custom = client.CustomObjectsApi(config.new_client_from_config(str(cluster.endpoints.kubeconfig)))
+    for obj in kueue.queue_objects("default", cpu="4", memory="16Gi"):
+        kind = obj["kind"].lower() + "s"
+        if obj["metadata"].get("namespace"):
+            custom.create_namespaced_custom_object(*kueue.API, obj["metadata"]["namespace"], kind, obj)
+        else:
+            custom.create_cluster_custom_object(*kueue.API, kind, obj)
+
+
+def up(workdir: Path, timeout_s: float = 180, kueue: bool = False) -> int:
     workdir = workdir.resolve()
     if _pid(workdir):
         print(f"dev cluster already up; use: source {workdir / 'env'}")
@@ -52,7 +70,8 @@ def up(workdir: Path, timeout_s: float = 180) -> int:
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "wb") as out:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "kubetune", "dev", "serve", "--workdir", str(workdir)],
+            [sys.executable, "-m", "kubetune", "dev", "serve", "--workdir", str(workdir)]
+            + (["--kueue"] if kueue else []),
             stdin=subprocess.DEVNULL,
             stdout=out,
             stderr=subprocess.STDOUT,
@@ -76,6 +95,7 @@ def up(workdir: Path, timeout_s: float = 180) -> int:
         f"dev cluster ready in {(workdir / 'ready').read_text().strip()} s "
         f"(logs in {workdir / 'logs'})\n  source {workdir / 'env'}   # KUBECONFIG and S3 endpoint/keys\n"
         f"  kubectl get nodes -L nvidia.com/gpu.product,cloud.google.com/gke-spot"
+        + ("\n  kubectl get clusterqueues,localqueues -A   # Kueue: queueName: kubetune" if kueue else "")
     )
     return 0
 
