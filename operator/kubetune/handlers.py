@@ -481,11 +481,12 @@ class Controller:
         if found is None:  # deleted in between: the next reconcile creates it
             raise ApiException(status=409, reason=f"{obj['kind']} {name} was deleted while being created")
         owner = controller_uid(found)
-        if owner == uid:
+        if owner == uid and not found["metadata"].get("deletionTimestamp"):
             return found
         if found["metadata"].get("deletionTimestamp") or owner is not None:
-            # an earlier job of this name still going (its pods get their grace period), or
-            # one whose owner is gone, which the garbage collector removes: wait, quietly
+            # one being deleted (ours too: it is going, not created), an earlier job of this
+            # name still going (its pods get their grace period), or one whose owner is gone,
+            # which the garbage collector removes: wait, quietly
             raise NameBusy(
                 f"{obj['kind']} {name} is still being deleted, or is an earlier job's of this name"
             )
