@@ -16,9 +16,10 @@ kubetune.devcluster.spot draws it), at several rates, under three policies:
 An uninterrupted run of the same job, in the same run, is the baseline: its wall time less
 its useful step time is what any run spends anyway (start, final checkpoint, upload).
 goodput = useful / (wall - that), useful being the steps the final adapter is made of at
-the baseline's step time (so that one run's faster or slower steps, a few percent from
-run to run on a shared machine, are not taken for goodput; the trainer's own ledger,
-kubetune_trainer.goodput, is printed beside it). A run that has not finished by --cap x
+the run's own step time (its ledger's useful seconds per step kept: a run's steps are 10-20 %
+faster or slower than another's on a shared 2-vCPU machine, which is not goodput); the
+trainer's own ledger ratio, kubetune_trainer.goodput, is printed beside it. A short
+warm-up run comes first, so the baseline's start is not a cold page cache's. A run that has not finished by --cap x
 the baseline's wall time is stopped; its useful steps are the ones it would keep. The next attempt starts as soon as the last one is gone (capacity
 elsewhere): what a reclaim costs here is the trainer's own restart, not a scheduler's.
 
@@ -250,6 +251,14 @@ def main() -> None:
         work = Path(d)
         model = tiny_sql_llama(work / "model")
         upload_sql_data(minio)
+        warm = start_trainer(
+            job_config(model, "warmup", 20, args.every),
+            work / "warmup",
+            minio,
+            "a1",
+            extra_env={"OMP_NUM_THREADS": str(args.threads)},
+        )
+        assert warm.wait(600) == 0, warm.log_text()[-2000:]
         base = start_trainer(
             job_config(model, "baseline", args.steps, args.every),
             work / "baseline",
@@ -283,13 +292,23 @@ def main() -> None:
             for policy in args.policies.split(","):
                 r = run_policy(policy, rate, args, minio, model, work, args.cap * base_wall)
                 spent = max(r["wall_s"] - fixed, 1e-9)
-                r["goodput"] = round(min(r["steps_kept"] * args.step_s / spent, 1.0), 3)
+                # this run's own step time where its ledger counts every step it kept
+                own_step = (
+                    r["useful_s"] / r["steps_kept"] if r["finished"] and r["steps_kept"] else args.step_s
+                )
+                r["goodput"] = round(min(r["steps_kept"] * own_step / spent, 1.0), 3)
+                lost = [r[k] for k in ("recomputed_s", "restart_s", "waiting_s")]
+                r["ledger_ratio"] = (
+                    round(r["useful_s"] / (r["useful_s"] + sum(lost)), 3)
+                    if r["finished"] and None not in lost
+                    else None
+                )
                 rows.append(r)
                 print(json.dumps(r), flush=True)
     print()
     print(
         f"{'policy':9} {'rate/h':>6} {'reclaims':>8} {'goodput':>7} {'wall s':>7} {'useful s':>8} "
-        f"{'recomp s':>8} {'restart s':>9} {'wait s':>6} {'steps redone':>12} {'finished':>8}"
+        f"{'recomp s':>8} {'restart s':>9} {'wait s':>6} {'steps redone':>12} {'finished':>8} {'ledger':>6}"
     )
     for r in rows:
 
@@ -299,7 +318,7 @@ def main() -> None:
         print(
             f"{r['policy']:9} {r['rate']:>6g} {r['reclaims']:>8} {r['goodput']:>7.3f} {r['wall_s']:>7.1f} "
             f"{r['useful_s']:>8.1f} {f(r['recomputed_s']):>8} {f(r['restart_s']):>9} {f(r['waiting_s']):>6} "
-            f"{r['steps_recomputed']:>12} {r['finished']!s:>8}"
+            f"{r['steps_recomputed']:>12} {r['finished']!s:>8} {f(r['ledger_ratio']) if r['ledger_ratio'] is None else format(r['ledger_ratio'], '.3f'):>6}"
         )
     # The floor no policy passes on this machine: a standby has at most the notice to load
     # (here less: it shares the 2 cores with the attempt it replaces, at nice 19), so each
