@@ -18,14 +18,12 @@ from tests.helpers import wait_for
 from tests.trainer.conftest import committed_steps, post_checkpoint, start_trainer, tiny_config
 
 
-class CuttingProxy:
-    """Forwards TCP to MinIO; cuts the first response that carries the target object
-    after `cut_after` body bytes, and records every request's first lines."""
+class LoopbackProxy:
+    """A TCP server on loopback in front of MinIO that serves each connection on its own
+    thread (_serve, in the subclasses)."""
 
-    def __init__(self, upstream_port: int, target: str, cut_after: int) -> None:
-        self.upstream_port, self.target, self.cut_after = upstream_port, target.encode(), cut_after
-        self.requests: list[bytes] = []
-        self.cuts = 0
+    def __init__(self, upstream_port: int, target: str) -> None:
+        self.upstream_port, self.target = upstream_port, target.encode()
         self.sock = socket.create_server(("127.0.0.1", 0))
         self.port = self.sock.getsockname()[1]
         threading.Thread(target=self._accept, daemon=True).start()
@@ -37,6 +35,20 @@ class CuttingProxy:
             except OSError:
                 return
             threading.Thread(target=self._serve, args=(client,), daemon=True).start()
+
+    def _serve(self, client: socket.socket) -> None:
+        raise NotImplementedError
+
+
+class CuttingProxy(LoopbackProxy):
+    """Forwards TCP to MinIO; cuts the first response that carries the target object
+    after `cut_after` body bytes, and records every request's first lines."""
+
+    def __init__(self, upstream_port: int, target: str, cut_after: int) -> None:
+        self.cut_after = cut_after
+        self.requests: list[bytes] = []
+        self.cuts = 0
+        super().__init__(upstream_port, target)
 
     def _serve(self, client: socket.socket) -> None:
         upstream = socket.create_connection(("127.0.0.1", self.upstream_port))
@@ -115,7 +127,7 @@ def test_training_survives_s3_being_down_for_20_seconds(minio, sql_bucket, tiny_
     assert "outage/out/adapter_model.safetensors" in keys
 
 
-class RefusingProxy:
+class RefusingProxy(LoopbackProxy):
     """Forwards TCP to MinIO one request per connection (it asks MinIO to close after its
     answer, so every request is seen); answers 503 to each whose request line holds
     `target`, as an overloaded or failing S3 does, and counts them."""
@@ -123,19 +135,8 @@ class RefusingProxy:
     REFUSAL = b"HTTP/1.1 503 Slow Down\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
 
     def __init__(self, upstream_port: int, target: str) -> None:
-        self.upstream_port, self.target = upstream_port, target.encode()
         self.refused = 0
-        self.sock = socket.create_server(("127.0.0.1", 0))
-        self.port = self.sock.getsockname()[1]
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                client, _ = self.sock.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._serve, args=(client,), daemon=True).start()
+        super().__init__(upstream_port, target)
 
     def _serve(self, client: socket.socket) -> None:
         with client:

@@ -404,14 +404,7 @@ class KubeletNodes:
         }
         if node.fake_gpus:
             env |= {"FAKE_GPU_PLUGIN": str(self.fake_gpu_plugin), "FAKE_GPUS": str(node.fake_gpus)}
-        args = [
-            "unshare",
-            "--mount",
-            "--propagation",
-            "private",
-            "--",
-            "/bin/sh",
-            "-c",
+        args = procs.in_private_mount_namespace(
             NODE_SCRIPT,
             "node",
             f"--config={d / 'kubelet.yaml'}",
@@ -421,7 +414,7 @@ class KubeletNodes:
             f"--node-labels={labels}",
             f"--cert-dir={d / 'pki'}",
             "--v=1",
-        ]
+        )
         log = self.workdir / "logs" / f"kubelet-{node.name}.log"
         proc = procs.spawn(args, log, env=env)
         self._procs.append((f"kubelet-{node.name}", proc, log))

@@ -196,17 +196,10 @@ def start(cluster, kueue_dir: Path, api_client) -> Kueue:
     config_path.write_text(yaml.safe_dump(controller_config(webhook_port, cert_dir, health_port)))
     cluster._spawn(
         "kueue",
-        [
-            # Kueue reads its metrics certificate from a fixed path when it does not make its
-            # own (main.go), even with metrics off: a private mount namespace binds ours
-            # there, as the kubelet nodes do with their fixed paths
-            "unshare",
-            "--mount",
-            "--propagation",
-            "private",
-            "--",
-            "/bin/sh",
-            "-c",
+        # Kueue reads its metrics certificate from a fixed path when it does not make its
+        # own (main.go), even with metrics off: a private mount namespace binds ours
+        # there, as the kubelet nodes do with their fixed paths
+        procs.in_private_mount_namespace(
             'mkdir -p "$2" && mount --bind "$1" "$2" && shift 2 && exec "$@"',
             "kueue",
             str(cert_dir),
@@ -216,7 +209,7 @@ def start(cluster, kueue_dir: Path, api_client) -> Kueue:
             f"--feature-gates={FEATURE_GATES}",
             f"--kubeconfig={cluster.endpoints.kubeconfig}",
             "--zap-log-level=2",
-        ],
+        ),
     )
     kueue = Kueue(
         kueue_dir.name.removeprefix("kueue-"),

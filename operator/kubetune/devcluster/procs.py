@@ -43,6 +43,12 @@ def spawn(
         )
 
 
+def in_private_mount_namespace(script: str, name: str, *args: str) -> list[str]:
+    """The command that runs a shell script ($0 = name, then args) in a private mount
+    namespace: binds it makes onto fixed paths stay its own and vanish with it."""
+    return ["unshare", "--mount", "--propagation", "private", "--", "/bin/sh", "-c", script, name, *args]
+
+
 def alive(pid: int) -> bool:
     """Running, not a zombie (a killed process nobody reaps keeps its /proc entry; some
     containers never reap)."""
