@@ -69,9 +69,10 @@ def pytest_terminal_summary(terminalreporter):
 
 @pytest.fixture(scope="session")
 def crd_installed(api_client):
-    from kubetune.crd import CRD_FILE
+    from kubetune.crd import ADAPTER_CRD_FILE, CRD_FILE
 
     install_crd(api_client, CRD_FILE)
+    install_crd(api_client, ADAPTER_CRD_FILE)
     return True
 
 

@@ -13,6 +13,7 @@ from typing import Annotated, Literal
 from pydantic import ConfigDict, Field, PlainValidator, WithJsonSchema, model_validator
 
 from kubetune_trainer.config import ApiModel, TrainingConfig
+from kubetune_trainer.library import AdapterSpec, Evaluation, Goodput, InitRecord
 
 GROUP = "kubetune.io"
 VERSION = "v1alpha1"
@@ -351,51 +352,9 @@ class AdapterRef(ApiModel):
     uri: str = Field(description="Where the adapter was uploaded.")
     sha256: str | None = Field(None, description="SHA-256 of the adapter's weights file.")
     size_bytes: int | None = Field(None, description="Size of the adapter's weights file.")
-
-
-class Evaluation(ApiModel):
-    split: str | None = Field(
-        None, description="What was held out: the validation URI, or the fraction of the data."
+    name: str | None = Field(
+        None, description="The Adapter object registering it in the library (kubectl get ad NAME)."
     )
-    examples: int | None = Field(None, description="Held-out examples generated for exact match.")
-    exact_match_before: float | None = Field(None, description="Exact match of the base model.")
-    exact_match: float | None = Field(
-        None, description="Exact match with the adapter, on the base it was trained on (4-bit for qlora)."
-    )
-    exact_match_unquantized_base: float | None = Field(
-        None, description="qlora: the same adapter on the unquantized base, as usually served."
-    )
-    eval_loss: float | None = Field(None, description="Final validation loss.")
-
-
-class Goodput(ApiModel):
-    ratio: float | None = Field(
-        None,
-        description="useful / (useful + lost): the share of the time spent training, or lost to "
-        "interruptions of training, that became adapter (1 for a run never interrupted).",
-    )
-    useful_seconds: float | None = Field(
-        None, description="Seconds of the optimizer steps the adapter is made of (each counted once)."
-    )
-    lost_seconds: float | None = Field(None, description="recomputed + restart + waiting.")
-    recomputed_seconds: float | None = Field(
-        None, description="Seconds of steps done again after an attempt was lost past its last checkpoint."
-    )
-    restart_seconds: float | None = Field(
-        None, description="Resumed attempts' own start: model load, checkpoint restore, data positioning."
-    )
-    waiting_seconds: float | None = Field(
-        None,
-        description="The rest of the time between attempts: old pods stopping, waiting for capacity, "
-        "scheduling, container start.",
-    )
-    other_seconds: float | None = Field(
-        None,
-        description="What an uninterrupted run spends too: the first start, evaluations, checkpoint pauses.",
-    )
-    wall_seconds: float | None = Field(None, description="Since the first attempt's trainer started.")
-    steps_recomputed: int | None = Field(None, description="Optimizer steps done more than once.")
-    attempts: int | None = Field(None, description="Attempts that trained (the ledger's count).")
 
 
 class FineTuneJobStatus(ApiModel):
@@ -421,6 +380,11 @@ class FineTuneJobStatus(ApiModel):
         description="How much of the job's time became adapter, and where the rest went (the trainer's "
         "ledger, carried in its checkpoints).",
     )
+    init_from: InitRecord | None = Field(
+        None,
+        description="The warm start's adapter as resolved when the job started (spec.lora.initFrom), pinned "
+        "by its sha256 for every attempt.",
+    )
     start_time: str | None = Field(None, description="When the first attempt's pods were created.")
     attempt_start_time: str | None = Field(None, description="When the current attempt's pods were created.")
     completion_time: str | None = Field(None, description="When the job succeeded or failed.")
@@ -433,3 +397,29 @@ class FineTuneJob(ApiModel):
     metadata: dict = Field(default_factory=dict)
     spec: FineTuneJobSpec
     status: FineTuneJobStatus | None = None
+
+
+ADAPTER_KIND = "Adapter"
+ADAPTER_PLURAL = "adapters"
+ADAPTER_SHORT_NAME = "ad"
+VERIFIED = "Verified"
+
+
+class AdapterStatus(ApiModel):
+    conditions: list[Condition] = Field(
+        default_factory=list,
+        description="Verified: whether the adapter's weights in S3 still have the recorded sha256 (False: "
+        "the object changed; it must not be served).",
+    )
+    verified_time: str | None = Field(None, description="When the sha256 was last checked.")
+
+
+class Adapter(ApiModel):
+    """A LoRA adapter in the library: registered by the operator when a FineTuneJob
+    succeeds (and not owned by it), or imported from a bucket's adapter.json files."""
+
+    api_version: Literal["kubetune.io/v1alpha1"] = f"{GROUP}/{VERSION}"
+    kind: Literal["Adapter"] = ADAPTER_KIND
+    metadata: dict = Field(default_factory=dict)
+    spec: AdapterSpec
+    status: AdapterStatus | None = None

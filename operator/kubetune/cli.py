@@ -231,6 +231,10 @@ def main(argv: list[str] | None = None) -> None:
     train.add_argument("--progress-port", type=int, default=None, help="serve /progress and /metrics here")
     train.set_defaults(func=_train)
 
+    from kubetune import adapters
+
+    adapters.add_parser(sub)
+
     demo = sub.add_parser("demo", help="the quick-start demo on a throwaway dev cluster")
     demo.add_argument("--workdir", type=Path, default=None)
     demo.set_defaults(func=_demo)

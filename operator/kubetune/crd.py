@@ -1,4 +1,4 @@
-"""api.py -> a structural OpenAPI v3 schema -> the FineTuneJob CRD (crds/ and the chart).
+"""api.py -> structural OpenAPI v3 schemas -> the FineTuneJob and Adapter CRDs (crds/ and the chart).
 
 pydantic's JSON schema is not structural as is: it has $defs/$ref, anyOf with null for
 Optional, titles, and JSON-Schema-2020 exclusive bounds. This rewrites it: refs
@@ -25,6 +25,8 @@ from kubetune_trainer.config import RUN_FIELDS
 ROOT = Path(__file__).resolve().parents[2]
 CRD_FILE = ROOT / "crds" / f"{api.GROUP}_{api.PLURAL}.yaml"
 CHART_CRD_FILE = ROOT / "charts" / "kubetune" / "templates" / "crds" / f"{api.PLURAL}.yaml"
+ADAPTER_CRD_FILE = ROOT / "crds" / f"{api.GROUP}_{api.ADAPTER_PLURAL}.yaml"
+CHART_ADAPTER_CRD_FILE = ROOT / "charts" / "kubetune" / "templates" / "crds" / f"{api.ADAPTER_PLURAL}.yaml"
 README_FILE = ROOT / "README.md"
 HEADER = "# Generated from operator/kubetune/api.py by `python -m kubetune.crd`. Do not edit.\n"
 
@@ -137,21 +139,44 @@ def _strip_defaults(schema: dict) -> None:
         _strip_defaults(schema["items"])
 
 
-def crd() -> dict:
+def crd_document(
+    kind: str,
+    plural: str,
+    short_name: str,
+    description: str,
+    spec: dict,
+    status: dict,
+    columns: list[dict],
+    rules: list[dict] = (),
+) -> dict:
+    root = {
+        "type": "object",
+        "description": description,
+        "required": ["spec"],
+        "properties": {
+            "apiVersion": {"type": "string"},
+            "kind": {"type": "string"},
+            "metadata": {"type": "object"},
+            "spec": spec,
+            "status": status,
+        },
+    }
+    if rules:
+        root["x-kubernetes-validations"] = list(rules)
     return {
         "apiVersion": "apiextensions.k8s.io/v1",
         "kind": "CustomResourceDefinition",
-        "metadata": {"name": f"{api.PLURAL}.{api.GROUP}"},
+        "metadata": {"name": f"{plural}.{api.GROUP}"},
         "spec": {
             "group": api.GROUP,
             "scope": "Namespaced",
             "names": {
-                "kind": api.KIND,
-                "listKind": f"{api.KIND}List",
-                "plural": api.PLURAL,
-                "singular": api.KIND.lower(),
-                "shortNames": [api.SHORT_NAME],
-                "categories": ["all", "kubetune"],
+                "kind": kind,
+                "listKind": f"{kind}List",
+                "plural": plural,
+                "singular": kind.lower(),
+                "shortNames": [short_name],
+                "categories": ["kubetune"] if kind == api.ADAPTER_KIND else ["all", "kubetune"],
             },
             "versions": [
                 {
@@ -159,39 +184,74 @@ def crd() -> dict:
                     "served": True,
                     "storage": True,
                     "subresources": {"status": {}},
-                    "additionalPrinterColumns": PRINTER_COLUMNS,
-                    "schema": {
-                        "openAPIV3Schema": {
-                            "type": "object",
-                            "description": "A fine-tuning job: a base model, data on S3, LoRA/QLoRA settings, "
-                            "and where checkpoints and the adapter go.",
-                            "required": ["spec"],
-                            "properties": {
-                                "apiVersion": {"type": "string"},
-                                "kind": {"type": "string"},
-                                "metadata": {"type": "object"},
-                                "spec": spec_schema(),
-                                "status": status_schema(),
-                            },
-                            "x-kubernetes-validations": NAME_RULES,
-                        }
-                    },
+                    "additionalPrinterColumns": columns,
+                    "schema": {"openAPIV3Schema": root},
                 }
             ],
         },
     }
 
 
-def render() -> str:
-    return HEADER + yaml.safe_dump(crd(), sort_keys=False, width=120)
+def crd() -> dict:
+    return crd_document(
+        api.KIND,
+        api.PLURAL,
+        api.SHORT_NAME,
+        "A fine-tuning job: a base model, data on S3, LoRA/QLoRA settings, "
+        "and where checkpoints and the adapter go.",
+        spec_schema(),
+        status_schema(),
+        PRINTER_COLUMNS,
+        NAME_RULES,
+    )
 
 
-# helm uninstall must not take every FineTuneJob (and its pods) with the CRD
+ADAPTER_COLUMNS = [
+    {"name": "Base", "type": "string", "jsonPath": ".spec.base.model"},
+    {"name": "Task", "type": "string", "jsonPath": ".spec.task"},
+    {"name": "Metric", "type": "number", "jsonPath": ".spec.evaluation.exactMatch"},
+    {"name": "Size", "type": "integer", "jsonPath": ".spec.adapter.sizeBytes"},
+    {"name": "Verified", "type": "string", "jsonPath": '.status.conditions[?(@.type=="Verified")].status'},
+    {"name": "Job", "type": "string", "jsonPath": ".spec.source.name", "priority": 1},
+    {"name": "Eval-Loss", "type": "number", "jsonPath": ".spec.evaluation.evalLoss", "priority": 1},
+    {"name": "URI", "type": "string", "jsonPath": ".spec.adapter.uri", "priority": 1},
+    {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
+]
+
+
+def _model_schema(model, mode: str) -> dict:
+    raw = model.model_json_schema(by_alias=True, mode=mode)
+    return structural(raw, raw.get("$defs", {}))
+
+
+def adapter_crd() -> dict:
+    status = _model_schema(api.AdapterStatus, "serialization")
+    _strip_defaults(status)
+    conditions = status["properties"]["conditions"]
+    conditions["x-kubernetes-list-type"] = "map"
+    conditions["x-kubernetes-list-map-keys"] = ["type"]
+    return crd_document(
+        api.ADAPTER_KIND,
+        api.ADAPTER_PLURAL,
+        api.ADAPTER_SHORT_NAME,
+        "A LoRA adapter in the library: where it is and its sha256, the base it adapts, the data and "
+        "settings it was trained with, its evaluation and the job that made it.",
+        _model_schema(api.AdapterSpec, "validation"),
+        status,
+        ADAPTER_COLUMNS,
+    )
+
+
+def render(doc: dict | None = None) -> str:
+    return HEADER + yaml.safe_dump(doc or crd(), sort_keys=False, width=120)
+
+
+# helm uninstall must not take every FineTuneJob (and its pods) with the CRD, nor the library
 CHART_CRD_ANNOTATIONS = {"helm.sh/resource-policy": "keep"}
 
 
-def chart_render() -> str:
-    doc = crd()
+def chart_render(doc: dict | None = None) -> str:
+    doc = doc or crd()
     doc["metadata"]["annotations"] = dict(CHART_CRD_ANNOTATIONS)
     body = yaml.safe_dump(doc, sort_keys=False, width=120)
     return (
@@ -206,7 +266,12 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--check", action="store_true", help="fail on drift instead of writing")
     args = ap.parse_args(argv)
-    wanted = {CRD_FILE: render(), CHART_CRD_FILE: chart_render()}
+    wanted = {
+        CRD_FILE: render(),
+        CHART_CRD_FILE: chart_render(),
+        ADAPTER_CRD_FILE: render(adapter_crd()),
+        CHART_ADAPTER_CRD_FILE: chart_render(adapter_crd()),
+    }
     if README_FILE.exists():
         wanted[README_FILE] = reference.with_reference(
             README_FILE.read_text(), spec_schema(), status_schema()

@@ -23,7 +23,7 @@ from pathlib import Path
 import yaml
 
 from kubetune.api import GROUP, PLURAL, VERSION
-from kubetune.crd import CRD_FILE
+from kubetune.crd import ADAPTER_CRD_FILE, CRD_FILE
 from kubetune.devcluster.cluster import REPO_ROOT, DevCluster, repo_pythonpath, tool_binary
 from kubetune.devcluster.minio import upload_tree
 from kubetune.devcluster.nodes import GKE_SPOT_LABEL, NVIDIA_GPU, RUNNER_LABEL
@@ -59,7 +59,8 @@ def run(workdir: Path | None = None) -> int:
         core, custom = client.CoreV1Api(api), client.CustomObjectsApi(api)
         kubectl = [str(tool_binary("kubectl")), "--kubeconfig", kubeconfig]
         tour_nodes(core)
-        subprocess.run([*kubectl, "apply", "-f", str(CRD_FILE)], check=True, stdout=subprocess.DEVNULL)
+        for crd in (CRD_FILE, ADAPTER_CRD_FILE):
+            subprocess.run([*kubectl, "apply", "-f", str(crd)], check=True, stdout=subprocess.DEVNULL)
         subprocess.run(
             [*kubectl, "wait", "--for=condition=Established", "crd/finetunejobs.kubetune.io"],
             check=True,

@@ -20,12 +20,14 @@ import time
 
 import kopf
 from kubernetes.client.rest import ApiException
+from pydantic import ValidationError
 
 from kubetune import metrics
-from kubetune.api import GROUP, PLURAL, VERSION
+from kubetune.api import ADAPTER_KIND, GROUP, PLURAL, VERSION, FineTuneJobSpec
 from kubetune.gang import capacity_scope, gang_fit, gated, without_gang_gate
 from kubetune.kube import Kube, watch_nodes, watch_pods
 from kubetune.kueue import PRIORITY_BOOST_ANNOTATION
+from kubetune.library import adapter_names, adapter_object, resolve_init_from, same_source
 from kubetune.manifests import (
     JOB_LABEL,
     PROGRESS_PORT,
@@ -38,7 +40,17 @@ from kubetune.manifests import (
 from kubetune.notices import Notice, notice, pods_on
 from kubetune.policy import Policy, violations
 from kubetune.stall import RankWatch, Stall, find_stall
-from kubetune.status import GONE, after_refusal, decide, finite, iso, merge_patch, pod_attempt, pod_rank
+from kubetune.status import (
+    GONE,
+    after_refusal,
+    decide,
+    finite,
+    iso,
+    merge_patch,
+    needs_init_from,
+    pod_attempt,
+    pod_rank,
+)
 
 log = logging.getLogger("kubetune")
 NETWORK_POLICY_ENV = "KUBETUNE_NETWORK_POLICY"  # {"namespace": ..., "podLabels": {...}}
@@ -337,6 +349,7 @@ class Controller:
             problems = violations(job.get("spec") or {}, self.policy)
             stall = self.stalls.get(key)
             avoid, noticed = self.avoided_nodes(), tuple(sorted(self.notices))
+            init_from = self._resolve_init_from(key, job)
 
             def decide_on(pods: list[dict]):
                 return decide(
@@ -349,6 +362,7 @@ class Controller:
                     stall=stall,
                     avoid_nodes=avoid,
                     noticed=noticed,
+                    init_from=init_from,
                 )
 
             plan = decide_on(pods)
@@ -393,6 +407,52 @@ class Controller:
             return 0.05
         metrics.observe_reconcile(time.perf_counter() - t0)
         return plan.requeue_after if plan.requeue_after is not None else self._resync(plan)
+
+    def _resolve_init_from(self, key, job: dict) -> dict | str | None:
+        """spec.lora.initFrom.adapter looked up, while the job has not pinned it yet."""
+        name = needs_init_from(job)
+        if name is None:
+            return None
+        try:
+            spec = FineTuneJobSpec.model_validate(job["spec"])
+        except ValidationError:
+            return None  # decide() fails the job with the validation's message
+        try:
+            adapter = self.kube.get(key[0], ADAPTER_KIND, name)
+        except ApiException as e:
+            if e.status not in (403, 404):
+                raise
+            return f"spec.lora.initFrom.adapter: Adapter {name} cannot be read: {api_message(e)}"
+        return resolve_init_from(spec, adapter, key[0])
+
+    def _register_adapter(self, key, job: dict, record: dict) -> str | None:
+        """Create the job's Adapter object (not owned by the job); its name, or None when
+        the library cannot be written (no CRD, no permission): the job succeeds anyway,
+        with a Warning Event saying why."""
+        ns, uid = key[0], job["metadata"]["uid"]
+        for name in adapter_names(key[1], uid):
+            try:
+                if self.kube.create(ns, adapter_object(name, ns, record)) is not None:
+                    log.info("%s/%s: adapter registered as Adapter %s", *key, name)
+                    return name
+                found = self.kube.get(ns, ADAPTER_KIND, name)
+            except ApiException as e:
+                if e.status not in (403, 404, 422):
+                    raise
+                message = f"the adapter was not registered in the library: {api_message(e)}"
+                log.warning("%s/%s: %s", *key, message)
+                self.events.submit(
+                    self._event,
+                    job,
+                    "Warning",
+                    "AdapterNotRegistered",
+                    message,
+                    iso(dt.datetime.now(dt.timezone.utc)),
+                )
+                return None
+            if found is not None and same_source(found, uid):
+                return name  # registered by an earlier reconcile of this success
+        return None
 
     def _start_standby(self, key, names: list[str]) -> None:
         """POST /start to standby trainers whose attempt's turn has come (one request in
@@ -529,6 +589,18 @@ class Controller:
 
     def _after_apply(self, key, job: dict, plan, now: dt.datetime) -> None:
         ns, name = key
+        if plan.register is not None:
+            # before the pods go: a failure here is retried with the trainer's message still there
+            registered = self._register_adapter(key, job, plan.register)
+            if registered:
+                plan.status["adapter"]["name"] = registered
+                plan.events.append(
+                    (
+                        "Normal",
+                        "AdapterRegistered",
+                        f"adapter registered in the library as Adapter {registered}",
+                    )
+                )
         for pod in plan.delete:
             self.kube.delete_pod(ns, pod)
         for loss in plan.losses:

@@ -23,6 +23,7 @@ COLLECTIONS = {
     "Service": "api/v1/namespaces/{ns}/services",
     "Event": "api/v1/namespaces/{ns}/events",
     "NetworkPolicy": "apis/networking.k8s.io/v1/namespaces/{ns}/networkpolicies",
+    "Adapter": "apis/kubetune.io/v1alpha1/namespaces/{ns}/adapters",
 }
 
 

@@ -110,6 +110,7 @@ def trainer_env(spec: FineTuneJobSpec, job: str, attempt: int, rank: int, uid: s
     env = [
         {"name": CONFIG_ENV, "value": training_config_json(spec)},
         {"name": "KUBETUNE_JOB", "value": job},
+        {"name": "KUBETUNE_JOB_UID", "value": uid},
         {"name": "KUBETUNE_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
         {"name": "KUBETUNE_ATTEMPT", "value": str(attempt)},
         {"name": "KUBETUNE_RANK", "value": str(rank)},

@@ -12,6 +12,7 @@ import copy
 import datetime as dt
 import json
 import math
+import re
 from dataclasses import dataclass, field
 
 from pydantic import ValidationError
@@ -21,6 +22,8 @@ from kubetune.gang import Fit, gated, queued_in_kueue
 from kubetune.kueue import priority_boost
 from kubetune.manifests import ATTEMPT_LABEL, RANK_LABEL, build_pods, pod_group_name, pod_name
 from kubetune.placement import min_gpu_memory
+from kubetune_trainer.config import InitFrom
+from kubetune_trainer.library import adapter_record
 
 # Condition types and reasons (CamelCase constants, as Kubernetes does).
 SCHEDULED, RUNNING, SUSPENDED, SUCCEEDED, FAILED = "Scheduled", "Running", "Suspended", "Succeeded", "Failed"
@@ -79,6 +82,8 @@ class Plan:
     # (Kueue Workload name, kueue.x-k8s.io/priority-boost): the running attempt's pod group
     workload_boost: tuple[str, int] | None = None
     start: list[str] = field(default_factory=list)  # standby pods to send POST /start
+    # the finished adapter's library record (AdapterSpec dict): an Adapter object to create
+    register: dict | None = None
 
 
 def iso(t: dt.datetime) -> str:
@@ -437,12 +442,14 @@ def decide(
     stall=None,
     avoid_nodes=(),
     noticed=(),
+    init_from: dict | str | None = None,
 ) -> Plan:
     """What to do about one job now. Pure: same inputs, same plan. `progress` is the last
     (pod name, GET /progress body) polled from a trainer; `gang` whether the gated workers
     of the current attempt fit on the nodes now (kubetune.gang); `stall` a worker found
     stuck (kubetune.stall.Stall: pod, node, message); `noticed` the nodes under a
-    termination notice (kubetune.notices)."""
+    termination notice (kubetune.notices); `init_from` spec.lora.initFrom.adapter resolved
+    (kubetune.library.resolve_init_from: {adapter, uri, sha256}, or why it cannot be)."""
     c = Ctx(job, pods, now)
     c.progress = progress
     c.gang = gang
@@ -464,6 +471,9 @@ def decide(
     st.setdefault("attempt", 0)
     st.setdefault("preemptions", 0)
     st.setdefault("failures", 0)
+    spec = _pinned_init_from(c, spec, init_from)
+    if spec is None:
+        return c.plan
 
     if spec.suspend:
         return _suspend(c)
@@ -497,6 +507,39 @@ def decide(
         left = deadline - (now - started).total_seconds()
         c.plan.requeue_after = min(c.plan.requeue_after or left, left)
     return c.plan
+
+
+def needs_init_from(job: dict) -> str | None:
+    """The Adapter a job's warm start names, while it is not pinned in its status yet."""
+    init = ((job.get("spec") or {}).get("lora") or {}).get("initFrom") or {}
+    st = job.get("status") or {}
+    if not init.get("adapter") or st.get("initFrom") or st.get("phase") in TERMINAL:
+        return None
+    return init["adapter"]
+
+
+def _pinned_init_from(c: Ctx, spec: FineTuneJobSpec, resolved: dict | str | None) -> FineTuneJobSpec | None:
+    """The spec the pods get: spec.lora.initFrom.adapter replaced by the adapter's folder
+    and sha256, resolved once and kept in status.initFrom (the same for every attempt,
+    whatever happens to the Adapter object later). None: the job failed."""
+    init = spec.lora.init_from
+    if init is None or init.adapter is None:
+        return spec
+    pinned = c.st.get("initFrom")
+    if not pinned:
+        if not isinstance(resolved, dict):
+            c.fail(INVALID_SPEC, resolved or f"spec.lora.initFrom.adapter {init.adapter}: not looked up")
+            return None
+        c.st["initFrom"] = pinned = resolved
+        c.plan.events.append(
+            (
+                "Normal",
+                "WarmStart",
+                f"starts from Adapter {init.adapter} ({pinned['uri']}, sha256 {pinned['sha256'][:12]})",
+            )
+        )
+    lora = spec.lora.model_copy(update={"init_from": InitFrom.model_validate(pinned)})
+    return spec.model_copy(update={"lora": lora})
 
 
 def create_backoff(refusals: int) -> float:
@@ -617,7 +660,7 @@ def _attempt(c: Ctx, spec: FineTuneJobSpec) -> None:
     names = {r: pod_name(c.name, attempt, r) for r in range(spec.workers)}
     rank0 = current.get(0)
     if rank0 is not None and pod_phase(rank0) == Phase.succeeded.value:
-        return _succeeded(c, rank0)
+        return _succeeded(c, rank0, spec)
     losses = [
         classify_loss(current.get(r), n)
         for r, n in names.items()
@@ -823,7 +866,55 @@ def evaluation_from_message(message: dict) -> dict | None:
     return out or None
 
 
-def _succeeded(c: Ctx, rank0: dict) -> None:
+def lineage_from_message(message: dict) -> dict:
+    """The trainer's base and data fingerprints (hex) and shard count, checked."""
+    found = message.get("lineage")
+    if not isinstance(found, dict):
+        return {}
+    out = {}
+    for key in ("base", "data"):
+        v = found.get(key)
+        if isinstance(v, str) and re.fullmatch(r"[0-9a-f]{64}", v):
+            out[key] = v
+    shards = count(found.get("shards"))
+    if shards is not None:
+        out["shards"] = shards
+    return out
+
+
+def adapter_registration(c: Ctx, spec: FineTuneJobSpec, message: dict) -> dict | None:
+    """The library record of the job's adapter (kubetune_trainer.library.adapter_record,
+    as the trainer wrote adapter.json), with the S3 access needed to verify it."""
+    adapter = c.st.get("adapter") or {}
+    if not (adapter.get("uri") and adapter.get("sha256") and adapter.get("sizeBytes") is not None):
+        return None
+    try:
+        record = adapter_record(
+            spec,
+            {k: adapter[k] for k in ("uri", "sha256", "sizeBytes")},
+            lineage=lineage_from_message(message),
+            evaluation=c.st.get("evaluation"),
+            goodput=c.st.get("goodput"),
+            steps=(c.st.get("progress") or {}).get("step"),
+            source={"name": c.name, "namespace": c.job["metadata"].get("namespace"), "uid": c.uid},
+            created=c.now_s,
+        )
+    except ValidationError:
+        return None  # (a message the trainer did not write: no record rather than a wrong one)
+    storage = spec.storage
+    record["storage"] = {
+        k: v
+        for k, v in {
+            "endpoint": storage.endpoint,
+            "region": storage.region,
+            "secretName": storage.secret_ref.name if storage.secret_ref else None,
+        }.items()
+        if v
+    }
+    return record
+
+
+def _succeeded(c: Ctx, rank0: dict, spec: FineTuneJobSpec) -> None:
     msg = termination_message(rank0)
     st = c.st
     if isinstance(msg.get("adapter"), dict):
@@ -844,6 +935,7 @@ def _succeeded(c: Ctx, rank0: dict) -> None:
             "summary": progress_summary(step, total),
         }
     st["completionTime"] = c.now_s
+    c.plan.register = adapter_registration(c, spec, msg)
     where = f"; adapter at {st['adapter']['uri']}" if st.get("adapter") else ""
     c.transition(Phase.succeeded.value, "Succeeded", f"training finished{where}")
     c.cond(SUCCEEDED, True, "Succeeded", "training finished")

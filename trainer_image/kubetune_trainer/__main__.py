@@ -100,9 +100,11 @@ def main(argv: list[str] | None = None) -> int:
             goodput = ledger.report(time.time()) if ledger is not None and trainer.dist.main else None
             return finish(EXIT_PREEMPTED, "preempted", step=p.step, checkpoint=p.checkpoint, goodput=goodput)
         result.metrics["tokens"] = trainer.tokens_seen
-        adapter = None
+        adapter = evaluation = goodput = None
         if trainer.dist.main:
             progress.update(phase="uploading")
+            evaluation = evaluation_summary(cfg, result.metrics)
+            goodput = trainer.ledger.report(time.time())
             adapter = export(
                 cfg,
                 trainer.model,
@@ -112,12 +114,17 @@ def main(argv: list[str] | None = None) -> int:
                 model_dir(cfg.model, trainer.cache),
                 trainer.final_weights,  # None unless the model is sharded
                 trainer.backend,
+                record={
+                    "lineage": trainer.lineage,
+                    "evaluation": evaluation,
+                    "goodput": goodput,
+                    "source": source_job(os.environ),
+                },
             )
         trainer.ckpts.close()
         trainer.close()
         progress.update(phase="done")
         log.info("done: %d steps in %.0f s", result.step, time.monotonic() - t0)
-        evaluation = evaluation_summary(cfg, result.metrics) if trainer.dist.main else None
         return finish(
             EXIT_OK,
             "completed",
@@ -125,7 +132,9 @@ def main(argv: list[str] | None = None) -> int:
             checkpoint=result.checkpoint,
             adapter=adapter,
             evaluation=evaluation,
-            goodput=trainer.ledger.report(time.time()) if trainer.dist.main else None,
+            goodput=goodput,
+            # the adapter record's fingerprints: the operator's Adapter object names them too
+            lineage=trainer.lineage if trainer.dist.main else None,
         )
     except DataError as e:
         return finish(EXIT_DATA, "data-error", error=str(e))
@@ -165,6 +174,12 @@ def start_progress(port: int | None, rank: int, environ=os.environ, requested=No
             raise
         log.warning("rank %d serves no /progress: %s:%s: %s", rank, host, port, e)
         return ProgressServer(None, rank=rank)
+
+
+def source_job(environ) -> dict:
+    """The FineTuneJob this trainer runs for (set by the operator; none under kubetune train)."""
+    fields = {"name": "KUBETUNE_JOB", "namespace": "KUBETUNE_NAMESPACE", "uid": "KUBETUNE_JOB_UID"}
+    return {k: environ[v] for k, v in fields.items() if environ.get(v)}
 
 
 def finish(code: int, outcome: str, **fields) -> int:

@@ -170,6 +170,39 @@ class Method(str, Enum):
     lora = "lora"
 
 
+class InitFrom(ApiModel):
+    adapter: str | None = Field(
+        None,
+        max_length=253,
+        pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$",
+        description="An Adapter in the job's namespace (kubectl get ad): its weights, pinned by their "
+        "sha256 when the job starts.",
+    )
+    uri: Uri | None = Field(
+        None, description="An adapter folder (adapter_model.safetensors + adapter_config.json)."
+    )
+    sha256: str | None = Field(
+        None,
+        pattern=r"^[0-9a-f]{64}$",
+        description="Expected SHA-256 of its adapter_model.safetensors (default: the one its _COMPLETE.json "
+        "lists; set by the operator for an adapter).",
+    )
+
+    @model_validator(mode="after")
+    def _names_one(self) -> InitFrom:
+        if self.adapter is None and self.uri is None:
+            raise ValueError("lora.initFrom needs adapter (an Adapter's name) or uri")
+        return self
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                {"rule": "has(self.adapter) || has(self.uri)", "message": "set adapter or uri"}
+            ]
+        }
+    )
+
+
 class Lora(ApiModel):
     r: int = Field(16, ge=1, le=1024, description="LoRA rank.")
     alpha: float = Field(32, gt=0, description="LoRA scaling numerator (scale = alpha / r).")
@@ -178,6 +211,11 @@ class Lora(ApiModel):
         default_factory=lambda: ["all-linear"],
         min_length=1,
         description="Module names to adapt; [all-linear] adapts every linear layer but the output head.",
+    )
+    init_from: InitFrom | None = Field(
+        None,
+        description="Warm start: begin from an existing adapter's weights (continued training on new data) "
+        "instead of a fresh adapter. Its base model and LoRA shape (r, targetModules) must be this job's.",
     )
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from kubetune_trainer.checkpoints import sha256_file
 from kubetune_trainer.goodput import summary_line
+from kubetune_trainer.library import RECORD_FILE, WEIGHTS_FILE, adapter_record, record_json
 from kubetune_trainer.storage import open_store
 
 log = logging.getLogger("kubetune.export")
@@ -156,9 +157,12 @@ def export(
     model_path: str,
     weights: dict | None = None,
     backend: str = "cpu",
+    record: dict | None = None,
 ) -> dict:
     """Write everything locally, upload it, return status.adapter {uri, sha256, sizeBytes}.
-    `weights`: the LoRA weights gathered whole when the model is sharded (fsdp)."""
+    `weights`: the LoRA weights gathered whole when the model is sharded (fsdp); `record`:
+    adapter_record()'s keyword arguments (lineage, evaluation, goodput, source), written
+    as adapter.json with the rest (kubetune_trainer.library)."""
     out = workdir / "output"
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(str(out), state_dict=weights)
@@ -181,13 +185,19 @@ def export(
     if cfg.output.merged_model:
         _merge(cfg, out, model_path, metrics["compute_dtype"] or "float32", backend)
     store = open_store(cfg.output.uri)
-    files = publish(store, out)
-    adapter = out / "adapter_model.safetensors"
+    adapter = out / WEIGHTS_FILE
     info = {
         "uri": store.uri.rstrip("/") + "/",
-        "sha256": files["adapter_model.safetensors"],
+        "sha256": sha256_file(adapter),
         "sizeBytes": adapter.stat().st_size,
     }
+    created = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    (out / RECORD_FILE).write_text(
+        record_json(adapter_record(cfg, info, steps=result.step, created=created, **(record or {})))
+    )
+    files = publish(store, out)
+    if files[WEIGHTS_FILE] != info["sha256"]:
+        raise RuntimeError(f"{adapter} changed while it was uploaded")
     log.info("adapter uploaded to %s (%d files, %.1f MB)", info["uri"], len(files), info["sizeBytes"] / 1e6)
     return info
 

@@ -31,6 +31,7 @@ STREAM_REOPENS = 8
 class ObjectInfo:
     key: str  # relative to the store's root, '/'-separated
     size: int
+    etag: str | None = None  # S3's ETag; a local file's size and mtime (what changes when it does)
 
 
 class Store(Protocol):
@@ -77,6 +78,11 @@ def missing(error: Exception) -> bool:
     return str((response.get("Error") or {}).get("Code")) in ("404", "NoSuchKey", "NotFound", "NoSuchBucket")
 
 
+def _file_etag(path: Path) -> str:
+    st = path.stat()
+    return f"{st.st_size:x}-{st.st_mtime_ns:x}"
+
+
 def open_store(uri: str) -> Store:
     """s3://bucket/prefix, file:///abs/path or a plain local path."""
     parsed = urlparse(uri)
@@ -100,11 +106,11 @@ class LocalStore:
     def list(self, prefix: str = "") -> list[ObjectInfo]:
         base = self._path(prefix)
         if base.is_file():
-            return [ObjectInfo(prefix, base.stat().st_size)]
+            return [ObjectInfo(prefix, base.stat().st_size, _file_etag(base))]
         if not base.is_dir():
             return []
         found = [
-            ObjectInfo(p.relative_to(self.root).as_posix(), p.stat().st_size)
+            ObjectInfo(p.relative_to(self.root).as_posix(), p.stat().st_size, _file_etag(p))
             for p in base.rglob("*")
             if p.is_file() and not p.name.endswith(".partial")
         ]
@@ -189,7 +195,7 @@ class S3Store:
                     continue  # a "folder" marker (S3 consoles create them), not a file
                 if key == full or key.startswith(folder):
                     rel = key[len(self.prefix) :].lstrip("/") if self.prefix else key
-                    out.append(ObjectInfo(rel, obj["Size"]))
+                    out.append(ObjectInfo(rel, obj["Size"], obj.get("ETag", "").strip('"') or None))
         return sorted(out, key=lambda o: o.key)
 
     def open(self, key: str, offset: int = 0) -> BinaryIO:

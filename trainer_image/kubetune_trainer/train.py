@@ -28,6 +28,7 @@ from kubetune_trainer.checkpoints import CheckpointStore, Fenced, Restored, RunM
 from kubetune_trainer.config import RUN_FIELDS, TrainingConfig
 from kubetune_trainer.data import RecordStream, in_validation, list_shards
 from kubetune_trainer.goodput import Ledger, summary_line
+from kubetune_trainer.library import base_fingerprint, data_fingerprint
 from kubetune_trainer.progress import ProgressServer, Rate, eta_seconds
 from kubetune_trainer.sequences import IGNORE, SequenceStream, collate, label_tokens, make_encoder
 from kubetune_trainer.signals import CheckpointRequest, StartSignal, StopFlag
@@ -122,6 +123,20 @@ def set_rng_state(state: dict) -> None:
     torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in state["cuda"]])
+
+
+def local_base_fingerprint(path: str, revision: str | None) -> str | None:
+    """The base model's fingerprint (kubetune_trainer.library.base_fingerprint), from its
+    folder, or from the Hub cache for a Hub id (None when nothing is cached locally)."""
+    folder = Path(path)
+    if not folder.is_dir():
+        try:
+            from huggingface_hub import snapshot_download
+
+            folder = Path(snapshot_download(path, revision=revision, local_files_only=True))
+        except Exception:
+            return None
+    return base_fingerprint(folder)
 
 
 def run_fingerprint(cfg: TrainingConfig) -> str:
@@ -244,8 +259,14 @@ class Trainer:
         if self.dist.world > 1:
             self._init_process_group(torch)
         # the data first: a wrong prefix fails in a second, not after loading a 7B model
-        list_shards(open_store(cfg.dataset.uri))
+        shards = list_shards(open_store(cfg.dataset.uri))
         self.model_path = path = model_dir(cfg.model, self.cache)
+        # what the adapter record names as this run's base and data (kubetune_trainer.library)
+        self.lineage = {
+            "base": local_base_fingerprint(path, cfg.model.revision),
+            "data": data_fingerprint([(o.key, o.etag) for o in shards]),
+            "shards": len(shards),
+        }
         self.tokenizer = load_tokenizer(path, cfg.model)
         seed_everything(cfg.training.seed)  # LoRA init is drawn from it
         t0 = time.monotonic()
@@ -326,6 +347,8 @@ class Trainer:
             cfg, self.backend, self.dist.local_rank, agree, resumed=self._resumed_dtype()
         )
         self.model = load_model(cfg, self.backend, path, self.dist.local_rank, self.compute_dtype)
+        if cfg.lora.init_from and not self.restored:
+            self._warm_start()
         self.device = next(p.device for p in self.model.parameters() if p.requires_grad)
         trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
         log.info(
@@ -360,6 +383,17 @@ class Trainer:
         )
         self.encode = make_encoder(self.tokenizer, cfg.dataset)
         self.sparse_logits = supports_sparse_logits(self.model)
+
+    def _warm_start(self) -> None:
+        """lora.initFrom: the source adapter's weights in place of a fresh adapter (a
+        resumed run has its own in the checkpoint instead)."""
+        from kubetune_trainer.warmstart import apply_source, check_source, fetch_source
+
+        init = self.cfg.lora.init_from
+        folder, record = fetch_source(init, self.workdir / "init-from")
+        check_source(folder, record, self.model, self.lineage.get("base"))
+        loaded = apply_source(self.model, folder)
+        log.info("warm start: %d adapter tensors from %s", loaded, init.adapter or init.uri)
 
     @property
     def shares_rank0_work(self) -> bool:

@@ -77,6 +77,11 @@ ClusterRole when it watches every namespace). */}}
 - apiGroups: [kubetune.io]
   resources: [finetunejobs/status]
   verbs: [get, patch, update]
+# The adapter library: an Adapter per succeeded job (created, read to find it again after
+# a restart, and a warm start's source read).
+- apiGroups: [kubetune.io]
+  resources: [adapters]
+  verbs: [get, create]
 # Children carry ownerReferences with blockOwnerDeletion, which clusters that enforce
 # owner-reference permissions (OwnerReferencesPermissionEnforcement) allow only to whoever
 # may update the owner's finalizers.
