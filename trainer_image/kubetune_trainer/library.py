@@ -155,7 +155,7 @@ def label_value(text: str) -> str:
     """A Kubernetes label value naming `text`: a Hub id keeps its name ('/' becomes '.'),
     a URI its last folder; anything longer than 63 characters ends in a hash of the whole,
     so two long names never share a label."""
-    readable = text.rstrip("/")
+    text = readable = text.rstrip("/")  # a folder URI names the same folder either way
     if "://" in readable:
         readable = readable.rsplit("/", 1)[-1] or readable.split("://", 1)[1]
     readable = re.sub(r"[^A-Za-z0-9_.-]+", "-", readable.replace("/", "."))
