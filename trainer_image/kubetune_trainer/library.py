@@ -160,7 +160,7 @@ def label_value(text: str) -> str:
         readable = readable.rsplit("/", 1)[-1] or readable.split("://", 1)[1]
     readable = re.sub(r"[^A-Za-z0-9_.-]+", "-", readable.replace("/", "."))
     readable = readable.strip("-_.") or "x"
-    if len(readable) <= 63 and readable == text:
+    if len(readable) <= 63 and readable == text.replace("/", "."):  # (a Hub id: org.name)
         return readable
     digest = hashlib.sha256(text.encode()).hexdigest()[:8]
     return f"{readable[:54].strip('-_.')}-{digest}"
