@@ -17,8 +17,8 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from kubetune.api import GROUP, PLURAL, VERSION
-from kubetune.crd import CRD_FILE
+from kubetune.api import ADAPTER_PLURAL, GROUP, PLURAL, VERSION
+from kubetune.crd import ADAPTER_CRD_FILE, CRD_FILE
 from kubetune.devcluster.cluster import REPO_ROOT, tool_binary
 from kubetune.gang import CAPACITY_NAMESPACES_ENV, capacity_scope
 from kubetune.policy import Policy, violations
@@ -28,6 +28,7 @@ CHART = REPO_ROOT / "charts" / "kubetune"
 K8S_VERSION = "1.34.4"
 RELEASE_NS = "kubetune-system"
 CRD_NAME = f"{PLURAL}.{GROUP}"
+ADAPTER_CRD_NAME = f"{ADAPTER_PLURAL}.{GROUP}"
 DIGEST = "sha256:" + "ab" * 32
 
 # Value sets the chart must render (and lint, and validate) with.
@@ -64,6 +65,7 @@ NAMESPACED = {
     *((GROUP, "finetunejobs", v) for v in ("get", "list", "watch", "patch", "delete")),
     *((GROUP, "finetunejobs/status", v) for v in ("get", "patch", "update")),
     (GROUP, "finetunejobs/finalizers", "update"),
+    *((GROUP, "adapters", v) for v in ("get", "create")),
     *(("", "pods", v) for v in ("get", "list", "watch", "create", "delete", "patch")),
     *(("", "services", v) for v in ("get", "create", "delete")),
     *((g, "events", v) for g in ("", "events.k8s.io") for v in ("create", "patch")),
@@ -485,18 +487,19 @@ def installed(dev_cluster, api_client, core, release: str, values: dict, tmp_pat
     ns = f"kt-{uuid.uuid4().hex[:6]}"
     kubeconfig = dev_cluster.endpoints.kubeconfig
     if adopt_crd:
-        ext.patch_custom_resource_definition(
-            CRD_NAME,
-            {
-                "metadata": {
-                    "labels": {"app.kubernetes.io/managed-by": "Helm"},
-                    "annotations": {
-                        "meta.helm.sh/release-name": release,
-                        "meta.helm.sh/release-namespace": ns,
-                    },
-                }
-            },
-        )
+        for name in (CRD_NAME, ADAPTER_CRD_NAME):
+            ext.patch_custom_resource_definition(
+                name,
+                {
+                    "metadata": {
+                        "labels": {"app.kubernetes.io/managed-by": "Helm"},
+                        "annotations": {
+                            "meta.helm.sh/release-name": release,
+                            "meta.helm.sh/release-namespace": ns,
+                        },
+                    }
+                },
+            )
     out = helm(
         "install", release, str(CHART), "-n", ns, "--create-namespace", "--wait", "--timeout", "120s",
         "-f", values_file(tmp_path, values), kubeconfig=kubeconfig, check=False,
@@ -511,7 +514,9 @@ def installed(dev_cluster, api_client, core, release: str, values: dict, tmp_pat
             # helm.sh/resource-policy: keep: the uninstall leaves the CRD, and every job, in place
             if out.returncode == 0:
                 assert ext.read_custom_resource_definition(CRD_NAME).metadata.name == CRD_NAME
+                assert ext.read_custom_resource_definition(ADAPTER_CRD_NAME).metadata.name == ADAPTER_CRD_NAME
             install_crd(api_client, CRD_FILE)  # replaced without helm's marks
+            install_crd(api_client, ADAPTER_CRD_FILE)
 
 
 def in_cluster_values(dev_cluster) -> dict:
@@ -712,6 +717,11 @@ def test_installed_chart_namespaced_runs_a_job_with_its_service_account(
 
             wait_for(peers, 30, "both replicas in the peering object")
             assert st["adapter"]["uri"].startswith(f"s3://chart-runs/{jobs_ns}/tiny/out")
+            # registered in the library by the operator's own ServiceAccount (create, never delete)
+            assert st["adapter"]["name"] == "tiny"
+            registered = custom.get_namespaced_custom_object(GROUP, VERSION, jobs_ns, ADAPTER_PLURAL, "tiny")
+            assert registered["spec"]["adapter"]["sha256"] == st["adapter"]["sha256"]
+            assert not sa_can("delete", "adapters", jobs_ns, GROUP)
             text = logs()
             assert "Forbidden" not in text and " 403" not in text, text[-3000:]
 

@@ -1,5 +1,5 @@
-"""The chart's CRD copy renders with real helm to exactly the generated CRD, and only
-when crds.enabled."""
+"""The chart's CRD copies render with real helm to exactly the generated CRDs
+(FineTuneJob and Adapter), and only when crds.enabled."""
 
 from __future__ import annotations
 
@@ -8,10 +8,12 @@ from pathlib import Path
 
 import yaml
 
-from kubetune.crd import CRD_FILE
+from kubetune.crd import ADAPTER_CRD_FILE, CRD_FILE
 from kubetune.devcluster.cluster import tool_binary
 
-CRD_FILE_NAME = yaml.safe_load(CRD_FILE.read_text())["metadata"]["name"]
+GENERATED = {
+    (d := yaml.safe_load(f.read_text()))["metadata"]["name"]: d for f in (CRD_FILE, ADAPTER_CRD_FILE)
+}
 CHART = Path(__file__).resolve().parents[2] / "charts" / "kubetune"
 
 
@@ -30,16 +32,18 @@ def crds(docs: list[dict]) -> list[dict]:
     return [d for d in docs if d["kind"] == "CustomResourceDefinition"]
 
 
-def test_chart_renders_the_generated_crd():
-    (chart_crd,) = crds(helm_template())
-    # kept on helm uninstall: removing the CRD would delete every job
-    assert chart_crd["metadata"].pop("annotations") == {"helm.sh/resource-policy": "keep"}
-    assert chart_crd == yaml.safe_load(CRD_FILE.read_text())
+def test_chart_renders_the_generated_crds():
+    rendered = {d["metadata"]["name"]: d for d in crds(helm_template())}
+    assert set(rendered) == set(GENERATED)
+    for name, chart_crd in rendered.items():
+        # kept on helm uninstall: removing the CRD would delete every job, and the library
+        assert chart_crd["metadata"].pop("annotations") == {"helm.sh/resource-policy": "keep"}
+        assert chart_crd == GENERATED[name]
 
 
-def test_chart_can_leave_the_crd_out():
+def test_chart_can_leave_the_crds_out():
     assert crds(helm_template("--set", "crds.enabled=false")) == []
     # kopf's peering CRDs (more than one replica) are CRDs too
     assert crds(helm_template("--set", "crds.enabled=false,replicaCount=2")) == []
     names = {d["metadata"]["name"] for d in crds(helm_template("--set", "replicaCount=2"))}
-    assert names == {CRD_FILE_NAME, "clusterkopfpeerings.kopf.dev", "kopfpeerings.kopf.dev"}
+    assert names == {*GENERATED, "clusterkopfpeerings.kopf.dev", "kopfpeerings.kopf.dev"}
