@@ -23,7 +23,7 @@ from kubetune.kueue import priority_boost
 from kubetune.manifests import ATTEMPT_LABEL, RANK_LABEL, build_pods, pod_group_name, pod_name
 from kubetune.placement import min_gpu_memory
 from kubetune_trainer.config import InitFrom
-from kubetune_trainer.library import adapter_record
+from kubetune_trainer.library import adapter_record, clip_samples
 
 # Condition types and reasons (CamelCase constants, as Kubernetes does).
 SCHEDULED, RUNNING, SUSPENDED, SUCCEEDED, FAILED = "Scheduled", "Running", "Suspended", "Succeeded", "Failed"
@@ -863,6 +863,9 @@ def evaluation_from_message(message: dict) -> dict | None:
         v = ev.get(key)
         if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
             out[key] = round(float(v), 4)
+    samples = clip_samples(ev.get("samples"))
+    if samples:
+        out["samples"] = samples
     return out or None
 
 

@@ -79,7 +79,7 @@ def test_jobs_register_adapters_that_outlive_them_and_a_bucket_rebuilds_the_libr
     assert a["spec"]["source"] == {"name": "sql-a", "namespace": ns, "uid": job_a["metadata"]["uid"]}
     assert a["spec"]["base"]["model"] == tiny_model_in_s3.rstrip("/")
     assert len(a["spec"]["base"]["fingerprint"]) == 64 and a["spec"]["dataset"]["shards"] >= 1
-    assert a["spec"]["evaluation"] == first["evaluation"]
+    assert a["spec"]["evaluation"] == first["evaluation"] and len(a["spec"]["evaluation"]["samples"]) == 3
     assert a["spec"]["storage"] == {"endpoint": ep, "region": "us-east-1", "secretName": "s3"}
     # the same record beside the adapter in S3 (less the cluster's S3 access)
     prefix = f"{ns}/sql-a/out/"

@@ -227,3 +227,48 @@ def test_the_model_card_says_which_base_the_adapter_expects(method):
         assert "full-precision base (float32)" in card and "4-bit base it was trained on" not in card
     else:
         assert "on the 4-bit base it was trained on" in card and "load_in_4bit=True" in card
+
+
+def test_a_success_message_at_its_largest_keeps_everything_under_4_kib():
+    """The biggest completed message the trainer writes: the adapter, a whole evaluation
+    with samples of arbitrary model output (escaped as JSON), goodput, the checkpoint and
+    the library's fingerprints must all fit, or the operator would lose the adapter."""
+    from kubetune_trainer.library import clip_samples
+
+    worst = '"\\\u0001é' * 500
+    samples = [{"reference": worst, "prediction": worst} for _ in range(10)]
+    evaluation = {
+        "split": "s3://" + "b" * 63 + "/" + "p" * 180,
+        "examples": 1000,
+        "exactMatchBefore": 0.123456,
+        "exactMatch": 0.987654,
+        "exactMatchUnquantizedBase": 0.876543,
+        "evalLoss": 1.234567,
+        "samples": clip_samples(samples),
+    }
+    goodput = {
+        k: 123456.789
+        for k in (
+            "ratio",
+            "usefulSeconds",
+            "lostSeconds",
+            "recomputedSeconds",
+            "restartSeconds",
+            "waitingSeconds",
+            "otherSeconds",
+            "wallSeconds",
+        )
+    }
+    goodput.update(stepsRecomputed=1_000_000, attempts=100)
+    text = termination_message(
+        "completed",
+        step=10_000_000,
+        checkpoint={"step": 10_000_000, "uri": "s3://" + "c" * 63 + "/" + "k" * 300 + "/step-10000000/"},
+        adapter={"uri": "s3://" + "o" * 63 + "/" + "a" * 300 + "/", "sha256": "f" * 64, "sizeBytes": 10**12},
+        evaluation=evaluation,
+        goodput=goodput,
+        lineage={"base": "b" * 64, "data": "d" * 64, "shards": 100_000},
+    )
+    body = json.loads(text)
+    assert len(text.encode()) <= MAX_MESSAGE and body["adapter"]["sha256"] == "f" * 64, len(text.encode())
+    assert len(body["evaluation"]["samples"]) == 3

@@ -13,7 +13,13 @@ from pathlib import Path
 
 from kubetune_trainer.checkpoints import sha256_file
 from kubetune_trainer.goodput import summary_line
-from kubetune_trainer.library import RECORD_FILE, WEIGHTS_FILE, adapter_record, record_json
+from kubetune_trainer.library import (
+    RECORD_FILE,
+    WEIGHTS_FILE,
+    adapter_record,
+    clip_samples,
+    record_json,
+)
 from kubetune_trainer.storage import open_store
 
 log = logging.getLogger("kubetune.export")
@@ -144,6 +150,7 @@ def evaluation_summary(cfg, metrics: dict) -> dict | None:
         "exactMatch": (em.get("after") or {}).get("exact_match"),
         "exactMatchUnquantizedBase": (em.get("after_unquantized_base") or {}).get("exact_match"),
         "evalLoss": None if metrics.get("eval_loss") is None else round(metrics["eval_loss"], 4),
+        "samples": clip_samples((em.get("after") or {}).get("samples")) or None,
     }
     return {k: v for k, v in out.items() if v is not None}
 

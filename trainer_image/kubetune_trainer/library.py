@@ -26,6 +26,31 @@ JOB_LABEL = "kubetune.io/job"
 SHA256_PATTERN = r"^[0-9a-f]{64}$"
 
 
+SAMPLES_KEPT, SAMPLE_CHARS = 3, 120
+
+
+def clip_samples(samples) -> list[dict]:
+    """The first few (reference, prediction) pairs, in printable ASCII and cut short: they
+    travel in the trainer's termination message (4096 bytes for everything), where a
+    model's arbitrary output escaped as JSON could otherwise take six bytes a character."""
+
+    def clip(text) -> str:
+        return "".join(c if 32 <= ord(c) < 127 else "?" for c in str(text)[:SAMPLE_CHARS])
+
+    return [
+        {"reference": clip(x["reference"]), "prediction": clip(x["prediction"])}
+        for x in (samples if isinstance(samples, list) else [])[:SAMPLES_KEPT]
+        if isinstance(x, dict)
+        and isinstance(x.get("reference"), str)
+        and isinstance(x.get("prediction"), str)
+    ]
+
+
+class Sample(ApiModel):
+    reference: str = Field(max_length=SAMPLE_CHARS, description="The held-out answer.")
+    prediction: str = Field(max_length=SAMPLE_CHARS, description="What the adapter generated.")
+
+
 class Evaluation(ApiModel):
     split: str | None = Field(
         None, description="What was held out: the validation URI, or the fraction of the data."
@@ -39,6 +64,12 @@ class Evaluation(ApiModel):
         None, description="qlora: the same adapter on the unquantized base, as usually served."
     )
     eval_loss: float | None = Field(None, description="Final validation loss.")
+    samples: list[Sample] | None = Field(
+        None,
+        max_length=SAMPLES_KEPT,
+        description=f"The first {SAMPLES_KEPT} generated answers beside their references (each cut to "
+        f"{SAMPLE_CHARS} characters).",
+    )
 
 
 class Goodput(ApiModel):
