@@ -220,7 +220,9 @@ def finetune(cluster, core, custom, kubectl, model_dir: Path) -> None:
     say(
         f"  adapter: {adapter.get('uri')} (sha256 {str(adapter.get('sha256'))[:16]}…, {adapter.get('sizeBytes')} bytes)"
     )
-    say("\n$ kubectl get adapters   # the adapter library: the job's adapter, registered (README: Adapter library)")
+    say(
+        "\n$ kubectl get adapters   # the adapter library: the job's adapter, registered (README: Adapter library)"
+    )
     subprocess.run([*kubectl, "get", "adapters", "-o", "wide"], check=False)
     kept = keep_outputs(s3, "runs", "quickstart/adapter/", Path.cwd() / "runs" / "demo" / "quickstart")
     say(

@@ -510,10 +510,10 @@ def decide(
 
 
 def needs_init_from(job: dict) -> str | None:
-    """The Adapter a job's warm start names, while it is not pinned in its status yet."""
+    """The Adapter a job's warm start names, while it is not pinned in its status yet (also
+    for a job that failed for want of it: a spec change has it looked up again)."""
     init = ((job.get("spec") or {}).get("lora") or {}).get("initFrom") or {}
-    st = job.get("status") or {}
-    if not init.get("adapter") or st.get("initFrom") or st.get("phase") in TERMINAL:
+    if not isinstance(init, dict) or not init.get("adapter") or (job.get("status") or {}).get("initFrom"):
         return None
     return init["adapter"]
 

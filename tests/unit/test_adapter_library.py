@@ -244,3 +244,15 @@ def test_the_adapter_crd_is_structural_with_its_short_name_and_columns():
     assert columns == ["Base", "Task", "Metric", "Size", "Verified", "Age"]
     text = json.dumps(doc)
     assert "$ref" not in text and "anyOf" not in text
+
+
+def test_a_job_refused_for_a_missing_adapter_looks_again_when_its_spec_changes():
+    j = job(lora={"initFrom": {"adapter": "src"}})
+    w = World(j)
+    plan = decide(w.job, [], w.now, init_from="spec.lora.initFrom.adapter: Adapter src does not exist")
+    w.job["status"] = plan.status
+    assert plan.status["reason"] == "InvalidSpec" and needs_init_from(w.job) == "src"
+    w.job["metadata"]["generation"] = 2  # e.g. training.maxSteps changed; the Adapter exists now
+    resolved = resolve_init_from(FineTuneJobSpec.model_validate(j["spec"]), source_adapter(), "ns")
+    plan = decide(w.job, [], w.now, init_from=resolved)
+    assert plan.status["phase"] == "Pending" and plan.status["initFrom"] == resolved and plan.create
