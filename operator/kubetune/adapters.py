@@ -17,6 +17,7 @@ import base64
 import datetime as dt
 import hashlib
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -27,6 +28,7 @@ from kubetune.library import (
     KAITO_VERSION,
     KSERVE_VERSION,
     VLLM_VERSION,
+    adapter_names,
     adapter_object,
     compare_rows,
     condition,
@@ -259,8 +261,10 @@ def cmd_verify(lib: Library, args) -> int:
 
 
 def cmd_import(lib: Library, args) -> int:
-    """Every adapter.json under the prefix whose folder is a finished adapter (its weights
-    have the sha256 the record names) becomes an Adapter, unless one of that name exists."""
+    """Every adapter.json under the prefix becomes an Adapter (its Verified condition says
+    whether the weights have the sha256 the record names). The record is the bucket's
+    word: its S3 access is never taken from it (only from --secret/--endpoint/--region),
+    and its source job names the Adapter only as a DNS-safe name, like the operator's."""
     bucket, prefix = split_uri(args.uri)
     storage = {"endpoint": args.endpoint, "secretName": args.secret, "region": args.region}
     storage = {k: v for k, v in storage.items() if v}
@@ -272,31 +276,83 @@ def cmd_import(lib: Library, args) -> int:
     for key in sorted(records):
         uri = f"s3://{bucket}/{key[: -len(RECORD_FILE)]}"
         try:
-            spec = json.loads(s3.get_object(Bucket=bucket, Key=key)["Body"].read(1 << 20))
-            spec = AdapterSpec.model_validate(spec).model_dump(mode="json", by_alias=True, exclude_none=True)
-        except Exception as e:
+            spec = imported_spec(s3.get_object(Bucket=bucket, Key=key)["Body"].read(1 << 20), uri, storage)
+        except Exception as e:  # one bad record does not stop the import
             print(f"skipped {uri}: {RECORD_FILE} is not an adapter record: {e}", file=sys.stderr)
             skipped += 1
             continue
-        if spec["adapter"]["uri"].rstrip("/") != uri.rstrip("/"):
-            # copied from elsewhere: the record names where it was made; it is here now
-            spec["adapter"]["uri"] = uri
-        if storage:
-            spec["storage"] = storage
-        name = args.prefix_name + (
-            (spec.get("source") or {}).get("name") or uri.rstrip("/").rsplit("/", 1)[-1]
+        source = spec.get("source") or {}
+        base = dns_name(args.prefix_name + (source.get("name") or uri.rstrip("/").rsplit("/", 1)[-1]))
+        name = import_one(
+            lib, s3, spec, candidate_names(base, source.get("uid"), spec["adapter"]["sha256"]), uri
         )
-        name = name.lower()[:253]
-        obj = adapter_object(name, lib.namespace, spec)
-        if lib.create(obj):
-            ok, message = verify_one(lib, lib.get(name), s3)
-            print(f"adapter/{name} imported from {uri}" + ("" if ok else f" ({message})"))
+        if name:
             created += 1
         else:
-            print(f"adapter/{name} exists: not imported again")
             skipped += 1
     print(f"{created} imported, {skipped} skipped, from {len(records)} {RECORD_FILE} under {args.uri}")
     return 0 if records else EXIT_FAILED
+
+
+def imported_spec(raw: bytes, uri: str, storage: dict) -> dict:
+    """An Adapter spec from an adapter.json found at uri. Its S3 access is never the
+    bucket's word (a planted record could send a later verify, with the Secret it names,
+    to an endpoint of its choosing): only the importer's flags give it. The adapter is
+    where the record was found (copied there, or made there)."""
+    record = json.loads(raw)
+    if not isinstance(record, dict):
+        raise ValueError("not a JSON object")
+    record.pop("storage", None)
+    spec = AdapterSpec.model_validate(record).model_dump(mode="json", by_alias=True, exclude_none=True)
+    spec["adapter"]["uri"] = uri
+    if storage:
+        spec["storage"] = dict(storage)
+    return spec
+
+
+def dns_name(text: str) -> str:
+    """A Kubernetes object name (DNS subdomain) made from text."""
+    name = re.sub(r"[^a-z0-9.-]+", "-", text.lower()).strip("-.")[:240].strip("-.")
+    return name or "adapter"
+
+
+def candidate_names(base: str, uid, sha256: str) -> list[str]:
+    """The job's name, then with its UID's first 8 hex (as the operator names a second
+    adapter of a job name), then with the adapter's own sha256's."""
+    names = [base]
+    if isinstance(uid, str) and re.fullmatch(r"[0-9a-f-]{8,64}", uid):
+        names += adapter_names(base, uid)[1:]
+    return [*names, f"{base}-{sha256[:8]}"]
+
+
+def import_one(lib: Library, s3, spec: dict, names: list[str], uri: str) -> str | None:
+    """Create the Adapter under the first free name; None when this very adapter is
+    registered already (or cannot be), with a line saying so."""
+    from kubernetes.client.rest import ApiException
+
+    for name in names:
+        existing = None
+        try:
+            if lib.create(adapter_object(name, lib.namespace, spec)):
+                try:
+                    ok, message = verify_one(lib, lib.get(name), s3)
+                except ApiException as e:  # may create, may not write status: still imported
+                    ok, message = True, ""
+                    print(f"adapter/{name}: not verified ({e.status} {e.reason})", file=sys.stderr)
+                print(f"adapter/{name} imported from {uri}" + ("" if ok else f" ({message})"))
+                return name
+            existing = lib.get(name)
+        except ApiException as e:
+            print(
+                f"skipped {uri}: the API server refused adapter/{name}: {e.status} {e.reason}",
+                file=sys.stderr,
+            )
+            return None
+        if (existing.get("spec") or {}).get("adapter") == spec["adapter"]:
+            print(f"adapter/{name} exists: not imported again")
+            return None
+    print(f"skipped {uri}: the names {', '.join(names)} hold other adapters", file=sys.stderr)
+    return None
 
 
 def download_adapter(s3, adapter: dict, dest: Path) -> Path:

@@ -27,7 +27,7 @@ from kubetune.api import ADAPTER_KIND, GROUP, PLURAL, VERSION, FineTuneJobSpec
 from kubetune.gang import capacity_scope, gang_fit, gated, without_gang_gate
 from kubetune.kube import Kube, watch_nodes, watch_pods
 from kubetune.kueue import PRIORITY_BOOST_ANNOTATION
-from kubetune.library import adapter_names, adapter_object, resolve_init_from, same_source
+from kubetune.library import adapter_names, adapter_object, resolve_init_from, same_registration
 from kubetune.manifests import (
     JOB_LABEL,
     PROGRESS_PORT,
@@ -450,8 +450,21 @@ class Controller:
                     iso(dt.datetime.now(dt.timezone.utc)),
                 )
                 return None
-            if found is not None and same_source(found, uid):
+            if found is not None and same_registration(found, record):
                 return name  # registered by an earlier reconcile of this success
+        message = (
+            f"the adapter was not registered in the library: Adapters named {' and '.join(adapter_names(key[1], uid))} "
+            f"hold other adapters; `kubetune adapters import {record['adapter']['uri']}` registers it under another name"
+        )
+        log.warning("%s/%s: %s", *key, message)
+        self.events.submit(
+            self._event,
+            job,
+            "Warning",
+            "AdapterNotRegistered",
+            message,
+            iso(dt.datetime.now(dt.timezone.utc)),
+        )
         return None
 
     def _start_standby(self, key, names: list[str]) -> None:

@@ -7,8 +7,10 @@ from __future__ import annotations
 import json
 import re
 
+from pydantic import ValidationError
+
 from kubetune import api
-from kubetune_trainer.config import TrainingConfig
+from kubetune_trainer.config import InitFrom, TrainingConfig
 from kubetune_trainer.library import (
     BASE_LABEL,
     TASK_LABEL,
@@ -45,8 +47,13 @@ def adapter_names(job_name: str, job_uid: str) -> list[str]:
     return [job_name, f"{job_name}-{job_uid.replace('-', '')[:8]}"]
 
 
-def same_source(found: dict, uid: str) -> bool:
-    return ((found.get("spec") or {}).get("source") or {}).get("uid") == uid
+def same_registration(found: dict, record: dict) -> bool:
+    """Whether an existing Adapter is this record's (an earlier reconcile of the same
+    success made it): the same source job and the same adapter files, not merely a name."""
+    spec = found.get("spec") or {}
+    return (spec.get("source") or {}).get("uid") == record["source"].get("uid") and spec.get(
+        "adapter"
+    ) == record["adapter"]
 
 
 def condition(obj: dict, kind: str) -> dict | None:
@@ -56,13 +63,21 @@ def condition(obj: dict, kind: str) -> dict | None:
     return None
 
 
+class AdapterMissing(str):
+    """Why a warm start waits: its Adapter does not exist (yet: the job that makes it may
+    still run, or an import may be on its way). Not a failure."""
+
+
 def resolve_init_from(spec: TrainingConfig, adapter: dict | None, namespace: str) -> dict | str:
     """spec.lora.initFrom.adapter resolved to {adapter, uri, sha256} (pinned in the job's
-    status for every attempt), or why it cannot start this job (an InvalidSpec message)."""
+    status for every attempt), AdapterMissing, or why it cannot start this job (an
+    InvalidSpec message)."""
     name = spec.lora.init_from.adapter
     where = f"spec.lora.initFrom.adapter: Adapter {name}"
     if adapter is None:
-        return f"{where} does not exist in namespace {namespace} (kubectl get ad -n {namespace})"
+        return AdapterMissing(
+            f"waiting for {where} to exist in namespace {namespace} (kubectl get ad -n {namespace})"
+        )
     verified = condition(adapter, api.VERIFIED)
     if verified and verified.get("status") == "False":
         return f"{where} failed verification ({verified.get('message', '')}); it is not used"
@@ -71,7 +86,15 @@ def resolve_init_from(spec: TrainingConfig, adapter: dict | None, namespace: str
     if why:
         return f"{where} cannot start this job: {why}"
     files = record.get("adapter") or {}
-    return {"adapter": name, "uri": files.get("uri"), "sha256": files.get("sha256")}
+    pinned = {"adapter": name, "uri": files.get("uri"), "sha256": files.get("sha256")}
+    try:  # (an Adapter made by hand may name what the trainer cannot read)
+        InitFrom.model_validate(pinned)
+    except ValidationError as e:
+        problems = "; ".join(f"{'.'.join(map(str, x['loc']))}: {x['msg']}" for x in e.errors())
+        return f"{where} cannot start this job: its adapter {problems}"
+    if not pinned["uri"] or not pinned["sha256"]:
+        return f"{where} cannot start this job: it records no adapter uri and sha256"
+    return pinned
 
 
 def matches(adapter: dict, base: str | None = None, task: str | None = None) -> bool:

@@ -20,6 +20,7 @@ from pydantic import ValidationError
 from kubetune.api import AUTO, FineTuneJobSpec, Phase
 from kubetune.gang import Fit, gated, queued_in_kueue
 from kubetune.kueue import priority_boost
+from kubetune.library import AdapterMissing
 from kubetune.manifests import ATTEMPT_LABEL, RANK_LABEL, build_pods, pod_group_name, pod_name
 from kubetune.placement import min_gpu_memory
 from kubetune_trainer.config import InitFrom
@@ -45,6 +46,8 @@ PODS_CREATED = "PodsCreated"  # a condition only once a create was refused
 # Anything else (403 from a quota, a missing ServiceAccount or PriorityClass) may pass later.
 PERMANENT_CREATE_CODES = (400, 422)
 CREATE_BACKOFF_MAX_S = 300.0
+WAITING_FOR_ADAPTER = "WaitingForAdapter"
+ADAPTER_RECHECK_S = 10.0  # a warm start's Adapter is looked for again this often
 GANG_RECHECK_S = 5.0  # capacity frees up without touching the job: look again this often
 
 EX_TEMPFAIL = 75  # the trainer stopped on request after committing a checkpoint
@@ -521,12 +524,17 @@ def needs_init_from(job: dict) -> str | None:
 def _pinned_init_from(c: Ctx, spec: FineTuneJobSpec, resolved: dict | str | None) -> FineTuneJobSpec | None:
     """The spec the pods get: spec.lora.initFrom.adapter replaced by the adapter's folder
     and sha256, resolved once and kept in status.initFrom (the same for every attempt,
-    whatever happens to the Adapter object later). None: the job failed."""
+    whatever happens to the Adapter object later). None: the job failed, or waits for
+    its Adapter to exist (Pending/WaitingForAdapter; activeDeadlineSeconds bounds it)."""
     init = spec.lora.init_from
     if init is None or init.adapter is None:
         return spec
     pinned = c.st.get("initFrom")
     if not pinned:
+        if isinstance(resolved, AdapterMissing):
+            c.transition(Phase.pending.value, WAITING_FOR_ADAPTER, str(resolved))
+            c.plan.requeue_after = ADAPTER_RECHECK_S
+            return None
         if not isinstance(resolved, dict):
             c.fail(INVALID_SPEC, resolved or f"spec.lora.initFrom.adapter {init.adapter}: not looked up")
             return None

@@ -13,6 +13,7 @@ from hypothesis import given
 from hypothesis import strategies as hs
 
 from kubetune import crd
+from kubetune.adapters import candidate_names, dns_name, imported_spec
 from kubetune.api import LABEL_VALUE, FineTuneJobSpec
 from kubetune.library import (
     adapter_names,
@@ -22,12 +23,13 @@ from kubetune.library import (
     kserve_export,
     matches,
     resolve_init_from,
+    same_registration,
     selector,
     table_rows,
     vllm_export,
 )
 from kubetune.status import decide, needs_init_from
-from kubetune_trainer.library import BASE_LABEL, TASK_LABEL, adapter_record, label_value
+from kubetune_trainer.library import BASE_LABEL, TASK_LABEL, adapter_record, label_value, lora_shape
 from tests.unit.test_status import World, job
 
 SHA = "a" * 64
@@ -147,7 +149,6 @@ def source_adapter(name="src", verified=None, **spec):
 @pytest.mark.parametrize(
     ("source", "lora", "model", "expected"),
     [
-        (None, {}, None, "does not exist in namespace ns"),
         ({"verified": "False"}, {}, None, "failed verification (changed in S3)"),
         ({}, {}, {"name": "org/other"}, "this job's base is 'org/other'"),
         ({}, {"r": 8}, None, "its LoRA rank is 16, this job's lora.r is 8"),
@@ -246,13 +247,77 @@ def test_the_adapter_crd_is_structural_with_its_short_name_and_columns():
     assert "$ref" not in text and "anyOf" not in text
 
 
-def test_a_job_refused_for_a_missing_adapter_looks_again_when_its_spec_changes():
+def test_a_warm_start_waits_for_its_adapter_to_exist_then_pins_it():
+    """A pipeline applies the warm-started job while the job that makes its source still
+    runs: it waits (Pending/WaitingForAdapter, looked for every 10 s), it does not fail."""
     j = job(lora={"initFrom": {"adapter": "src"}})
+    spec = FineTuneJobSpec.model_validate(j["spec"])
     w = World(j)
-    plan = decide(w.job, [], w.now, init_from="spec.lora.initFrom.adapter: Adapter src does not exist")
+    missing = resolve_init_from(spec, None, "ns")
+    plan = decide(w.job, [], w.now, init_from=missing)
     w.job["status"] = plan.status
-    assert plan.status["reason"] == "InvalidSpec" and needs_init_from(w.job) == "src"
-    w.job["metadata"]["generation"] = 2  # e.g. training.maxSteps changed; the Adapter exists now
-    resolved = resolve_init_from(FineTuneJobSpec.model_validate(j["spec"]), source_adapter(), "ns")
+    assert (plan.status["phase"], plan.status["reason"]) == ("Pending", "WaitingForAdapter")
+    assert "kubectl get ad -n ns" in plan.status["message"] and plan.requeue_after == 10.0 and not plan.create
+    assert needs_init_from(w.job) == "src"
+    resolved = resolve_init_from(spec, source_adapter(), "ns")
     plan = decide(w.job, [], w.now, init_from=resolved)
     assert plan.status["phase"] == "Pending" and plan.status["initFrom"] == resolved and plan.create
+
+
+def test_a_job_refused_for_an_unverified_adapter_looks_again_when_its_spec_changes():
+    j = job(lora={"initFrom": {"adapter": "src"}})
+    spec = FineTuneJobSpec.model_validate(j["spec"])
+    w = World(j)
+    plan = decide(w.job, [], w.now, init_from=resolve_init_from(spec, source_adapter(verified="False"), "ns"))
+    w.job["status"] = plan.status
+    assert plan.status["reason"] == "InvalidSpec" and needs_init_from(w.job) == "src"
+    w.job["metadata"]["generation"] = 2  # e.g. training.maxSteps changed, the adapter re-uploaded
+    resolved = resolve_init_from(spec, source_adapter(verified="True"), "ns")
+    plan = decide(w.job, [], w.now, init_from=resolved)
+    assert plan.status["phase"] == "Pending" and plan.status["initFrom"] == resolved and plan.create
+
+
+def test_an_adapter_made_by_hand_with_a_uri_the_trainer_cannot_read_is_refused_not_retried():
+    spec = FineTuneJobSpec.model_validate(job(lora={"initFrom": {"adapter": "src"}})["spec"])
+    odd = source_adapter()
+    odd["spec"]["adapter"]["uri"] = "gs://elsewhere/src/"
+    why = resolve_init_from(spec, odd, "ns")
+    assert isinstance(why, str) and "cannot start this job" in why and "uri" in why, why
+
+
+def test_an_existing_adapter_is_taken_as_this_jobs_only_if_it_records_the_same_files():
+    record = source_adapter()["spec"]
+    record["source"] = {"name": "j", "uid": "u1"}
+    mine = adapter_object("j", "ns", record)
+    assert same_registration(mine, record)
+    squatter = adapter_object("j", "ns", {**record, "adapter": {**record["adapter"], "sha256": "e" * 64}})
+    assert not same_registration(squatter, record)
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        [],
+        {"r": None, "target_modules": ["q"]},
+        {"r": "8"},
+        {"r": 8, "target_modules": [["q"]]},
+        {"r": 8, "target_modules": 5},
+    ],
+)
+def test_an_adapter_config_from_a_bucket_that_is_not_one_is_refused(config):
+    with pytest.raises(ValueError):
+        lora_shape(config)
+
+
+def test_an_imported_record_never_brings_its_own_s3_access_or_location():
+    planted = source_adapter()["spec"]
+    planted["storage"] = {"endpoint": "http://attacker.example", "secretName": "admin-keys"}
+    planted["adapter"]["uri"] = "s3://somewhere-else/x/"
+    spec = imported_spec(json.dumps(planted).encode(), "s3://lib/x/", {"secretName": "s3"})
+    assert spec["storage"] == {"secretName": "s3"} and spec["adapter"]["uri"] == "s3://lib/x/"
+    assert "storage" not in imported_spec(json.dumps(planted).encode(), "s3://lib/x/", {})
+    with pytest.raises(ValueError):
+        imported_spec(b"[1, 2]", "s3://lib/x/", {})
+    assert dns_name("Team/SQL_v2!") == "team-sql-v2" and dns_name("...") == "adapter"
+    assert candidate_names("sql", "1234abcd-ffff", SHA) == ["sql", "sql-1234abcd", f"sql-{SHA[:8]}"]
+    assert candidate_names("sql", "../../etc", SHA) == ["sql", f"sql-{SHA[:8]}"]

@@ -272,3 +272,22 @@ def test_a_success_message_at_its_largest_keeps_everything_under_4_kib():
     body = json.loads(text)
     assert len(text.encode()) <= MAX_MESSAGE and body["adapter"]["sha256"] == "f" * 64, len(text.encode())
     assert len(body["evaluation"]["samples"]) == 3
+
+
+def test_the_run_fingerprint_of_a_spec_without_a_warm_start_is_the_one_earlier_versions_wrote():
+    """Checkpoints written before lora.initFrom existed must resume under this trainer:
+    their run fingerprint (computed by the trainer of cd03d6f) is frozen here."""
+    from kubetune_trainer.config import TrainingConfig
+    from kubetune_trainer.train import run_fingerprint
+
+    cfg = TrainingConfig.model_validate(
+        {
+            "model": {"name": "org/m"},
+            "dataset": {"uri": "s3://data-x/d/"},
+            "checkpoint": {"uri": "s3://ck-x/c/"},
+            "output": {"uri": "s3://out-x/o/"},
+        }
+    )
+    assert run_fingerprint(cfg) == "3c7603088555349a"
+    warm = cfg.model_copy(update={"lora": cfg.lora.model_copy(update={"init_from": {"uri": "s3://a-b/x/"}})})
+    assert run_fingerprint(warm) != "3c7603088555349a"

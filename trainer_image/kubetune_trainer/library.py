@@ -297,12 +297,17 @@ def record_json(record: dict) -> str:
     return json.dumps({k: v for k, v in record.items() if k != "storage"}, indent=1, sort_keys=True) + "\n"
 
 
-def lora_shape(adapter_config: dict) -> tuple[int, frozenset[str]]:
-    """(rank, adapted module names) from a saved adapter_config.json."""
-    targets = adapter_config.get("target_modules") or []
+def lora_shape(adapter_config) -> tuple[int, frozenset[str]]:
+    """(rank, adapted module names) from a saved adapter_config.json; ValueError when it
+    is not one (the file comes from a bucket: its types are not trusted)."""
+    if not isinstance(adapter_config, dict):
+        raise ValueError("adapter_config.json is not a JSON object")
+    r, targets = adapter_config.get("r"), adapter_config.get("target_modules") or []
     if isinstance(targets, str):
         targets = [targets]
-    return int(adapter_config.get("r", 0)), frozenset(targets)
+    if type(r) is not int or not isinstance(targets, list) or not all(isinstance(t, str) for t in targets):
+        raise ValueError("adapter_config.json has no integer r and list of target_modules names")
+    return r, frozenset(targets)
 
 
 def init_mismatch(cfg: TrainingConfig, source: dict) -> str | None:

@@ -145,6 +145,9 @@ def run_fingerprint(cfg: TrainingConfig) -> str:
     import hashlib
 
     parts = cfg.model_dump(mode="json", include=set(RUN_FIELDS))
+    if parts["lora"].get("init_from") is None:
+        # (a field added later: without a warm start, the hash of runs made before it)
+        parts["lora"].pop("init_from", None)
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
 
 

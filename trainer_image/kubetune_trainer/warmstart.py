@@ -68,7 +68,12 @@ def fetch_source(init, dest: Path) -> tuple[Path, dict]:
 
 def check_source(folder: Path, record: dict, model, base_fingerprint: str | None) -> None:
     """Refuse a source adapter of another shape or base than the model just built."""
-    source_r, source_targets = lora_shape(json.loads((folder / ADAPTER_CONFIG_FILE).read_text()))
+    try:
+        source_r, source_targets = lora_shape(json.loads((folder / ADAPTER_CONFIG_FILE).read_text()))
+    except ValueError as e:  # (json's decode errors are ValueErrors too)
+        raise InitMismatch(
+            f"lora.initFrom: the source adapter's {ADAPTER_CONFIG_FILE} is unusable: {e}"
+        ) from e
     mine = model.peft_config["default"]
     mine_targets = mine.target_modules
     mine_targets = frozenset([mine_targets] if isinstance(mine_targets, str) else mine_targets)
@@ -77,8 +82,9 @@ def check_source(folder: Path, record: dict, model, base_fingerprint: str | None
             f"lora.initFrom: the source adapter has rank {source_r} on {sorted(source_targets)}, this run "
             f"has rank {mine.r} on {sorted(mine_targets)}; set lora.r and lora.targetModules to the source's"
         )
-    recorded = (record.get("base") or {}).get("fingerprint")
-    if recorded and base_fingerprint and recorded != base_fingerprint:
+    base = record.get("base")
+    recorded = base.get("fingerprint") if isinstance(base, dict) else None
+    if isinstance(recorded, str) and base_fingerprint and recorded != base_fingerprint:
         raise InitMismatch(
             "lora.initFrom: the source adapter was trained on another base model (its fingerprint "
             f"{recorded[:16]} is not this base's {base_fingerprint[:16]})"
