@@ -61,6 +61,11 @@ def succeeded(custom, ns: str, name: str) -> dict:
     )
 
 
+def status_of_a_done(custom, ns: str) -> bool:
+    st = custom.get_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, "sql-a").get("status") or {}
+    return st.get("phase") in ("Succeeded", "Failed")
+
+
 def test_jobs_register_adapters_that_outlive_them_and_a_bucket_rebuilds_the_library(
     operator, custom, core, namespace, s3, s3_secret, tiny_model_in_s3, dev_cluster, tmp_path
 ):
@@ -69,6 +74,15 @@ def test_jobs_register_adapters_that_outlive_them_and_a_bucket_rebuilds_the_libr
     custom.create_namespaced_custom_object(
         GROUP, VERSION, ns, PLURAL, small_job("sql-a", ns, tiny_model_in_s3, ep)
     )
+    # B, warm-started from A by name and applied at once (a pipeline): it waits for A's adapter
+    warm = small_job("sql-b", ns, tiny_model_in_s3, ep)
+    warm["spec"]["lora"]["initFrom"] = {"adapter": "sql-a"}
+    warm["spec"]["dataset"]["uri"] = "s3://e2e-data/sql/eval/"
+    custom.create_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, warm)
+    waiting = wait_status(
+        custom, ns, "sql-b", lambda st: st.get("reason") == "WaitingForAdapter", 60, "sql-b to wait"
+    )
+    assert waiting["phase"] == "Pending" and not status_of_a_done(custom, ns)
     first = succeeded(custom, ns, "sql-a")
     assert first["phase"] == "Succeeded", first
     assert first["adapter"]["name"] == "sql-a"
@@ -96,11 +110,7 @@ def test_jobs_register_adapters_that_outlive_them_and_a_bucket_rebuilds_the_libr
     assert "LoRA rank is 8" in refused["message"], refused["message"]
     assert not core.list_namespaced_pod(ns, label_selector="kubetune.io/job=sql-bad").items
 
-    # B warm-starts from A by name, on other data
-    warm = small_job("sql-b", ns, tiny_model_in_s3, ep)
-    warm["spec"]["lora"]["initFrom"] = {"adapter": "sql-a"}
-    warm["spec"]["dataset"]["uri"] = "s3://e2e-data/sql/eval/"
-    custom.create_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, warm)
+    # B starts once A's adapter is registered, from its weights, on other data
     second = succeeded(custom, ns, "sql-b")
     assert second["phase"] == "Succeeded", second
     assert second["initFrom"] == {
