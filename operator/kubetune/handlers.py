@@ -439,33 +439,22 @@ class Controller:
             except ApiException as e:
                 if e.status not in (403, 404, 422):
                     raise
-                message = f"the adapter was not registered in the library: {api_message(e)}"
-                log.warning("%s/%s: %s", *key, message)
-                self.events.submit(
-                    self._event,
-                    job,
-                    "Warning",
-                    "AdapterNotRegistered",
-                    message,
-                    iso(dt.datetime.now(dt.timezone.utc)),
-                )
-                return None
+                return self._not_registered(key, job, api_message(e))
             if found is not None and same_registration(found, record):
                 return name  # registered by an earlier reconcile of this success
-        message = (
-            f"the adapter was not registered in the library: Adapters named {' and '.join(adapter_names(key[1], uid))} "
-            f"hold other adapters; `kubetune adapters import {record['adapter']['uri']}` registers it under another name"
-        )
-        log.warning("%s/%s: %s", *key, message)
-        self.events.submit(
-            self._event,
+        return self._not_registered(
+            key,
             job,
-            "Warning",
-            "AdapterNotRegistered",
-            message,
-            iso(dt.datetime.now(dt.timezone.utc)),
+            f"Adapters named {' and '.join(adapter_names(key[1], uid))} hold other adapters; "
+            f"`kubetune adapters import {record['adapter']['uri']}` registers it under another name",
         )
-        return None
+
+    def _not_registered(self, key, job: dict, why: str) -> None:
+        """The job succeeds without its Adapter: said in the log and a Warning Event."""
+        message = f"the adapter was not registered in the library: {why}"
+        log.warning("%s/%s: %s", *key, message)
+        stamp = iso(dt.datetime.now(dt.timezone.utc))
+        self.events.submit(self._event, job, "Warning", "AdapterNotRegistered", message, stamp)
 
     def _start_standby(self, key, names: list[str]) -> None:
         """POST /start to standby trainers whose attempt's turn has come (one request in

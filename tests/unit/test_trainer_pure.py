@@ -246,19 +246,9 @@ def test_a_success_message_at_its_largest_keeps_everything_under_4_kib():
         "evalLoss": 1.234567,
         "samples": clip_samples(samples),
     }
-    goodput = {
-        k: 123456.789
-        for k in (
-            "ratio",
-            "usefulSeconds",
-            "lostSeconds",
-            "recomputedSeconds",
-            "restartSeconds",
-            "waitingSeconds",
-            "otherSeconds",
-            "wallSeconds",
-        )
-    }
+    from kubetune.status import GOODPUT_SECONDS
+
+    goodput = {k: 123456.789 for k in ("ratio", *GOODPUT_SECONDS)}
     goodput.update(stepsRecomputed=1_000_000, attempts=100)
     text = termination_message(
         "completed",
