@@ -3,7 +3,7 @@
 SHELL := /bin/bash
 VENV := $(shell hack/ensure-env.sh --path)
 PY := $(VENV)/bin/python
-export PYTHONPATH := $(CURDIR)/operator:$(CURDIR)/trainer_image
+export PYTHONPATH := $(CURDIR)/operator:$(CURDIR)/trainer_image:$(CURDIR)/devtools
 export PATH := $(VENV)/bin:$(PATH)
 PYTEST_ARGS ?=
 
@@ -34,11 +34,11 @@ lock: deps
 lint: deps
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
-	$(PY) -m kubetune.crd --check
+	$(PY) -m kubetune_dev generate --check
 
 # Regenerate the CRD (crds/ and the chart copy) from operator/kubetune/api.py.
 generate: deps
-	$(PY) -m kubetune.crd
+	$(PY) -m kubetune_dev generate
 
 # The README's test command: lint, then unit, integration and e2e tests against a real
 # dev cluster that the test session starts and stops itself.
@@ -55,16 +55,16 @@ test: prereqs lint
 
 # The README's main-job command.
 demo: prereqs
-	$(PY) -m kubetune demo
+	$(PY) -m kubetune_dev demo
 
 dev-up: prereqs
-	$(PY) -m kubetune dev up
+	$(PY) -m kubetune_dev dev up
 
 dev-down: deps
-	$(PY) -m kubetune dev down
+	$(PY) -m kubetune_dev dev down
 
 clean:
-	-$(PY) -m kubetune dev down
+	-$(PY) -m kubetune_dev dev down
 	rm -rf .dev .pytest_cache .ruff_cache
 
 bench-startup: deps tools images

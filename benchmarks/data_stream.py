@@ -18,10 +18,10 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-for p in ("operator", "trainer_image", ""):
+for p in ("operator", "trainer_image", "devtools", ""):
     sys.path.insert(0, str(ROOT / p))
 
-from kubetune.devcluster.minio import MinioServer  # noqa: E402
+from kubetune_dev.devcluster.minio import MinioServer  # noqa: E402
 from kubetune_trainer.config import Dataset  # noqa: E402
 from kubetune_trainer.data import Record, RecordStream  # noqa: E402
 from kubetune_trainer.sequences import make_encoder  # noqa: E402

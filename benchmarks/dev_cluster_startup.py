@@ -15,7 +15,7 @@ import statistics
 import tempfile
 from pathlib import Path
 
-from kubetune.devcluster.cluster import DevCluster
+from kubetune_dev.devcluster.cluster import DevCluster
 
 BARE = "kube-apiserver /readyz"
 

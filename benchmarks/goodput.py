@@ -1,6 +1,6 @@
 """Goodput under a spot market: the same job (a tiny random Llama, real trainer processes,
 data and checkpoints in a real MinIO) under the same seeded reclaim schedule (Poisson, as
-kubetune.devcluster.spot draws it), at several rates, under three policies:
+kubetune_dev.devcluster.spot draws it), at several rates, under three policies:
 
   kubetune   as shipped: at the notice, POST /checkpoint and the next attempt started as a
              standby (it loads, then waits); at the reclaim, SIGTERM (the trainer saves
@@ -46,12 +46,12 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-for p in ("operator", "trainer_image", ""):
+for p in ("operator", "trainer_image", "devtools", ""):
     sys.path.insert(0, str(ROOT / p))
 
-from kubetune.devcluster.minio import MinioServer  # noqa: E402
-from kubetune.devcluster.spot import reclaim_times  # noqa: E402
 from kubetune.handlers import control_request, request_checkpoint  # noqa: E402
+from kubetune_dev.devcluster.minio import MinioServer  # noqa: E402
+from kubetune_dev.devcluster.spot import reclaim_times  # noqa: E402
 from tests.helpers import tiny_sql_llama  # noqa: E402
 from tests.trainer.conftest import start_trainer, tiny_config, upload_sql_data  # noqa: E402
 

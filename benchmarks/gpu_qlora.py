@@ -16,7 +16,7 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-for p in ("operator", "trainer_image", "benchmarks", ""):
+for p in ("operator", "trainer_image", "devtools", "benchmarks", ""):
     sys.path.insert(0, str(ROOT / p))
 
 

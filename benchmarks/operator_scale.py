@@ -26,12 +26,12 @@ from pathlib import Path
 from kubernetes import client, config, watch
 
 from kubetune.api import GROUP, PLURAL, VERSION, FineTuneJobSpec
-from kubetune.crd import CRD_FILE
-from kubetune.devcluster.cluster import DevCluster
-from kubetune.devcluster.nodes import NodeSpec
-from kubetune.devcluster.procs import free_port
 from kubetune.kube import Kube
 from kubetune.manifests import JOB_LABEL, build_pod
+from kubetune_dev.crd import CRD_FILE
+from kubetune_dev.devcluster.cluster import DevCluster
+from kubetune_dev.devcluster.nodes import NodeSpec
+from kubetune_dev.devcluster.procs import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))

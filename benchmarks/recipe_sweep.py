@@ -91,7 +91,7 @@ def recipe_config(name: str, seed: int, work: Path, compute_dtype: str) -> Path:
 def run_one(name: str, seed: int, compute_dtype: str, keep: Path | None) -> dict:
     work = Path(tempfile.mkdtemp(prefix=f"sweep-{name}-{seed}-"))
     config = recipe_config(name, seed, work, compute_dtype)
-    env = {**os.environ, "PYTHONPATH": f"{ROOT / 'operator'}:{ROOT / 'trainer_image'}"}
+    env = {**os.environ, "PYTHONPATH": f"{ROOT / 'operator'}:{ROOT / 'trainer_image'}:{ROOT / 'devtools'}"}
     log_path = (keep or work) / f"{name}-{seed}.log"  # the trainer's log, as it runs
     t0 = time.monotonic()
     with log_path.open("w") as log:

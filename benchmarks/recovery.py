@@ -32,15 +32,15 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-for p in ("operator", "trainer_image", ""):
+for p in ("operator", "trainer_image", "devtools", ""):
     sys.path.insert(0, str(ROOT / p))
 
 from kubernetes import client, config, watch  # noqa: E402
 
 from kubetune.api import GROUP, PLURAL, VERSION  # noqa: E402
-from kubetune.crd import CRD_FILE  # noqa: E402
-from kubetune.devcluster.cluster import DevCluster  # noqa: E402
-from kubetune.devcluster.procs import free_port, wait_for  # noqa: E402
+from kubetune_dev.crd import CRD_FILE  # noqa: E402
+from kubetune_dev.devcluster.cluster import DevCluster  # noqa: E402
+from kubetune_dev.devcluster.procs import free_port, wait_for  # noqa: E402
 from tests.e2e.test_preemption import RUNNER, finetune_job, upload_tiny_model_and_data  # noqa: E402
 from tests.helpers import OperatorProcess, install_crd, tiny_sql_llama  # noqa: E402
 

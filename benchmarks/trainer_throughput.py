@@ -34,7 +34,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-for p in ("operator", "trainer_image", ""):
+for p in ("operator", "trainer_image", "devtools", ""):
     sys.path.insert(0, str(ROOT / p))
 
 from tests.helpers import SQL_DATA as DATA  # noqa: E402
@@ -75,8 +75,8 @@ def default_recipe_config(work: Path, steps: int) -> dict:
     generation and periodic checkpoints (they are not training throughput)."""
     import yaml
 
+    from kubetune_dev.local_models import cached_smollm2
     from kubetune_trainer.config import expand_vars
-    from kubetune_trainer.local_models import cached_smollm2
 
     model = cached_smollm2()
     env = {
@@ -247,7 +247,7 @@ def main() -> None:
         unpacked = kubetune_run(model, args.steps, packing=False, every=10_000)
         ckpt_every_step = kubetune_run(model, args.steps, packing=True, every=1)
         flops_per_token = 4 * linear_params(model)
-    from kubetune_trainer.local_models import cached_smollm2
+    from kubetune_dev.local_models import cached_smollm2
 
     default = kubetune_run(None, args.default_steps)
     smollm2 = cached_smollm2()

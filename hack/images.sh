@@ -34,9 +34,8 @@ key() {
       trainer_image/kubetune_trainer) ;;
     pause) files=(hack/pause) ;;
   esac
-  # (the operator image removes the dev cluster package it copies: not an input)
   (cd "$ROOT" && find "${files[@]}" -type f ! -name '*.pyc' ! -path '*/__pycache__/*' \
-    ! -path 'operator/kubetune/devcluster/*' -print0 | sort -z |
+    -print0 | sort -z |
     xargs -0 sha256sum; echo "$STANDIN_PACKAGES") | sha256sum | cut -c1-16
 }
 

@@ -15,7 +15,7 @@ STARTUP_TIMES: dict[str, float] = {}
 
 @pytest.fixture(scope="session")
 def dev_cluster(tmp_path_factory):
-    from kubetune.devcluster.cluster import DevCluster
+    from kubetune_dev.devcluster.cluster import DevCluster
 
     workdir = Path(os.environ.get("KUBETUNE_TEST_WORKDIR") or tmp_path_factory.mktemp("dev-cluster"))
     cluster = DevCluster(workdir)
@@ -69,7 +69,7 @@ def pytest_terminal_summary(terminalreporter):
 
 @pytest.fixture(scope="session")
 def crd_installed(api_client):
-    from kubetune.crd import ADAPTER_CRD_FILE, CRD_FILE
+    from kubetune_dev.crd import ADAPTER_CRD_FILE, CRD_FILE
 
     install_crd(api_client, CRD_FILE)
     install_crd(api_client, ADAPTER_CRD_FILE)
@@ -79,7 +79,7 @@ def crd_installed(api_client):
 @pytest.fixture(scope="session")
 def operator(dev_cluster, crd_installed):
     """The operator, running for real against the session's dev cluster."""
-    from kubetune.devcluster.procs import free_port
+    from kubetune_dev.devcluster.procs import free_port
 
     log = dev_cluster.workdir / "logs" / "operator.log"
     OPERATOR_LOG[:] = [log]

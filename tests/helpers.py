@@ -7,8 +7,8 @@ import json
 import uuid
 from pathlib import Path
 
-from kubetune.devcluster.cluster import REPO_ROOT
-from kubetune.devcluster.procs import wait_for  # the one poll-until helper, for tests too
+from kubetune_dev.devcluster.cluster import REPO_ROOT
+from kubetune_dev.devcluster.procs import wait_for  # the one poll-until helper, for tests too
 
 SQL_DATA = REPO_ROOT / "examples" / "data" / "text-to-sql"
 
@@ -18,7 +18,7 @@ def kubectl(dev_cluster, namespace: str, *args: str, check: bool = True):
     The project's own kubectl (hack/build-tools.sh), at the API server's version."""
     import subprocess
 
-    from kubetune.devcluster.cluster import tool_binary
+    from kubetune_dev.devcluster.tools import tool_binary
 
     cmd = [
         str(tool_binary("kubectl")),
@@ -42,7 +42,7 @@ def sql_records(split: str = "train") -> list[dict]:
 
 def tiny_sql_llama(dest: Path, **kw) -> Path:
     """A tiny random Llama whose tokenizer is trained on the shipped text-to-SQL data."""
-    from kubetune_trainer.local_models import tiny_llama
+    from kubetune_dev.local_models import tiny_llama
 
     texts = [f"{r['question']}\n{r['context']}\n{r['answer']}" for r in sql_records()]
     return tiny_llama(dest, texts, **kw)
@@ -66,7 +66,7 @@ class OperatorProcess:
         import subprocess
         import sys
 
-        from kubetune.devcluster.cluster import repo_pythonpath
+        from kubetune_dev.devcluster.cluster import repo_pythonpath
 
         env = {
             **os.environ,

@@ -1,6 +1,6 @@
 """FineTuneJob (kubetune.io/v1alpha1): the single source of truth of the API.
 
-The CRD in crds/ and in the chart is generated from these models (kubetune.crd);
+The CRD in crds/ and in the chart is generated from these models (devtools/kubetune_dev/crd.py);
 field descriptions become the CRD's descriptions and the reference in the README.
 The training part is the trainer's own TrainingConfig, so both read one model."""
 
@@ -250,7 +250,7 @@ class PodOverrides(ApiModel):
 # Inputs may be file:// (a model or data baked into a custom image); outputs may not.
 LOCAL_OUTPUT_MESSAGE = (
     "spec.{field}.uri must be s3://: a file:// path is inside the pod, and what is written there "
-    "is lost with it (file:// is for `kubetune train` on one machine)"
+    "is lost with it (file:// is for a local trainer run on one machine)"
 )
 
 

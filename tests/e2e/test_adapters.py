@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from kubetune.api import ADAPTER_PLURAL, GROUP, PLURAL, VERSION
-from kubetune.devcluster.cluster import repo_pythonpath
+from kubetune_dev.devcluster.cluster import repo_pythonpath
 from kubetune_trainer.library import BASE_LABEL, label_value
 from tests.e2e.test_preemption import finetune_job, pod_log, wait_status
 from tests.helpers import kubectl, make_namespace, wait_for

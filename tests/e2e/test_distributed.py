@@ -12,8 +12,8 @@ import re
 import pytest
 
 from kubetune.api import GROUP, PLURAL, VERSION
-from kubetune.devcluster.nodes import NodeSpec, node_manifest
 from kubetune.gang import GANG_GATE
+from kubetune_dev.devcluster.nodes import NodeSpec, node_manifest
 from tests.e2e.test_preemption import (
     adapter,
     assert_stop_checkpoint,

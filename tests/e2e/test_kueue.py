@@ -11,8 +11,8 @@ import pytest
 from kubernetes import client
 
 from kubetune.api import GROUP, PLURAL, VERSION
-from kubetune.devcluster import kueue as dev_kueue
 from kubetune.kueue import PRIORITY_BOOST_ANNOTATION
+from kubetune_dev.devcluster import kueue as dev_kueue
 from tests.e2e.test_preemption import finetune_job, pod_log, resumed_step, status, trained_steps, wait_status
 from tests.helpers import wait_for
 

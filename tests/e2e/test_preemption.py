@@ -12,8 +12,8 @@ import pytest
 from kubernetes import client
 
 from kubetune.api import GROUP, PLURAL, VERSION
-from kubetune.devcluster.minio import upload_tree
-from kubetune.devcluster.nodes import GKE_SPOT_LABEL, RUNNER_LABEL
+from kubetune_dev.devcluster.minio import upload_tree
+from kubetune_dev.devcluster.nodes import GKE_SPOT_LABEL, RUNNER_LABEL
 from tests.helpers import SQL_DATA, kubectl, wait_for
 from tests.trainer.conftest import max_abs_diff
 

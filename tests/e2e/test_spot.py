@@ -1,4 +1,4 @@
-"""Spot market end to end (kubetune.devcluster.spot): the real operator and trainer on the
+"""Spot market end to end (kubetune_dev.devcluster.spot): the real operator and trainer on the
 dev cluster's kubelet nodes, reclaims announced the way the clouds announce them. A
 notified reclaim finds the work already saved when SIGTERM comes; a job under a market
 that takes its node again and again ends with every reclaim counted as a preemption and
@@ -13,7 +13,7 @@ import pytest
 from kubernetes import client
 
 from kubetune.api import GROUP, PLURAL, VERSION
-from kubetune.devcluster.spot import SpotMarket, set_notice_taint
+from kubetune_dev.devcluster.spot import SpotMarket, set_notice_taint
 from tests.e2e.test_preemption import (
     adapter,
     finetune_job,

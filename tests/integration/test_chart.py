@@ -18,10 +18,10 @@ import pytest
 import yaml
 
 from kubetune.api import ADAPTER_PLURAL, GROUP, PLURAL, VERSION
-from kubetune.crd import ADAPTER_CRD_FILE, CRD_FILE
-from kubetune.devcluster.cluster import REPO_ROOT, tool_binary
 from kubetune.gang import CAPACITY_NAMESPACES_ENV, capacity_scope
 from kubetune.policy import Policy, violations
+from kubetune_dev.crd import ADAPTER_CRD_FILE, CRD_FILE
+from kubetune_dev.devcluster.tools import REPO_ROOT, tool_binary
 from tests.helpers import install_crd, make_namespace, wait_for
 
 CHART = REPO_ROOT / "charts" / "kubetune"
@@ -526,7 +526,7 @@ def in_cluster_values(dev_cluster) -> dict:
     the bridge address, as operator.extraEnv tells the kubernetes client.)"""
     from urllib.parse import urlsplit
 
-    from kubetune.devcluster.nodes import GKE_SPOT_LABEL, RUNNER_LABEL
+    from kubetune_dev.devcluster.nodes import GKE_SPOT_LABEL, RUNNER_LABEL
 
     def image(ref: str) -> dict:
         repository, digest = ref.split("@")
@@ -563,7 +563,7 @@ def operator_logs(dev_cluster, core, ns: str):
 
 
 def assert_runs_in_its_image_under_a_kubelet(core, ns: str, dev_cluster, replicas: int) -> None:
-    from kubetune.devcluster.nodes import RUNNER_LABEL
+    from kubetune_dev.devcluster.nodes import RUNNER_LABEL
 
     pods = operator_pods(core, ns)
     assert len(pods) == replicas
@@ -593,7 +593,7 @@ def session_operator_paused(operator):
 @pytest.fixture(scope="module")
 def tiny_job_inputs(s3, tmp_path_factory):
     """A tiny model and the shipped text-to-SQL data in the dev cluster's MinIO."""
-    from kubetune.devcluster.minio import upload_tree
+    from kubetune_dev.devcluster.minio import upload_tree
     from tests.helpers import SQL_DATA, tiny_sql_llama
 
     existing = {b["Name"] for b in s3.list_buckets().get("Buckets", [])}

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import yaml
 
-from kubetune.crd import ADAPTER_CRD_FILE, CRD_FILE
-from kubetune.devcluster.cluster import tool_binary
+from kubetune_dev.crd import ADAPTER_CRD_FILE, CRD_FILE
+from kubetune_dev.devcluster.tools import tool_binary
 
 GENERATED = {
     (d := yaml.safe_load(f.read_text()))["metadata"]["name"]: d for f in (CRD_FILE, ADAPTER_CRD_FILE)

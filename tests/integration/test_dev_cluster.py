@@ -11,7 +11,7 @@ import pytest
 from kubernetes import client
 from kubernetes.client.rest import ApiException
 
-from kubetune.devcluster.nodes import GKE_SPOT_LABEL, INTEL_I915, NVIDIA_GPU, RUNNER_LABEL
+from kubetune_dev.devcluster.nodes import GKE_SPOT_LABEL, INTEL_I915, NVIDIA_GPU, RUNNER_LABEL
 from tests.helpers import wait_established, wait_for
 
 pytestmark = pytest.mark.cluster

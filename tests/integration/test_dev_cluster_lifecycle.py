@@ -14,8 +14,8 @@ import pytest
 import yaml
 from kubernetes import client, config
 
-from kubetune.devcluster.cluster import Images, repo_pythonpath
-from kubetune.devcluster.kubelets import SLOTS, Network
+from kubetune_dev.devcluster.cluster import Images, repo_pythonpath
+from kubetune_dev.devcluster.kubelets import SLOTS, Network
 from tests.helpers import wait_for
 
 pytestmark = pytest.mark.cluster
@@ -52,7 +52,7 @@ def alive(pids: set[int]) -> set[int]:
 def kubetune(*args, workdir: Path, check=True):
     env = {**os.environ, "PYTHONPATH": repo_pythonpath()}
     return subprocess.run(
-        [sys.executable, "-m", "kubetune", "dev", *args, "--workdir", str(workdir)],
+        [sys.executable, "-m", "kubetune_dev", "dev", *args, "--workdir", str(workdir)],
         env=env,
         capture_output=True,
         text=True,

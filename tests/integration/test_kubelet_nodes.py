@@ -15,7 +15,7 @@ import time
 import pytest
 from kubernetes.client.rest import ApiException
 
-from kubetune.devcluster.nodes import GKE_SPOT_LABEL, RUNNER_LABEL
+from kubetune_dev.devcluster.nodes import GKE_SPOT_LABEL, RUNNER_LABEL
 from tests.helpers import wait_for
 
 pytestmark = pytest.mark.cluster

@@ -14,8 +14,8 @@ import yaml
 from kubernetes.client.rest import ApiException
 
 from kubetune.api import GROUP, PLURAL, VERSION
-from kubetune.devcluster.nodes import GKE_SPOT_LABEL, RUNNER_LABEL
-from kubetune.devcluster.procs import tail
+from kubetune_dev.devcluster.nodes import GKE_SPOT_LABEL, RUNNER_LABEL
+from kubetune_dev.devcluster.procs import tail
 from tests.helpers import OPERATOR_LOG, kubectl, wait_for
 
 pytestmark = pytest.mark.cluster

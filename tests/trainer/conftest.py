@@ -15,15 +15,15 @@ from pathlib import Path
 
 import pytest
 
-from kubetune.devcluster.cluster import repo_pythonpath
-from kubetune.devcluster.procs import free_port
+from kubetune_dev.devcluster.cluster import repo_pythonpath
+from kubetune_dev.devcluster.procs import free_port
 from kubetune_trainer.checkpoints import MANIFEST
 from tests.helpers import SQL_DATA, tiny_sql_llama
 
 
 @pytest.fixture(scope="session")
 def minio(tmp_path_factory):
-    from kubetune.devcluster.minio import MinioServer
+    from kubetune_dev.devcluster.minio import MinioServer
 
     server = MinioServer(tmp_path_factory.mktemp("minio")).start()
     yield server

@@ -133,7 +133,7 @@ def test_output_is_a_peft_adapter_with_card_metrics_and_loss_curve(tiny_model, m
 def test_the_demo_keeps_its_outputs_out_of_the_throwaway_cluster(minio, tmp_path):
     """`make demo` copies the adapter folder out of the dev cluster's MinIO before the
     cluster goes, and prints a snippet that loads it from there."""
-    from kubetune.demo import keep_outputs, load_snippet
+    from kubetune_dev.demo import keep_outputs, load_snippet
 
     s3 = minio.client()
     s3.create_bucket(Bucket="demo-runs")

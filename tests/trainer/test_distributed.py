@@ -13,7 +13,7 @@ from collections import Counter
 
 import pytest
 
-from kubetune.devcluster.procs import free_port
+from kubetune_dev.devcluster.procs import free_port
 from tests.helpers import SQL_DATA, wait_for
 from tests.trainer.conftest import adapter_tensors, max_abs_diff, run_trainer, start_trainer, tiny_config
 

@@ -15,7 +15,7 @@ import sys
 
 import pytest
 
-from kubetune.devcluster.cluster import REPO_ROOT, repo_pythonpath
+from kubetune_dev.devcluster.cluster import REPO_ROOT, repo_pythonpath
 
 # benchmarks/recipe_sweep.py measured the shipped recipe on this split (benchmarks/RESULTS.md:
 # 3 seeds, mean >= 0.9); the bar leaves room for one seed's worse luck (a question is 1/80).
@@ -32,7 +32,13 @@ def test_smollm2_text_to_sql_learns_the_task_on_unseen_schemas_and_phrasings(tmp
         "PWD": str(tmp_path),
     }
     proc = subprocess.run(
-        [sys.executable, "-m", "kubetune", "train", str(REPO_ROOT / "examples" / "local-text-to-sql.yaml")],
+        [
+            sys.executable,
+            "-m",
+            "kubetune_dev",
+            "train",
+            str(REPO_ROOT / "examples" / "local-text-to-sql.yaml"),
+        ],
         cwd=tmp_path,
         env=env,
         capture_output=True,

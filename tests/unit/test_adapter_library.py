@@ -12,7 +12,6 @@ import yaml
 from hypothesis import given
 from hypothesis import strategies as hs
 
-from kubetune import crd
 from kubetune.adapters import candidate_names, dns_name, imported_spec
 from kubetune.api import LABEL_VALUE, FineTuneJobSpec
 from kubetune.library import (
@@ -29,6 +28,7 @@ from kubetune.library import (
     vllm_export,
 )
 from kubetune.status import decide, needs_init_from
+from kubetune_dev import crd
 from kubetune_trainer.library import BASE_LABEL, TASK_LABEL, adapter_record, label_value, lora_shape
 from tests.unit.test_status import World, job
 

@@ -9,15 +9,15 @@ import pytest
 import yaml
 from pydantic import ValidationError
 
-from kubetune import crd
 from kubetune.api import FineTuneJobSpec
+from kubetune_dev import crd
 from kubetune_trainer.config import TrainingConfig, load_config
 
 EXAMPLES = sorted((Path(__file__).resolve().parents[2] / "examples").glob("*.yaml"))
 
 
 def test_generated_crd_files_are_up_to_date():
-    assert crd.main(["--check"]) == 0, "run `python -m kubetune.crd` and commit the result"
+    assert crd.main(["--check"]) == 0, "run `python -m kubetune_dev.crd` and commit the result"
 
 
 def walk(node, path="$"):

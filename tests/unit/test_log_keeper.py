@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 
-from kubetune.devcluster.kubelets import log_files
+from kubetune_dev.devcluster.kubelets import log_files
 
 
 def pod_log(root, pod: str, restart: int = 0):

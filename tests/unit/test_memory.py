@@ -12,10 +12,10 @@ import yaml
 
 from kubetune import cli, memory
 from kubetune.api import FineTuneJobSpec
-from kubetune.devcluster.nodes import default_nodes, node_manifest
 from kubetune.gang import why_not
 from kubetune.manifests import build_pod
 from kubetune.placement import NVIDIA_MEMORY_LABEL, place
+from kubetune_dev.devcluster.nodes import default_nodes, node_manifest
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 GB = 1e9

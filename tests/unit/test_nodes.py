@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from kubetune.devcluster.nodes import (
+from kubetune_dev.devcluster.nodes import (
     GKE_SPOT_LABEL,
     INTEL_I915,
     KWOK_NODE_ANNOTATION,

@@ -73,7 +73,7 @@ def test_installs_the_operator_lock_and_no_torch():
 
 
 def image_tree(dest: Path) -> Path:
-    """The project as the image installs it: what COPY brings, less what RUN rm -rf removes."""
+    """The project as the image installs it: what COPY brings."""
     dockerfile = load()
     project = PurePosixPath(dockerfile.project_dir())
     for ins in dockerfile.all("COPY", dockerfile.final):
@@ -89,10 +89,15 @@ def image_tree(dest: Path) -> Path:
                 to = to / src.name if target.endswith("/") else to
                 to.parent.mkdir(parents=True, exist_ok=True)
                 shutil.copy(src, to)
-    for run in dockerfile.all("RUN", dockerfile.final):
-        for path in re.findall(rf"rm -rf ({re.escape(str(project))}/\S+)", run.args):
-            shutil.rmtree(dest / PurePosixPath(path).relative_to(project))
     return dest
+
+
+def test_copies_the_operator_package_as_it_is():
+    """The package is the operator alone: nothing of what COPY brings is removed again."""
+    dockerfile = load()
+    project = str(dockerfile.project_dir())
+    for run in dockerfile.all("RUN", dockerfile.final):
+        assert not re.search(rf"rm -rf {re.escape(project)}/\S", run.args), run.args
 
 
 IMPORT_ALL = """
@@ -108,11 +113,8 @@ import kubetune
 for mod in pkgutil.iter_modules(kubetune.__path__):
     if mod.name == "__main__":  # runs the command; started below as the entrypoint does
         continue
-    try:
-        importlib.import_module(f"kubetune.{mod.name}")
-    except ModuleNotFoundError as e:
-        if not (e.name or "").startswith("kubetune.devcluster"):  # the demo: dev only
-            raise
+    importlib.import_module(f"kubetune.{mod.name}")
+assert not [m for m in sys.modules if m.startswith("kubetune_dev")], "the operator imports dev tooling"
 assert sys.modules["kubetune"].__file__.startswith(ROOT), sys.modules["kubetune"].__file__
 print("ok", sorted(m for m in sys.modules if m.startswith("kubetune")))
 sys.argv = ["kubetune", "run", "--help"]
@@ -123,7 +125,7 @@ runpy.run_module("kubetune", run_name="__main__")
 
 def test_the_shipped_operator_imports_without_the_trainer_dependencies(tmp_path):
     tree = image_tree(tmp_path / "image")
-    assert not (tree / "operator" / "kubetune" / "devcluster").exists()
+    assert not (tree / "devtools").exists()
     shipped = sorted(p.name for p in (tree / "trainer_image" / "kubetune_trainer").iterdir())
     assert shipped == ["__init__.py", "config.py", "library.py"], shipped
     code = f"BLOCKED = {sorted(trainer_only_modules())!r}\nROOT = {str(tree)!r}\n" + IMPORT_ALL

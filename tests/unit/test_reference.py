@@ -3,7 +3,7 @@ field described, the section between its markers replaced and nothing else."""
 
 from __future__ import annotations
 
-from kubetune import crd, reference
+from kubetune_dev import crd, reference
 
 
 def schemas():
@@ -50,4 +50,4 @@ def test_a_readme_without_markers_gets_them_at_its_end():
 
 def test_the_readme_is_up_to_date():
     readme = crd.README_FILE.read_text()
-    assert reference.with_reference(readme, *schemas()) == readme, "run `python -m kubetune.crd`"
+    assert reference.with_reference(readme, *schemas()) == readme, "run `python -m kubetune_dev.crd`"

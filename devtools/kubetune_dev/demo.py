@@ -23,12 +23,12 @@ from pathlib import Path
 import yaml
 
 from kubetune.api import GROUP, PLURAL, VERSION
-from kubetune.crd import ADAPTER_CRD_FILE, CRD_FILE
-from kubetune.devcluster.cluster import REPO_ROOT, DevCluster, repo_pythonpath, tool_binary
-from kubetune.devcluster.minio import upload_tree
-from kubetune.devcluster.nodes import GKE_SPOT_LABEL, NVIDIA_GPU, RUNNER_LABEL
-from kubetune.devcluster.procs import spawn, stop_group, wait_for
 from kubetune.gang import GANG_GATE
+from kubetune_dev.crd import ADAPTER_CRD_FILE, CRD_FILE
+from kubetune_dev.devcluster.cluster import REPO_ROOT, DevCluster, repo_pythonpath, tool_binary
+from kubetune_dev.devcluster.minio import upload_tree
+from kubetune_dev.devcluster.nodes import GKE_SPOT_LABEL, NVIDIA_GPU, RUNNER_LABEL
+from kubetune_dev.devcluster.procs import spawn, stop_group, wait_for
 
 TOUR = (
     "text-to-sql-intel.yaml",
@@ -48,7 +48,7 @@ def say(text: str) -> None:
 def run(workdir: Path | None = None) -> int:
     from kubernetes import client, config
 
-    from kubetune_trainer.local_models import cached_smollm2
+    from kubetune_dev.local_models import cached_smollm2
 
     t_demo = time.monotonic()
     workdir = workdir or Path(tempfile.mkdtemp(prefix="kubetune-demo-"))

@@ -9,7 +9,8 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from kubetune.devcluster import procs
+from kubetune_dev.devcluster import procs
+from kubetune_dev.devcluster.tools import http_ok, tool_binary
 
 S3_REGION = "us-east-1"
 
@@ -67,8 +68,6 @@ class MinioServer:
     outage as a client sees it, not a new server."""
 
     def __init__(self, workdir: Path) -> None:
-        from kubetune.devcluster.cluster import tool_binary
-
         self.workdir = workdir
         self.binary = tool_binary("minio")
         self.port, self.console_port = procs.free_port(), procs.free_port()
@@ -89,15 +88,13 @@ class MinioServer:
         return s3_client(self.endpoint, self.access_key, self.secret_key)
 
     def start(self, timeout_s: float = 60) -> MinioServer:
-        from kubetune.devcluster.cluster import _http_ok
-
         self.proc = procs.spawn(
             minio_command(self.binary, self.port, self.console_port, self.workdir / "data"),
             self.workdir / "minio.log",
             env=minio_env(self.workdir, self.access_key, self.secret_key),
         )
         procs.wait_for(
-            lambda: _http_ok(f"{self.endpoint}/minio/health/ready"),
+            lambda: http_ok(f"{self.endpoint}/minio/health/ready"),
             timeout_s,
             "MinIO ready",
             procs=[("minio", self.proc, self.workdir / "minio.log")],

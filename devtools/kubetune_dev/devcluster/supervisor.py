@@ -1,4 +1,4 @@
-"""`kubetune dev up/down`: keep a dev cluster running in the background.
+"""`make dev-up` / `make dev-down`: keep a dev cluster running in the background.
 
 `up` starts a detached supervisor that owns every cluster process (they die with it)
 and returns once the cluster is ready; `down` stops the supervisor, which tears the
@@ -70,7 +70,7 @@ def up(workdir: Path, timeout_s: float = 180, kueue: bool = False) -> int:
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "wb") as out:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "kubetune", "dev", "serve", "--workdir", str(workdir)]
+            [sys.executable, "-m", "kubetune_dev", "dev", "serve", "--workdir", str(workdir)]
             + (["--kueue"] if kueue else []),
             stdin=subprocess.DEVNULL,
             stdout=out,

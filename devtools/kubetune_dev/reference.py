@@ -1,5 +1,5 @@
 """The README's FineTuneJob reference: one row per field of the CRD's schema (so of
-api.py's models and their descriptions), written by `python -m kubetune.crd` between
+api.py's models and their descriptions), written by `python -m kubetune_dev.crd` between
 the README's reference markers and checked by its --check like the CRD itself."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ END = "<!-- reference:end -->"
 HEADING = "## FineTuneJob reference"
 INTRO = (
     "Generated from `operator/kubetune/api.py` and `trainer_image/kubetune_trainer/config.py` by\n"
-    "`python -m kubetune.crd` (`make generate`); `make lint` fails when it drifts. Types are the\n"
+    "`make generate` (`devtools/kubetune_dev/crd.py`); `make lint` fails when it drifts. Types are the\n"
     "CRD's; `[a, b]` is an inclusive range, `(` `)` an exclusive bound."
 )
 

@@ -14,7 +14,7 @@ The network: one bridge per cluster holds the host side (the subnet's first addr
 MinIO and CoreDNS listen for pods) and the node addresses; each node's pods get addresses
 from its own range of the subnet and no other route, so a pod reaches the other pods, the
 nodes and the host side of the bridge, and nothing else: no packet leaves the machine.
-Several dev clusters may run at once (a test session and `kubetune dev up`): each takes a
+Several dev clusters may run at once (a test session and `make dev-up`): each takes a
 free slot, with its own bridge and subnet."""
 
 from __future__ import annotations
@@ -576,7 +576,7 @@ def start_guard(workdir: Path, slot: int) -> subprocess.Popen:
         [
             sys.executable,
             "-m",
-            "kubetune.devcluster.kubelets",
+            "kubetune_dev.devcluster.kubelets",
             "guard",
             str(os.getpid()),
             str(workdir),

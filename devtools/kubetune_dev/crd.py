@@ -6,8 +6,8 @@ inlined, Optional fields plain (the API server prunes nulls of non-nullable fiel
 titles dropped, exclusive bounds in OpenAPI v3.0 form, `default: {}` on nested objects
 so server-side defaulting reaches their fields.
 
-    python -m kubetune.crd            write crds/, the chart copy and the README's reference
-    python -m kubetune.crd --check    fail if they differ from what api.py gives
+    python -m kubetune_dev.crd            write crds/, the chart copy and the README's reference
+    python -m kubetune_dev.crd --check    fail if they differ from what api.py gives
 """
 
 from __future__ import annotations
@@ -15,20 +15,21 @@ from __future__ import annotations
 import argparse
 import copy
 import sys
-from pathlib import Path
 
 import yaml
 
-from kubetune import api, reference
+from kubetune import api
+from kubetune_dev import REPO_ROOT, reference
 from kubetune_trainer.config import RUN_FIELDS
 
-ROOT = Path(__file__).resolve().parents[2]
-CRD_FILE = ROOT / "crds" / f"{api.GROUP}_{api.PLURAL}.yaml"
-CHART_CRD_FILE = ROOT / "charts" / "kubetune" / "templates" / "crds" / f"{api.PLURAL}.yaml"
-ADAPTER_CRD_FILE = ROOT / "crds" / f"{api.GROUP}_{api.ADAPTER_PLURAL}.yaml"
-CHART_ADAPTER_CRD_FILE = ROOT / "charts" / "kubetune" / "templates" / "crds" / f"{api.ADAPTER_PLURAL}.yaml"
-README_FILE = ROOT / "README.md"
-HEADER = "# Generated from operator/kubetune/api.py by `python -m kubetune.crd`. Do not edit.\n"
+CRD_FILE = REPO_ROOT / "crds" / f"{api.GROUP}_{api.PLURAL}.yaml"
+CHART_CRD_FILE = REPO_ROOT / "charts" / "kubetune" / "templates" / "crds" / f"{api.PLURAL}.yaml"
+ADAPTER_CRD_FILE = REPO_ROOT / "crds" / f"{api.GROUP}_{api.ADAPTER_PLURAL}.yaml"
+CHART_ADAPTER_CRD_FILE = (
+    REPO_ROOT / "charts" / "kubetune" / "templates" / "crds" / f"{api.ADAPTER_PLURAL}.yaml"
+)
+README_FILE = REPO_ROOT / "README.md"
+HEADER = "# Generated from operator/kubetune/api.py by `python -m kubetune_dev.crd`. Do not edit.\n"
 
 PRINTER_COLUMNS = [
     {"name": "Phase", "type": "string", "jsonPath": ".status.phase"},
@@ -279,12 +280,15 @@ def main(argv: list[str] | None = None) -> int:
     drift = [p for p, text in wanted.items() if not p.exists() or p.read_text() != text]
     if args.check:
         for p in drift:
-            print(f"{p.relative_to(ROOT)} is out of date: run `python -m kubetune.crd`", file=sys.stderr)
+            print(
+                f"{p.relative_to(REPO_ROOT)} is out of date: run `python -m kubetune_dev.crd`",
+                file=sys.stderr,
+            )
         return 1 if drift else 0
     for p in drift:
         p.parent.mkdir(parents=True, exist_ok=True)
         p.write_text(wanted[p])
-        print(f"wrote {p.relative_to(ROOT)}")
+        print(f"wrote {p.relative_to(REPO_ROOT)}")
     return 0
 
 

@@ -216,9 +216,9 @@ def start(cluster, kueue_dir: Path, api_client) -> Kueue:
         f"https://127.0.0.1:{webhook_port}",
         f"http://127.0.0.1:{health_port}/readyz",
     )
-    from .cluster import _http_ok
+    from .tools import http_ok
 
-    cluster._wait(lambda: _http_ok(kueue.health_url), "kueue /readyz", timeout_s=90)
+    cluster._wait(lambda: http_ok(kueue.health_url), "kueue /readyz", timeout_s=90)
     manifests = (kueue_dir / "webhook-manifests.yaml").read_text()
     for doc in webhook_configurations(manifests, kueue.webhook_url, cluster.certs.ca_cert.read_bytes()):
         utils.create_from_dict(api_client, doc)

@@ -1,0 +1,3 @@
+from kubetune_dev.cli import main
+
+main()
