@@ -43,6 +43,13 @@ IMAGES_FILE="$CACHE/images/images-$(key operator)-$(key trainer)-$(key pause).js
 if [[ "${1:-}" == "--print" ]]; then echo "$IMAGES_FILE"; exit 0; fi
 if [[ -f "$IMAGES_FILE" ]]; then echo "$IMAGES_FILE"; exit 0; fi
 
+# One build at a time per cache (two checkouts, or a test session and `make images`, share
+# podman's storage and the registry): the second waits, then finds its images built.
+mkdir -p "$CACHE/images"
+exec 8>"$CACHE/images/.build.lock"
+flock 8
+if [[ -f "$IMAGES_FILE" ]]; then echo "$IMAGES_FILE"; exit 0; fi
+
 start=$SECONDS
 missing=()
 for p in "${PACKAGES[@]}"; do
