@@ -29,7 +29,7 @@ key() {
   case $1 in
     operator) files=(operator/Dockerfile requirements/operator.lock pyproject.toml README.md operator/kubetune
       trainer_image/kubetune_trainer/__init__.py trainer_image/kubetune_trainer/config.py
-      trainer_image/kubetune_trainer/library.py) ;;
+      trainer_image/kubetune_trainer/contract.py trainer_image/kubetune_trainer/library.py) ;;
     trainer) files=(trainer_image/Dockerfile.cuda requirements/trainer.lock pyproject.toml README.md
       trainer_image/kubetune_trainer) ;;
     pause) files=(hack/pause) ;;

@@ -48,9 +48,9 @@ def _render(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
     from kubetune.api import FineTuneJobSpec
-    from kubetune.manifests import build_pods, build_service
+    from kubetune.decision.decide import validation_messages
+    from kubetune.manifests import build_attempt
     from kubetune.placement import gpu_memory_note
-    from kubetune.status import validation_messages
 
     docs = [
         d
@@ -71,9 +71,7 @@ def _render(args: argparse.Namespace) -> int:
                 print(f"  {msg}", file=sys.stderr)
             return EXIT_USAGE
         uid = "<uid of the FineTuneJob>"
-        objects = build_pods(name, uid, spec, attempt=1, preemptions=0)
-        if spec.workers > 1:
-            objects.insert(0, build_service(name, uid))
+        objects = build_attempt(name, uid, spec, attempt=1, preemptions=0).objects()
         for obj in objects:
             obj["metadata"]["namespace"] = meta.get("namespace", "default")
         # as YAML comments: the output stays something `kubectl apply -f -` takes

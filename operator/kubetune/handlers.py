@@ -1,12 +1,11 @@
 """The operator: kopf watches FineTuneJobs, a plain watch follows their pods, and both
-feed a deduplicating work queue; a reconcile reads the cached job and pods, asks status.decide() what to do and
+feed a deduplicating work queue; a reconcile reads the cached job and pods, asks kubetune.decision.decide() what to do and
 applies the plan: create (idempotent), delete, one status patch, then events."""
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import contextlib
 import dataclasses
 import datetime as dt
 import http.client
@@ -24,7 +23,12 @@ from pydantic import ValidationError
 
 from kubetune import metrics
 from kubetune.api import ADAPTER_KIND, GROUP, PLURAL, VERSION, FineTuneJobSpec
-from kubetune.gang import capacity_scope, gang_fit, gated, without_gang_gate
+from kubetune.decision.conditions import iso, merge_patch
+from kubetune.decision.decide import Need, Plan, decide, needs_init_from
+from kubetune.decision.pods import GONE, pod_attempt, pod_rank
+from kubetune.decision.refusals import after_refusal
+from kubetune.decision.reports import finite
+from kubetune.gang import capacity_scope, gang_fit, without_gang_gate
 from kubetune.kube import Kube, watch_nodes, watch_pods
 from kubetune.kueue import PRIORITY_BOOST_ANNOTATION
 from kubetune.library import adapter_names, adapter_object, resolve_init_from, same_registration
@@ -32,7 +36,6 @@ from kubetune.manifests import (
     JOB_LABEL,
     PROGRESS_PORT,
     build_network_policy,
-    build_service,
     control_token,
     controller_uid,
     with_control_token,
@@ -40,17 +43,6 @@ from kubetune.manifests import (
 from kubetune.notices import Notice, notice, pods_on
 from kubetune.policy import Policy, violations
 from kubetune.stall import RankWatch, Stall, find_stall
-from kubetune.status import (
-    GONE,
-    after_refusal,
-    decide,
-    finite,
-    iso,
-    merge_patch,
-    needs_init_from,
-    pod_attempt,
-    pod_rank,
-)
 
 log = logging.getLogger("kubetune")
 NETWORK_POLICY_ENV = "KUBETUNE_NETWORK_POLICY"  # {"namespace": ..., "podLabels": {...}}
@@ -334,51 +326,9 @@ class Controller:
                 return wait  # backing off after a refused create (a spec change retries at once)
         t0 = time.perf_counter()
         now = dt.datetime.now(dt.timezone.utc)
-        pods = self._owned(job, list(self.pods.get(key, {}).values()))
-        progress = self.progress.get(key)
-        attempt = (job.get("status") or {}).get("attempt")
-        waiting = [p for p in pods if gated(p) and pod_attempt(p) == attempt]
-        with self.gang_lock if waiting else contextlib.nullcontext():
-            gang = None
-            if waiting:
-                # the scheduler's view, read fresh: nodes and the pods holding their capacity
-                # (with gang.capacityView: namespaces, only the watched namespaces' pods)
-                scope = self.capacity_namespaces
-                held = self.kube.list_active_pods_in(scope) if scope else self.kube.list_active_pods()
-                gang = gang_fit(waiting[0], len(waiting), self.kube.list_nodes(), held)
-            problems = violations(job.get("spec") or {}, self.policy)
-            stall = self.stalls.get(key)
-            avoid, noticed = self.avoided_nodes(), tuple(sorted(self.notices))
-            init_from = self._resolve_init_from(key, job)
-
-            def decide_on(pods: list[dict]):
-                return decide(
-                    job,
-                    pods,
-                    now,
-                    problems,
-                    progress=progress,
-                    gang=gang,
-                    stall=stall,
-                    avoid_nodes=avoid,
-                    noticed=noticed,
-                    init_from=init_from,
-                )
-
-            plan = decide_on(pods)
-            if any(loss.reason == "PodDeleted" for loss in plan.losses):
-                # a pod missing from the cache may only be not seen yet: ask the API server
-                pods = self._owned(job, self.kube.list_pods(key[0], f"{JOB_LABEL}={key[1]}"))
-                if key in self.jobs:  # (not brought back for a job deleted meanwhile)
-                    self.pods[key] = {p["metadata"]["name"]: p for p in pods}
-                plan = decide_on(pods)
-            for name in plan.ungate:
-                gates = without_gang_gate(self.pods[key][name]) or None
-                released = self.kube.patch_pod(key[0], name, {"spec": {"schedulingGates": gates}})
-                if _newer(released, self.pods[key].get(name)):
-                    self.pods[key][name] = released
+        plan = self._decide(key, job, now)
         try:
-            self._apply(key, job, plan, now)
+            self._apply(key, job, plan)
         except Refused as r:
             return self._refused(key, job, plan, r, now)
         except NameBusy as b:
@@ -392,7 +342,7 @@ class Controller:
                 "reconciled %s/%s: attempt %s, %d pod(s) seen, phase %s, create %d, delete %d",
                 *key,
                 plan.status.get("attempt"),
-                len(pods),
+                len(self.pods.get(key, {})),
                 plan.status.get("phase"),
                 len(plan.create),
                 len(plan.delete),
@@ -407,6 +357,42 @@ class Controller:
             return 0.05
         metrics.observe_reconcile(time.perf_counter() - t0)
         return plan.requeue_after if plan.requeue_after is not None else self._resync(plan)
+
+    def _decide(self, key, job: dict, now: dt.datetime) -> Plan:
+        """decide() on the cached pods, given what it asks for: the pods listed afresh
+        (Need.POD_LIST), the nodes' free capacity for a gang (Need.CAPACITY; read, decided
+        and the gates lifted under one lock, so two gangs never count the same room)."""
+        inputs = {
+            "problems": violations(job.get("spec") or {}, self.policy),
+            "progress": self.progress.get(key),
+            "stall": self.stalls.get(key),
+            "avoid_nodes": self.avoided_nodes(),
+            "noticed": tuple(sorted(self.notices)),
+            "init_from": self._resolve_init_from(key, job),
+        }
+        pods = self._owned(job, list(self.pods.get(key, {}).values()))
+        plan = decide(job, pods, now, pods_from_cache=True, **inputs)
+        if plan.need is Need.POD_LIST:
+            pods = self._owned(job, self.kube.list_pods(key[0], f"{JOB_LABEL}={key[1]}"))
+            if key in self.jobs:  # (not brought back for a job deleted meanwhile)
+                self.pods[key] = {p["metadata"]["name"]: p for p in pods}
+            plan = decide(job, pods, now, **inputs)
+        if plan.need is not Need.CAPACITY:
+            return plan
+        with self.gang_lock:
+            # the scheduler's view, read fresh: nodes and the pods holding their capacity
+            # (with gang.capacityView: namespaces, only the watched namespaces' pods)
+            scope = self.capacity_namespaces
+            held = self.kube.list_active_pods_in(scope) if scope else self.kube.list_active_pods()
+            first = next(p for p in pods if p["metadata"]["name"] == plan.waiting[0])
+            gang = gang_fit(first, len(plan.waiting), self.kube.list_nodes(), held)
+            plan = decide(job, pods, now, gang=gang, **inputs)
+            for name in plan.ungate:
+                gates = without_gang_gate(self.pods[key][name]) or None
+                released = self.kube.patch_pod(key[0], name, {"spec": {"schedulingGates": gates}})
+                if _newer(released, self.pods[key].get(name)):
+                    self.pods[key][name] = released
+        return plan
 
     def _resolve_init_from(self, key, job: dict) -> dict | str | None:
         """spec.lora.initFrom.adapter looked up, while the job has not pinned it yet."""
@@ -507,14 +493,13 @@ class Controller:
     def _resync(plan) -> float | None:
         return RESYNC_S if plan.status.get("phase") not in ("Succeeded", "Failed", "Suspended") else None
 
-    def _apply(self, key, job: dict, plan, now: dt.datetime) -> None:
+    def _apply(self, key, job: dict, plan) -> None:
         """Create the new attempt's Service and pods; Refused when the API server turns one
         down for a reason a retry right away would not change."""
         ns, name = key
         uid = job["metadata"]["uid"]
-        objects = [build_service(name, uid)] if job["spec"].get("workers", 1) > 1 else []
-        if self.network_policy:
-            objects.insert(0, build_network_policy(name, uid, self.network_policy))
+        objects = [build_network_policy(name, uid, self.network_policy)] if self.network_policy else []
+        objects += [plan.service] if plan.service else []
         try:
             for obj in objects + plan.create if plan.create else []:
                 if obj["kind"] == "Pod":

@@ -6,12 +6,14 @@ from __future__ import annotations
 import json
 import os
 import zlib
+from dataclasses import dataclass
 
 from kubetune import __version__
 from kubetune.api import GROUP, KIND, VERSION, Accelerator, FineTuneJobSpec
 from kubetune.gang import GANG_GATE
 from kubetune.placement import place
 from kubetune_trainer.config import CONFIG_ENV, TrainingConfig
+from kubetune_trainer.contract import CONTROL_TOKEN_ENV, STANDBY_ENV
 
 JOB_LABEL = f"{GROUP}/job"
 ATTEMPT_LABEL = f"{GROUP}/attempt"
@@ -256,7 +258,20 @@ def build_pod(
     return {"apiVersion": "v1", "kind": "Pod", "metadata": metadata, "spec": pod_spec}
 
 
-def build_pods(
+@dataclass(frozen=True)
+class Attempt:
+    """What one attempt of a job is made of: its worker pods, and the headless Service
+    their rendezvous needs when there is more than one worker."""
+
+    pods: list[dict]
+    service: dict | None
+
+    def objects(self) -> list[dict]:
+        """In the order to create them: the Service before the pods that resolve it."""
+        return ([self.service] if self.service else []) + self.pods
+
+
+def build_attempt(
     name: str,
     uid: str,
     spec: FineTuneJobSpec,
@@ -265,11 +280,14 @@ def build_pods(
     avoid_nodes=(),
     last_seen_step: int | None = None,
     standby: bool = False,
-) -> list[dict]:
-    return [
+) -> Attempt:
+    """Attempt `attempt` of job `name` (see build_pod for the arguments); the operator's
+    reconcile and `kubetune render` both build attempts with this."""
+    pods = [
         build_pod(name, uid, spec, attempt, rank, preemptions, avoid_nodes, last_seen_step, standby)
         for rank in range(spec.workers)
     ]
+    return Attempt(pods, build_service(name, uid) if spec.workers > 1 else None)
 
 
 def is_standby(pod: dict) -> bool:
@@ -279,10 +297,6 @@ def is_standby(pod: dict) -> bool:
         for c in (pod.get("spec") or {}).get("containers") or []
         for e in c.get("env") or []
     )
-
-
-CONTROL_TOKEN_ENV = "KUBETUNE_CONTROL_TOKEN"
-STANDBY_ENV = "KUBETUNE_STANDBY"
 
 
 def with_control_token(pod: dict, token: str) -> dict:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import threading
 from dataclasses import dataclass
 
-from kubetune.status import count, finite, text
+from kubetune.decision.reports import count, finite, text
 
 STALL_FACTOR = 20  # the usual step time, times this, without a step: stuck
 STALL_MIN_S = 600.0  # never sooner than this unless spec.progressDeadlineSeconds says so

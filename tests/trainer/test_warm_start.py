@@ -6,10 +6,9 @@ from __future__ import annotations
 import hashlib
 import json
 
+from kubetune_trainer.contract import EXIT_CONFIG
 from kubetune_trainer.library import base_fingerprint, data_fingerprint
 from tests.trainer.conftest import run_trainer, start_trainer, tiny_config
-
-EXIT_CONFIG = 78
 
 
 def _record(s3, run: str) -> dict:

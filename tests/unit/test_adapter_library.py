@@ -14,6 +14,7 @@ from hypothesis import strategies as hs
 
 from kubetune.adapters import candidate_names, dns_name, imported_spec
 from kubetune.api import LABEL_VALUE, FineTuneJobSpec
+from kubetune.decision.decide import decide, needs_init_from
 from kubetune.library import (
     adapter_names,
     adapter_object,
@@ -27,7 +28,6 @@ from kubetune.library import (
     table_rows,
     vllm_export,
 )
-from kubetune.status import decide, needs_init_from
 from kubetune_dev import crd
 from kubetune_trainer.library import BASE_LABEL, TASK_LABEL, adapter_record, label_value, lora_shape
 from tests.unit.test_status import World, job

@@ -12,10 +12,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as hs
 
+from kubetune.decision.reports import goodput_from_trainer
 from kubetune.handlers import Controller, request_checkpoint
 from kubetune.manifests import control_token, with_control_token
 from kubetune.notices import NOTICE_TAINTS, notice, pods_on
-from kubetune.status import goodput_from_trainer
 from kubetune_trainer.progress import ProgressServer
 from kubetune_trainer.signals import CheckpointRequest, redact
 from tests.helpers import wait_for
@@ -91,7 +91,7 @@ def test_the_next_attempt_avoids_nodes_under_notice_and_carries_the_last_seen_st
         )
     )
     w.set_pod("j-a1-w0", "Failed", exit_code=75)
-    from kubetune.status import decide
+    from kubetune.decision.decide import decide
 
     plan = None
     for _ in range(2):

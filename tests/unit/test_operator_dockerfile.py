@@ -127,7 +127,7 @@ def test_the_shipped_operator_imports_without_the_trainer_dependencies(tmp_path)
     tree = image_tree(tmp_path / "image")
     assert not (tree / "devtools").exists()
     shipped = sorted(p.name for p in (tree / "trainer_image" / "kubetune_trainer").iterdir())
-    assert shipped == ["__init__.py", "config.py", "library.py"], shipped
+    assert shipped == ["__init__.py", "config.py", "contract.py", "library.py"], shipped
     code = f"BLOCKED = {sorted(trainer_only_modules())!r}\nROOT = {str(tree)!r}\n" + IMPORT_ALL
     out = subprocess.run(
         [sys.executable, "-c", code],

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import datetime as dt
 
+from kubetune.decision.decide import decide
 from kubetune.stall import STALL_MIN_S, RankSeen, RankWatch, Stall, find_stall, stall_limit
-from kubetune.status import decide
 
 
 def seen(rank: int, step: int, since: float, answered=True, activity="compute", phase="training", step_s=1.0):

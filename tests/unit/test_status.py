@@ -12,18 +12,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as hs
 
+from kubetune.api import FineTuneJobSpec
+from kubetune.decision.conditions import iso, merge_patch
+from kubetune.decision.decide import Need, decide
+from kubetune.decision.pods import GONE, LossKind, classify_loss
+from kubetune.decision.refusals import after_refusal, create_backoff
+from kubetune.decision.reports import format_eta, progress_from_trainer
 from kubetune.gang import GANG_GATE, Fit
-from kubetune.status import (
-    GONE,
-    after_refusal,
-    classify_loss,
-    create_backoff,
-    decide,
-    format_eta,
-    iso,
-    merge_patch,
-    progress_from_trainer,
-)
+from kubetune.manifests import build_attempt
 
 T0 = dt.datetime(2026, 11, 23, 12, 0, tzinfo=dt.timezone.utc)
 
@@ -295,6 +291,46 @@ def test_attempt_waits_while_a_preempted_pod_is_still_terminating():
     assert {"j-a2-w0", "j-a2-w1"} <= set(w.pods)
 
 
+def test_a_worker_missing_from_the_cache_is_judged_only_on_a_fresh_pod_list():
+    """decide() never charges a loss on a watch cache's word: it asks for the pods as the
+    API server lists them (Need.POD_LIST), and nothing of that plan is to be applied."""
+    w = World(job(workers=2))
+    w.reconcile()
+    w.set_pod("j-a1-w0", "Running")
+    w.set_pod("j-a1-w1", "Running")
+    w.reconcile()
+    cached = [p for n, p in w.pods.items() if n != "j-a1-w1"]  # the cache missed w1
+    plan = decide(w.job, cached, w.now, pods_from_cache=True)
+    assert plan.need is Need.POD_LIST and not plan.delete and not plan.losses and not plan.events
+    listed = decide(w.job, list(w.pods.values()), w.now)  # the list has it: nothing lost
+    assert listed.need is None and not listed.losses and listed.status["phase"] == "Running"
+    gone = decide(w.job, cached, w.now)  # listed, and really gone: a preemption
+    assert [(loss.kind, loss.reason) for loss in gone.losses] == [(LossKind.PREEMPTION, "PodDeleted")]
+
+
+def test_gated_workers_ask_for_the_nodes_capacity_before_anything_is_released():
+    w = World(job(workers=3))
+    w.reconcile()
+    plan = decide(w.job, list(w.pods.values()), w.now)
+    assert plan.need is Need.CAPACITY and plan.waiting == ["j-a1-w0", "j-a1-w1", "j-a1-w2"]
+    assert not plan.ungate
+    plan = decide(w.job, list(w.pods.values()), w.now, gang=Fit(True, "room for all 3 workers"))
+    assert plan.need is None and plan.ungate == ["j-a1-w0", "j-a1-w1", "j-a1-w2"]
+
+
+@pytest.mark.parametrize("workers", [1, 2, 4])
+def test_an_attempt_has_a_service_exactly_when_it_has_several_workers(workers):
+    spec = FineTuneJobSpec.model_validate(job(workers=workers)["spec"])
+    made = build_attempt("j", "u1", spec, attempt=1, preemptions=0)
+    assert [p["metadata"]["name"] for p in made.pods] == [f"j-a1-w{r}" for r in range(workers)]
+    assert (made.service is not None) == (workers > 1)
+    assert [o["kind"] for o in made.objects()] == ["Service"] * (workers > 1) + ["Pod"] * workers
+    w = World(job(workers=workers))  # the reconcile's attempt is the same
+    w.reconcile()
+    assert w.plans[0].service == made.service
+    assert [p["metadata"]["name"] for p in w.plans[0].create] == [p["metadata"]["name"] for p in made.pods]
+
+
 def test_failures_use_backoff_limit_and_preemptions_do_not():
     w = World(job(backoffLimit=1, spot={"enabled": True, "maxPreemptions": 5}))
     w.reconcile()
@@ -328,7 +364,7 @@ def test_config_errors_fail_at_once():
     ],
 )
 def test_only_a_missing_secret_or_key_is_a_permanent_config_error(message, permanent):
-    from kubetune.status import config_error
+    from kubetune.decision.pods import config_error
 
     pod = {
         "metadata": {"name": "j-a1-w0"},

@@ -7,9 +7,12 @@ import json
 
 import pytest
 
+from kubetune.decision.reports import evaluation_from_message, lineage_from_message
+from kubetune_trainer import contract
 from kubetune_trainer.checkpoints import steps_in, to_prune
 from kubetune_trainer.config import expand_vars
 from kubetune_trainer.evaluate import exact_match_rate
+from kubetune_trainer.launch import combined_exit_code
 from kubetune_trainer.model import compute_dtype_name, cpu_has_bf16, lora_targets
 from kubetune_trainer.progress import Progress, eta_seconds
 from kubetune_trainer.signals import MAX_MESSAGE, redact, termination_message
@@ -120,6 +123,42 @@ def test_the_message_stays_valid_json_under_4_kib_whatever_it_carries(monkeypatc
     body = json.loads(text)
     assert body["evaluation"] == {"evalLoss": None, "note": "***"}
     assert 'quote"and' not in json.dumps(body)
+
+
+def test_the_message_carries_only_the_contracts_keys_and_the_operator_reads_them():
+    """One contract for both sides: a key the trainer writes outside it is refused where it
+    is written, and what the trainer writes is what the operator's readers take."""
+    with pytest.raises(ValueError, match="not termination-message keys"):
+        termination_message("completed", adaptr={"uri": "s3://b/a/"})
+    text = termination_message(
+        "completed",
+        step=12,
+        checkpoint={"step": 12, "uri": "s3://b/c/step-12/"},
+        adapter={"uri": "s3://b/a/", "sha256": "ab" * 32, "sizeBytes": 10},
+        evaluation={"split": "eval", "examples": 4, "exactMatch": 0.5},
+        lineage={"base": "cd" * 32, "data": "ef" * 32, "shards": 2},
+    )
+    body = json.loads(text)
+    assert set(body) <= set(contract.MESSAGE_KEYS)
+    assert evaluation_from_message(body) == {"split": "eval", "examples": 4, "exactMatch": 0.5}
+    assert lineage_from_message(body) == {"base": "cd" * 32, "data": "ef" * 32, "shards": 2}
+
+
+@pytest.mark.parametrize(
+    "code, permanent",
+    [
+        (0, False),
+        (1, False),
+        (contract.EXIT_PREEMPTED, False),
+        (65, True),
+        (66, True),
+        (78, True),
+        (137, False),
+    ],
+)
+def test_permanent_exit_codes_are_the_sysexits_range_but_the_preemption_stop(code, permanent):
+    assert contract.is_permanent(code) is permanent
+    assert combined_exit_code([0, code]) == code  # the pod says what its worst process said
 
 
 def test_compute_dtype_auto():
@@ -246,7 +285,7 @@ def test_a_success_message_at_its_largest_keeps_everything_under_4_kib():
         "evalLoss": 1.234567,
         "samples": clip_samples(samples),
     }
-    from kubetune.status import GOODPUT_SECONDS
+    from kubetune.decision.reports import GOODPUT_SECONDS
 
     goodput = {k: 123456.789 for k in ("ratio", *GOODPUT_SECONDS)}
     goodput.update(stepsRecomputed=1_000_000, attempts=100)

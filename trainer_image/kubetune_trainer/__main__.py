@@ -14,7 +14,7 @@ import time
 import traceback
 from pathlib import Path
 
-from kubetune_trainer.signals import (
+from kubetune_trainer.contract import (
     CONTROL_TOKEN_ENV,
     EXIT_CONFIG,
     EXIT_DATA,
@@ -23,6 +23,8 @@ from kubetune_trainer.signals import (
     EXIT_OK,
     EXIT_PREEMPTED,
     STANDBY_ENV,
+)
+from kubetune_trainer.signals import (
     CheckpointRequest,
     RedactingFilter,
     StartSignal,

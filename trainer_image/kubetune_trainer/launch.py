@@ -21,7 +21,7 @@ import subprocess
 import sys
 import time
 
-from kubetune_trainer.signals import EXIT_FAILED, EXIT_OK, EXIT_PREEMPTED
+from kubetune_trainer.contract import EXIT_FAILED, EXIT_OK, EXIT_PREEMPTED, is_permanent
 
 POLL_S = 0.2
 AFTER_FAILURE_S = 30.0  # the rest of the pod's processes, once one failed
@@ -54,7 +54,7 @@ def combined_exit_code(codes: list[int]) -> int:
     a configuration/data error (64-78 but 75) wins, then any other failure, then 75
     (every process that stopped, stopped after the checkpoint), else 0."""
     codes = [EXIT_FAILED if c < 0 else c for c in codes]  # killed by a signal
-    permanent = [c for c in codes if 64 <= c <= 78 and c != EXIT_PREEMPTED]
+    permanent = [c for c in codes if is_permanent(c)]
     if permanent:
         return permanent[0]
     failed = [c for c in codes if c not in (EXIT_OK, EXIT_PREEMPTED)]

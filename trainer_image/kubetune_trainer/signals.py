@@ -1,13 +1,6 @@
-"""The trainer's side of the operator contract: SIGTERM → stop at the next step boundary;
-exit codes; the JSON termination message; secrets scrubbed from anything written out.
-
-Exit codes (sysexits.h):
-  0   done, adapter uploaded
-  75  EX_TEMPFAIL: stopped on request after a checkpoint was committed (resumable)
-  65  EX_DATAERR: the dataset is unusable (too many malformed records)
-  66  EX_NOINPUT: no data shards, or no model files
-  78  EX_CONFIG: the configuration is invalid
-  1   anything else: an application failure, retried up to backoffLimit"""
+"""The trainer's side of the operator contract (kubetune_trainer.contract): SIGTERM → stop
+at the next step boundary; the JSON termination message; secrets scrubbed from anything
+written out."""
 
 from __future__ import annotations
 
@@ -20,20 +13,10 @@ import threading
 import time
 from pathlib import Path
 
-EXIT_OK = 0
-EXIT_PREEMPTED = 75
-EXIT_DATA = 65
-EXIT_NO_INPUT = 66
-EXIT_CONFIG = 78
-EXIT_FAILED = 1
+from kubetune_trainer.contract import CONTROL_TOKEN_ENV, MAX_MESSAGE, message_body
 
 TERMINATION_LOG_ENV = "KUBETUNE_TERMINATION_LOG"
 DEFAULT_TERMINATION_LOG = "/dev/termination-log"
-# the kubelet keeps at most 4096 bytes of a termination message
-MAX_MESSAGE = 4096
-CONTROL_TOKEN_ENV = "KUBETUNE_CONTROL_TOKEN"  # the bearer token of POST /checkpoint and /start
-# "1": start as a standby (load everything, then wait for POST /start before resuming)
-STANDBY_ENV = "KUBETUNE_STANDBY"
 SECRET_ENV = (
     "AWS_SECRET_ACCESS_KEY",
     "AWS_SESSION_TOKEN",
@@ -165,7 +148,7 @@ def termination_message(outcome: str, environ=os.environ, **fields) -> str:
     """JSON within the kubelet's 4096 bytes, credentials scrubbed. Scrubbed first, cut
     second: cutting first could split a secret, and the part left would no longer match
     (a 40-character key once showed 39 of its characters)."""
-    body = scrub({"outcome": outcome, **{k: v for k, v in fields.items() if v is not None}}, environ)
+    body = scrub(message_body(outcome, **fields), environ)
 
     def dump(b: dict) -> str:
         return json.dumps(b, separators=(",", ":"), allow_nan=False, default=str)

@@ -1,5 +1,6 @@
-"""Pure reconcile logic: a FineTuneJob and the pods it owns -> what to do and the new
-status. No I/O: the handlers read the world, call decide(), and apply the Plan.
+"""The decision: a FineTuneJob and the pods it owns -> a Plan (what to create, delete,
+release, write and say). Pure: the handlers read the world, call decide(), and apply the
+plan; when the plan needs more of the world (Need), they read it and decide again.
 
 An attempt is one set of worker pods. Its loss is classified once, when the operator
 moves status.attempt on; the next attempt's pods are created only after every pod of
@@ -10,72 +11,96 @@ from __future__ import annotations
 
 import copy
 import datetime as dt
-import json
-import math
-import re
+import enum
 from dataclasses import dataclass, field
 
 from pydantic import ValidationError
 
 from kubetune.api import AUTO, FineTuneJobSpec, Phase
+from kubetune.decision.conditions import (
+    BACKOFF_LIMIT_EXCEEDED,
+    CONFIG_ERROR,
+    DEADLINE_EXCEEDED,
+    FAILED,
+    FAILED_CREATE,
+    INVALID_SPEC,
+    LOSS_NOT_FINITE,
+    PODS_CREATED,
+    QUEUED,
+    RUNNING,
+    SCHEDULED,
+    STALLED,
+    SUCCEEDED,
+    SUSPENDED,
+    TOO_MANY_PREEMPTIONS,
+    WAITING_FOR_ADAPTER,
+    WAITING_FOR_CAPACITY,
+    WAITING_FOR_CONFIG,
+    iso,
+    parse_time,
+    set_condition,
+)
+from kubetune.decision.pods import (
+    TERMINAL,
+    Loss,
+    LossKind,
+    classify_loss,
+    config_error,
+    is_gone,
+    is_stopped,
+    pod_attempt,
+    pod_phase,
+    pod_rank,
+    termination_message,
+    unschedulable_message,
+)
+from kubetune.decision.reports import (
+    count,
+    evaluation_from_message,
+    known,
+    lineage_from_message,
+    loss_not_finite,
+    progress_from_trainer,
+    progress_summary,
+    record_checkpoint,
+    record_goodput,
+    text,
+)
 from kubetune.gang import Fit, gated, queued_in_kueue
 from kubetune.kueue import priority_boost
 from kubetune.library import AdapterMissing
-from kubetune.manifests import ATTEMPT_LABEL, RANK_LABEL, build_pods, pod_group_name, pod_name
+from kubetune.manifests import build_attempt, pod_group_name, pod_name
 from kubetune.placement import min_gpu_memory
+from kubetune_trainer import contract
 from kubetune_trainer.config import InitFrom
-from kubetune_trainer.library import adapter_record, clip_samples
+from kubetune_trainer.library import adapter_record
 
-# Condition types and reasons (CamelCase constants, as Kubernetes does).
-SCHEDULED, RUNNING, SUSPENDED, SUCCEEDED, FAILED = "Scheduled", "Running", "Suspended", "Succeeded", "Failed"
-INVALID_SPEC = "InvalidSpec"
-BACKOFF_LIMIT_EXCEEDED = "BackoffLimitExceeded"
-TOO_MANY_PREEMPTIONS = "TooManyPreemptions"
-DEADLINE_EXCEEDED = "DeadlineExceeded"
-CONFIG_ERROR = "ConfigError"
-WAITING_FOR_CAPACITY = "WaitingForCapacity"
-QUEUED = "Queued"  # in Kueue, waiting for its admission
-LOSS_NOT_FINITE = "LossNotFinite"
-FAILED_CREATE = "FailedCreate"
-WAITING_FOR_CONFIG = "WaitingForConfig"
-STALLED = "Stalled"  # a worker that stopped finishing optimizer steps (kubetune.stall)
 # how long a missing Secret, ConfigMap or key may take to appear before the job fails
 CONFIG_ERROR_GRACE_S = 60.0
-PODS_CREATED = "PodsCreated"  # a condition only once a create was refused
-# 400 Bad Request, 422 Invalid: the objects themselves are wrong, and a retry never helps.
-# Anything else (403 from a quota, a missing ServiceAccount or PriorityClass) may pass later.
-PERMANENT_CREATE_CODES = (400, 422)
-CREATE_BACKOFF_MAX_S = 300.0
-WAITING_FOR_ADAPTER = "WaitingForAdapter"
+
 ADAPTER_RECHECK_S = 10.0  # a warm start's Adapter is looked for again this often
+
 GANG_RECHECK_S = 5.0  # capacity frees up without touching the job: look again this often
 
-EX_TEMPFAIL = 75  # the trainer stopped on request after committing a checkpoint
-PERMANENT_EXIT_CODES = range(64, 79)  # sysexits: usage/config errors, never retried (75 aside)
-PREEMPTION_POD_REASONS = {
-    "Evicted",
-    "NodeLost",
-    "Terminated",
-    "Shutdown",
-    "NodeShutdown",
-    "UnexpectedAdmissionError",
-}
-TERMINAL = {Phase.succeeded.value, Phase.failed.value}
 
+class Need(enum.Enum):
+    """More of the world than decide() was given, which it needs before it can decide."""
 
-@dataclass
-class Loss:
-    kind: str  # "preemption" | "failure" | "permanent"
-    pod: str
-    node: str | None
-    reason: str
-    message: str
+    # the job's pods as the API server lists them: a worker missing from a watch cache may
+    # only not be seen yet, and a loss is charged once, so it is never judged on a cache
+    POD_LIST = "pod-list"
+    # whether the gated workers fit on the nodes now (kubetune.gang.gang_fit, read fresh
+    # and under the one lock that keeps two gangs from counting the same free capacity)
+    CAPACITY = "capacity"
 
 
 @dataclass
 class Plan:
     status: dict
-    create: list[dict] = field(default_factory=list)
+    need: Need | None = None  # decide again with it; nothing else of this plan is applied
+    waiting: list[str] = field(default_factory=list)  # the gated workers (Need.CAPACITY)
+    service: dict | None = None  # the attempt's headless Service (several workers), made first
+    create: list[dict] = field(default_factory=list)  # pods
     delete: list[str] = field(default_factory=list)  # pod names, deleted with their grace period
     ungate: list[str] = field(default_factory=list)  # pod names whose gang gate is lifted
     events: list[tuple[str, str, str]] = field(default_factory=list)  # (type, reason, message)
@@ -87,298 +112,6 @@ class Plan:
     start: list[str] = field(default_factory=list)  # standby pods to send POST /start
     # the finished adapter's library record (AdapterSpec dict): an Adapter object to create
     register: dict | None = None
-
-
-def iso(t: dt.datetime) -> str:
-    return t.astimezone(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def parse_time(s: str | None) -> dt.datetime | None:
-    return dt.datetime.fromisoformat(s.replace("Z", "+00:00")) if s else None
-
-
-# -- reading pods ------------------------------------------------------------------------
-
-
-def pod_attempt(pod: dict) -> int:
-    return int(pod["metadata"].get("labels", {}).get(ATTEMPT_LABEL, "0"))
-
-
-def pod_rank(pod: dict) -> int:
-    return int(pod["metadata"].get("labels", {}).get(RANK_LABEL, "0"))
-
-
-def pod_phase(pod: dict) -> str:
-    return (pod.get("status") or {}).get("phase") or "Pending"
-
-
-def terminated(pod: dict) -> dict | None:
-    for cs in (pod.get("status") or {}).get("containerStatuses") or []:
-        state = cs.get("state") or {}
-        if "terminated" in state:
-            return state["terminated"]
-    return None
-
-
-def condition(pod: dict, kind: str) -> dict | None:
-    return next((c for c in (pod.get("status") or {}).get("conditions") or [] if c.get("type") == kind), None)
-
-
-def termination_message(pod: dict) -> dict:
-    """The trainer's JSON termination message; {} when absent or not JSON (log tail)."""
-    term = terminated(pod) or {}
-    try:
-        msg = json.loads(term.get("message") or "")
-    except ValueError:
-        return {}
-    return msg if isinstance(msg, dict) else {}
-
-
-# What a trainer says (its /progress body, its termination message) is its word, not
-# trusted: only values of the expected type go into status. A NaN, an infinity or a string
-# where a number belongs would make the status write invalid JSON or fail the schema,
-# and the job's status would stop moving.
-MAX_COUNT = 2**53
-
-
-def finite(v) -> float | None:
-    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) else None
-
-
-def count(v) -> int | None:
-    """A non-negative whole number (a step, a size), or None."""
-    f = finite(v)
-    return int(f) if f is not None and f == int(f) and 0 <= f < MAX_COUNT else None
-
-
-def text(v, limit: int = 512) -> str | None:
-    return v[:limit] if isinstance(v, str) else None
-
-
-def known(values: dict, kinds: dict) -> dict:
-    """values' keys in kinds, each through its checker; the ones that fail left out."""
-    out = {k: kinds[k](values.get(k)) for k in kinds if k in values}
-    return {k: v for k, v in out.items() if v is not None}
-
-
-GOODPUT_SECONDS = (
-    "usefulSeconds",
-    "lostSeconds",
-    "recomputedSeconds",
-    "restartSeconds",
-    "waitingSeconds",
-    "otherSeconds",
-    "wallSeconds",
-)
-
-
-def goodput_from_trainer(report) -> dict | None:
-    """status.goodput from the trainer's goodput report (its /progress or termination
-    message): known keys, right types, finite and in range; None when nothing is usable."""
-    if not isinstance(report, dict):
-        return None
-    out = {}
-    ratio = finite(report.get("ratio"))
-    if ratio is not None and 0 <= ratio <= 1:
-        out["ratio"] = round(ratio, 4)
-    for key in GOODPUT_SECONDS:
-        v = finite(report.get(key))
-        if v is not None and v >= 0:
-            out[key] = round(v, 1)
-    for key in ("stepsRecomputed", "attempts"):
-        v = count(report.get(key))
-        if v is not None:
-            out[key] = v
-    return out if "usefulSeconds" in out else None
-
-
-def record_goodput(status: dict, source: dict) -> None:
-    """status.goodput from a /progress body or a termination message, when it has one."""
-    goodput = goodput_from_trainer(source.get("goodput"))
-    if goodput:
-        status["goodput"] = goodput
-
-
-def record_checkpoint(status: dict, ref) -> None:
-    """status.lastCheckpoint from what a trainer reports as committed (its termination
-    message's checkpoint, /progress's lastCheckpoint while it runs; known keys only)."""
-    if isinstance(ref, dict):
-        checkpoint = known(ref, {"step": count, "uri": text, "time": text})
-        if checkpoint.get("step") is not None:
-            old = status.get("lastCheckpoint") or {}
-            # a resumed trainer names its checkpoint without the time it was committed at
-            status["lastCheckpoint"] = (
-                {**old, **checkpoint} if old.get("step") == checkpoint["step"] else checkpoint
-            )
-
-
-# set by the pod cache on a deleted pod's last state, which it keeps (the exit code and
-# termination message of an evicted trainer must reach the reconcile): not in the API now
-GONE = "kubetuneGone"
-
-
-def is_gone(pod: dict) -> bool:
-    return bool(pod.get(GONE))
-
-
-def is_stopped(pod: dict) -> bool:
-    return pod_phase(pod) in TERMINAL
-
-
-def classify_loss(pod: dict | None, name: str) -> Loss:
-    """Why a worker of the current attempt is gone: preemption (infrastructure took it;
-    not charged to backoffLimit), failure (the application; charged) or permanent
-    (a configuration error the trainer reported; never retried)."""
-    if pod is None:
-        return Loss("preemption", name, None, "PodDeleted", "the pod was deleted")
-    node = pod["spec"].get("nodeName")
-    # the kubelet's, the Eviction API's and the taint manager's; Kueue's own when it
-    # preempts a pod group (TerminationTarget)
-    disruption = condition(pod, "DisruptionTarget") or condition(pod, "TerminationTarget")
-    if disruption and disruption.get("status") == "True":
-        return Loss(
-            "preemption",
-            name,
-            node,
-            disruption.get("reason") or "DisruptionTarget",
-            disruption.get("message") or "",
-        )
-    status = pod.get("status") or {}
-    if status.get("reason") in PREEMPTION_POD_REASONS:
-        return Loss("preemption", name, node, status["reason"], status.get("message") or "")
-    term = terminated(pod) or {}
-    code = term.get("exitCode")
-    summary = text(termination_message(pod).get("error")) or text(term.get("message")) or ""
-    if code == EX_TEMPFAIL:
-        return Loss("preemption", name, node, "StoppedForPreemption", "the trainer checkpointed and stopped")
-    if pod["metadata"].get("deletionTimestamp") and code in (137, 143):
-        return Loss("preemption", name, node, "PodDeleted", f"killed while being deleted (exit {code})")
-    if term.get("reason") == "OOMKilled":
-        return Loss(
-            "failure",
-            name,
-            node,
-            "OOMKilled",
-            "out of memory: raise resources.memory, or lower training.batchSize or dataset.maxSeqLength, "
-            "or enable training.gradientCheckpointing",
-        )
-    if code in PERMANENT_EXIT_CODES:
-        return Loss("permanent", name, node, CONFIG_ERROR, summary or f"exit code {code}")
-    return Loss("failure", name, node, "Error", summary or f"exit code {code}")
-
-
-# What in a CreateContainerConfigError says the spec itself is wrong. The kubelet reports
-# passing trouble under the same reason ("failed to sync secret cache: timed out waiting
-# for the condition" while its watch of a new Secret catches up) and retries it itself.
-PERMANENT_CONFIG_ERRORS = ("not found", "couldn't find key")
-
-
-def config_error(pods: list[dict]) -> str | None:
-    """The kubelet's word on a spec it cannot run: a missing Secret, ConfigMap or key.
-    (The operator never reads Secrets itself: least privilege.)"""
-    for pod in pods:
-        for cs in (pod.get("status") or {}).get("containerStatuses") or []:
-            waiting = (cs.get("state") or {}).get("waiting") or {}
-            message = waiting.get("message") or ""
-            if waiting.get("reason") == "InvalidImageName" or (
-                waiting.get("reason") == "CreateContainerConfigError"
-                and any(m in message for m in PERMANENT_CONFIG_ERRORS)
-            ):
-                return f"{pod['metadata']['name']}: {message or waiting['reason']}"
-    return None
-
-
-def unschedulable_message(pods: list[dict]) -> str | None:
-    for pod in pods:
-        cond = condition(pod, "PodScheduled")
-        if cond and cond.get("status") == "False" and cond.get("reason") == "Unschedulable":
-            return cond.get("message") or "no node fits the pod"
-    return None
-
-
-# -- status helpers ----------------------------------------------------------------------
-
-
-def set_condition(
-    status: dict, kind: str, ok: bool, reason: str, message: str, now: str, gen: int | None
-) -> None:
-    """Kubernetes semantics: lastTransitionTime changes only when the status flips."""
-    value = "True" if ok else "False"
-    conditions = status.setdefault("conditions", [])
-    old = next((c for c in conditions if c["type"] == kind), None)
-    new = {
-        "type": kind,
-        "status": value,
-        "reason": reason,
-        "message": message[:1024],
-        "lastTransitionTime": old["lastTransitionTime"] if old and old["status"] == value else now,
-    }
-    if gen is not None:
-        new["observedGeneration"] = gen
-    if old:
-        conditions[conditions.index(old)] = new
-    else:
-        conditions.append(new)
-
-
-def merge_patch(old: dict, new: dict) -> dict:
-    """The RFC 7386 merge patch turning old into new: removed keys become null (a key
-    merely left out of a merge patch would be kept by the server)."""
-    patch = {k: None for k in old if k not in new}
-    for k, v in new.items():
-        if isinstance(v, dict) and isinstance(old.get(k), dict):
-            sub = merge_patch(old[k], v)
-            if sub:
-                patch[k] = sub
-        elif old.get(k) != v or k not in old:
-            patch[k] = v
-    return patch
-
-
-def progress_summary(step: int, total: int) -> str:
-    pct = int(100 * step / total) if total else 0
-    return f"{step}/{total} ({pct}%)"
-
-
-def format_eta(seconds: float | None) -> str | None:
-    if seconds is None:
-        return None
-    s = round(seconds)
-    h, m = divmod(s // 60, 60)
-    return f"{h}h{m}m" if h else f"{m}m{s % 60}s" if m else f"{s}s"
-
-
-def progress_from_trainer(p: dict) -> dict:
-    """status.progress from the trainer's GET /progress (known keys only, typed; a value
-    of the wrong type, NaN or infinite is left out)."""
-    step, total = count(p.get("step")) or 0, count(p.get("totalSteps")) or 0
-
-    def num(key):
-        v = finite(p.get(key))
-        return round(v, 4) if v is not None else None
-
-    out = {
-        "step": step,
-        "totalSteps": total,
-        "summary": progress_summary(step, total),
-        "epoch": num("epoch"),
-        "loss": num("loss"),
-        "evalLoss": num("evalLoss"),
-        "tokensPerSecond": num("tokensPerSecond"),
-        "eta": format_eta(num("etaSeconds")),
-        "updatedAt": text(p.get("updatedAt"), 64),
-    }
-    return {k: v for k, v in out.items() if v is not None}
-
-
-def loss_not_finite(p: dict) -> str | None:
-    """ "nan" or "inf" when the trainer reports a loss that is not a finite number."""
-    v = p.get("loss")
-    if isinstance(v, float) and not math.isfinite(v):
-        return "nan" if math.isnan(v) else "inf"
-    if isinstance(v, str) and v.strip().lower().lstrip("+-") in ("nan", "inf", "infinity"):
-        return "nan" if "nan" in v.lower() else "inf"
-    return None
 
 
 class Ctx:
@@ -399,6 +132,7 @@ class Ctx:
         self.stall = None
         self.avoid_nodes: tuple[str, ...] = ()  # nodes under a notice the scheduler does not see
         self.noticed: tuple[str, ...] = ()  # every node under a termination notice
+        self.pods_from_cache = False
 
     def transition(self, phase: str, reason: str, message: str, event_type: str = "Normal") -> None:
         if self.st.get("phase") != phase or self.st.get("reason") != reason:
@@ -432,9 +166,6 @@ class Ctx:
         ]
 
 
-# -- the decision ------------------------------------------------------------------------
-
-
 def decide(
     job: dict,
     pods: list[dict],
@@ -446,19 +177,22 @@ def decide(
     avoid_nodes=(),
     noticed=(),
     init_from: dict | str | None = None,
+    pods_from_cache: bool = False,
 ) -> Plan:
     """What to do about one job now. Pure: same inputs, same plan. `progress` is the last
     (pod name, GET /progress body) polled from a trainer; `gang` whether the gated workers
     of the current attempt fit on the nodes now (kubetune.gang); `stall` a worker found
     stuck (kubetune.stall.Stall: pod, node, message); `noticed` the nodes under a
     termination notice (kubetune.notices); `init_from` spec.lora.initFrom.adapter resolved
-    (kubetune.library.resolve_init_from: {adapter, uri, sha256}, or why it cannot be)."""
+    (kubetune.library.resolve_init_from: {adapter, uri, sha256}, or why it cannot be);
+    `pods_from_cache` that `pods` come from a watch cache (a missing pod asks for Need.POD_LIST)."""
     c = Ctx(job, pods, now)
     c.progress = progress
     c.gang = gang
     c.stall = stall
     c.avoid_nodes = tuple(avoid_nodes)
     c.noticed = tuple(noticed)
+    c.pods_from_cache = pods_from_cache
     st = c.st
     try:
         spec = FineTuneJobSpec.model_validate(job.get("spec") or {})
@@ -550,34 +284,6 @@ def _pinned_init_from(c: Ctx, spec: FineTuneJobSpec, resolved: dict | str | None
     return spec.model_copy(update={"lora": lora})
 
 
-def create_backoff(refusals: int) -> float:
-    """Seconds before creating again after the n-th refusal in a row (2, 4, 8, ... 300),
-    as the Job controller backs off."""
-    return min(2.0 * 2 ** (refusals - 1), CREATE_BACKOFF_MAX_S)
-
-
-def after_refusal(
-    status: dict, code: int, message: str, now: str, gen: int | None, refusals: int
-) -> tuple[dict, tuple[str, str, str], float | None]:
-    """The status to write when the API server refused a pod or the Service of a new
-    attempt, the Event to post, and when to try again (None: never, the job failed). The
-    attempt is left not started, so the next reconcile creates its pods again."""
-    st = copy.deepcopy(status)
-    st.pop("attemptStartTime", None)
-    text_ = f"the API server refused to create the attempt's objects: {message}"
-    if code in PERMANENT_CREATE_CODES:
-        st.update(phase=Phase.failed.value, reason=INVALID_SPEC, message=text_[:1024])
-        set_condition(st, FAILED, True, INVALID_SPEC, text_, now, gen)
-        set_condition(st, RUNNING, False, INVALID_SPEC, text_, now, gen)
-        st.setdefault("completionTime", now)
-        return st, ("Warning", FAILED_CREATE, text_[:1024]), None
-    delay = create_backoff(refusals)
-    text_ = f"{text_} (refused {refusals} time(s) in a row; next try in {delay:.0f} s)"
-    st.update(reason=FAILED_CREATE, message=text_[:1024])
-    set_condition(st, PODS_CREATED, False, FAILED_CREATE, text_, now, gen)
-    return st, ("Warning", FAILED_CREATE, text_[:1024]), delay
-
-
 def validation_messages(e: ValidationError) -> list[str]:
     return [f"spec.{'.'.join(str(x) for x in err['loc'])}: {err['msg']}" for err in e.errors()]
 
@@ -647,9 +353,9 @@ def _attempt(c: Ctx, spec: FineTuneJobSpec) -> None:
             c.plan.requeue_after = 1.0
             return
         seen = (st.get("progress") or {}).get("step") if attempt > 1 else None
-        c.plan.create += build_pods(
-            c.name, c.uid, spec, attempt, st["preemptions"], c.avoid_nodes, count(seen)
-        )
+        made = build_attempt(c.name, c.uid, spec, attempt, st["preemptions"], c.avoid_nodes, count(seen))
+        c.plan.create += made.pods
+        c.plan.service = made.service
         st["attemptStartTime"] = c.now_s
         if current:
             # its standby is there already, and the attempt before has stopped: told to
@@ -674,6 +380,9 @@ def _attempt(c: Ctx, spec: FineTuneJobSpec) -> None:
         for r, n in names.items()
         if current.get(r) is None or pod_phase(current[r]) == Phase.failed.value
     ]
+    if losses and c.pods_from_cache and any(loss.reason == "PodDeleted" for loss in losses):
+        c.plan.need = Need.POD_LIST
+        return None
     if losses:
         return _lost(c, spec, losses)
     pods = list(current.values())
@@ -703,7 +412,7 @@ def _attempt(c: Ctx, spec: FineTuneJobSpec) -> None:
         return None
     if c.stall is not None and c.stall.pod in names.values():
         # stuck, not gone: the attempt is replaced as an application failure
-        return _lost(c, spec, [Loss("failure", c.stall.pod, c.stall.node, STALLED, c.stall.message)])
+        return _lost(c, spec, [Loss(LossKind.FAILURE, c.stall.pod, c.stall.node, STALLED, c.stall.message)])
     _observe_running(c, pods, spec)
     _observe_progress(c, rank0)
     _kueue_boost(c, spec)
@@ -739,9 +448,9 @@ def _standby(c: Ctx, spec: FineTuneJobSpec, current: dict[int, dict]) -> None:
         return
     avoid = tuple(sorted({*c.avoid_nodes, *on_notice}))
     seen = count((c.st.get("progress") or {}).get("step"))
-    c.plan.create += build_pods(
-        c.name, c.uid, spec, attempt + 1, c.st["preemptions"] + 1, avoid, seen, standby=True
-    )
+    made = build_attempt(c.name, c.uid, spec, attempt + 1, c.st["preemptions"] + 1, avoid, seen, standby=True)
+    c.plan.create += made.pods
+    c.plan.service = made.service
     c.plan.events.append(
         (
             "Normal",
@@ -764,8 +473,8 @@ def _kueue_boost(c: Ctx, spec: FineTuneJobSpec) -> None:
 
 def _admit_gang(c: Ctx, waiting: list[str], workers: int) -> None:
     """Lift the gang gate of every worker at once, or none while they do not all fit."""
-    if c.gang is None:  # not checked yet (the handler checks when it sees gated pods)
-        c.plan.requeue_after = 1.0
+    if c.gang is None:
+        c.plan.need, c.plan.waiting = Need.CAPACITY, waiting
         return
     if c.gang.ok:
         c.plan.ungate = waiting
@@ -853,46 +562,6 @@ def _observe_running(c: Ctx, pods: list[dict], spec: FineTuneJobSpec) -> None:
         c.cond(RUNNING, True, "Running", f"attempt {c.st['attempt']} running")
 
 
-EVALUATION_NUMBERS = ("exactMatchBefore", "exactMatch", "exactMatchUnquantizedBase", "evalLoss")
-
-
-def evaluation_from_message(message: dict) -> dict | None:
-    """status.evaluation from a trainer's termination message: known keys, right types,
-    finite numbers only (the message is the trainer's word, not trusted)."""
-    ev = message.get("evaluation")
-    if not isinstance(ev, dict):
-        return None
-    out = {}
-    if isinstance(ev.get("split"), str):
-        out["split"] = ev["split"][:256]
-    if isinstance(ev.get("examples"), int) and not isinstance(ev["examples"], bool):
-        out["examples"] = ev["examples"]
-    for key in EVALUATION_NUMBERS:
-        v = ev.get(key)
-        if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
-            out[key] = round(float(v), 4)
-    samples = clip_samples(ev.get("samples"))
-    if samples:
-        out["samples"] = samples
-    return out or None
-
-
-def lineage_from_message(message: dict) -> dict:
-    """The trainer's base and data fingerprints (hex) and shard count, checked."""
-    found = message.get("lineage")
-    if not isinstance(found, dict):
-        return {}
-    out = {}
-    for key in ("base", "data"):
-        v = found.get(key)
-        if isinstance(v, str) and re.fullmatch(r"[0-9a-f]{64}", v):
-            out[key] = v
-    shards = count(found.get("shards"))
-    if shards is not None:
-        out["shards"] = shards
-    return out
-
-
 def adapter_registration(c: Ctx, spec: FineTuneJobSpec, message: dict) -> dict | None:
     """The library record of the job's adapter (kubetune_trainer.library.adapter_record,
     as the trainer wrote adapter.json), with the S3 access needed to verify it."""
@@ -928,16 +597,18 @@ def adapter_registration(c: Ctx, spec: FineTuneJobSpec, message: dict) -> dict |
 def _succeeded(c: Ctx, rank0: dict, spec: FineTuneJobSpec) -> None:
     msg = termination_message(rank0)
     st = c.st
-    if isinstance(msg.get("adapter"), dict):
-        adapter = known(msg["adapter"], {"uri": text, "sha256": lambda v: text(v, 64), "sizeBytes": count})
+    if isinstance(msg.get(contract.ADAPTER), dict):
+        adapter = known(
+            msg[contract.ADAPTER], {"uri": text, "sha256": lambda v: text(v, 64), "sizeBytes": count}
+        )
         if adapter.get("uri"):
             st["adapter"] = adapter
     evaluation = evaluation_from_message(msg)
     if evaluation:
         st["evaluation"] = evaluation
-    record_checkpoint(st, msg.get("checkpoint"))
+    record_checkpoint(st, msg.get(contract.CHECKPOINT))
     record_goodput(st, msg)
-    step = count(msg.get("step"))
+    step = count(msg.get(contract.STEP))
     if step is not None:
         total = (st.get("progress") or {}).get("totalSteps", step)
         st["progress"] = {
@@ -959,19 +630,22 @@ def _lost(c: Ctx, spec: FineTuneJobSpec, losses: list[Loss]) -> None:
     c.plan.losses = losses
     for loss in losses:
         if loss.pod in c.pods:
-            record_checkpoint(st, termination_message(c.pods[loss.pod]).get("checkpoint"))
+            record_checkpoint(st, termination_message(c.pods[loss.pod]).get(contract.CHECKPOINT))
             record_goodput(st, termination_message(c.pods[loss.pod]))
     worst = next(
-        loss for kind in ("permanent", "failure", "preemption") for loss in losses if loss.kind == kind
+        loss
+        for kind in (LossKind.PERMANENT, LossKind.FAILURE, LossKind.PREEMPTION)
+        for loss in losses
+        if loss.kind == kind
     )
     where = f" on node {worst.node}" if worst.node else ""
     detail = f"worker {worst.pod}{where}: {worst.reason}" + (f": {worst.message}" if worst.message else "")
     # the next attempt's standby, if a notice started one, is that attempt (a job that
     # fails for good loses it with the rest once finished)
     c.stop_active(spare_attempt=st["attempt"] + 1)
-    if worst.kind == "permanent":
+    if worst.kind is LossKind.PERMANENT:
         return c.fail(CONFIG_ERROR, f"{detail} (configuration errors are not retried)")
-    if worst.kind == "failure":
+    if worst.kind is LossKind.FAILURE:
         st["failures"] += 1
         if st["failures"] > spec.backoff_limit:
             return c.fail(
