@@ -25,7 +25,7 @@ from pydantic import ValidationError
 from kubetune import metrics
 from kubetune.api import ADAPTER_KIND, GROUP, PLURAL, VERSION, FineTuneJobSpec
 from kubetune.gang import capacity_scope, gang_fit, gated, without_gang_gate
-from kubetune.kube import Kube, watch_nodes, watch_pods
+from kubetune.kube import Kube
 from kubetune.kueue import PRIORITY_BOOST_ANNOTATION
 from kubetune.library import adapter_names, adapter_object, resolve_init_from, same_registration
 from kubetune.manifests import (
@@ -39,6 +39,16 @@ from kubetune.manifests import (
 )
 from kubetune.notices import Notice, notice, pods_on
 from kubetune.policy import Policy, violations
+from kubetune.runtime import (
+    ProgressPoller,
+    TokenBucket,
+    WorkQueue,
+    at_least_as_new,
+    resource_version,
+    watch_nodes,
+    watch_pods,
+    worker,
+)
 from kubetune.stall import RankWatch, Stall, find_stall
 from kubetune.status import (
     GONE,
@@ -61,78 +71,6 @@ BOOST_RETRY_S = 5.0  # a Kueue Workload not found yet (Kueue makes it just after
 # status write covers them. New jobs and spec changes are looked at at once.
 POD_SETTLE_S = 0.5
 EVENTS_PER_S, EVENT_BURST = 10.0, 25
-
-
-class TokenBucket:
-    def __init__(self, rate: float, burst: int) -> None:
-        self.rate, self.burst = rate, burst
-        self.tokens, self.stamp = float(burst), time.monotonic()
-
-    def take(self) -> None:
-        """Block until a token is free (one caller: the events thread)."""
-        now = time.monotonic()
-        self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
-        self.stamp = now
-        if self.tokens < 1:
-            time.sleep((1 - self.tokens) / self.rate)
-            self.tokens, self.stamp = 1.0, time.monotonic()
-        self.tokens -= 1
-
-
-def _rv(obj: dict) -> int:
-    try:
-        return int(obj["metadata"].get("resourceVersion") or 0)
-    except ValueError:
-        return 0
-
-
-def _newer(new: dict, old: dict | None) -> bool:
-    return old is None or _rv(new) >= _rv(old)
-
-
-class WorkQueue:
-    """Like client-go's workqueue: a key is queued at most once, never processed by two
-    workers at once, and re-queued if it changed while being processed."""
-
-    def __init__(self) -> None:
-        self.queue: asyncio.Queue = asyncio.Queue()
-        self.queued: set = set()
-        self.active: set = set()
-        self.dirty: set = set()
-        self.timers: dict = {}
-
-    def add(self, key) -> None:
-        if key in self.active:
-            self.dirty.add(key)
-        elif key not in self.queued:
-            self.queued.add(key)
-            self.queue.put_nowait(key)
-
-    def add_after(self, key, delay: float) -> None:
-        loop = asyncio.get_running_loop()
-        old = self.timers.get(key)
-        when = loop.time() + delay
-        if old and old.when() <= when:
-            return  # an earlier wake-up is already set
-        if old:
-            old.cancel()
-        self.timers[key] = loop.call_at(when, self._fire, key)
-
-    def _fire(self, key) -> None:
-        self.timers.pop(key, None)
-        self.add(key)
-
-    async def get(self):
-        key = await self.queue.get()
-        self.queued.discard(key)
-        self.active.add(key)
-        return key
-
-    def done(self, key) -> None:
-        self.active.discard(key)
-        if key in self.dirty:
-            self.dirty.discard(key)
-            self.add(key)
 
 
 class Controller:
@@ -187,9 +125,9 @@ class Controller:
             metrics.forget_job(key)
             return
         old = self.jobs.get(key)
-        if old is not None and _rv(body) == _rv(old):
+        if old is not None and resource_version(body) == resource_version(old):
             return  # the echo of our own status write: nothing new
-        if _newer(body, old):
+        if at_least_as_new(body, old):
             self.jobs[key] = body
         if not (body.get("status") or {}).get("attempt"):
             self.first_seen.setdefault(key, time.monotonic())  # a new job: time it to its pods
@@ -216,7 +154,7 @@ class Controller:
             # deletes them once the job is gone), or not made by a FineTuneJob whatever its
             # labels say: nothing of it is kept
             pods.pop(meta["name"], None)
-        elif _newer(body, pods.get(meta["name"])):
+        elif at_least_as_new(body, pods.get(meta["name"])):
             pods[meta["name"]] = body
         if not pods:
             del self.pods[key]
@@ -305,21 +243,9 @@ class Controller:
         self.events.submit(self._event, job, "Normal", "CheckpointRequested", message, stamp)
 
     async def run_workers(self) -> None:
-        await asyncio.gather(*(self._worker() for _ in range(self.workers)))
-
-    async def _worker(self) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
-            key = await self.queue.get()
-            try:
-                requeue = await loop.run_in_executor(self.pool, self.reconcile, key)
-            except Exception as e:
-                log.warning("reconcile %s/%s failed, retrying in %.0f s: %s", *key, RETRY_S, e)
-                requeue = RETRY_S
-            finally:
-                self.queue.done(key)
-            if requeue is not None:
-                self.queue.add_after(key, requeue)
+        await asyncio.gather(
+            *(worker(self.queue, self.pool, self.reconcile, RETRY_S) for _ in range(self.workers))
+        )
 
     # -- reconcile (worker threads) -------------------------------------------------------
 
@@ -375,7 +301,7 @@ class Controller:
             for name in plan.ungate:
                 gates = without_gang_gate(self.pods[key][name]) or None
                 released = self.kube.patch_pod(key[0], name, {"spec": {"schedulingGates": gates}})
-                if _newer(released, self.pods[key].get(name)):
+                if at_least_as_new(released, self.pods[key].get(name)):
                     self.pods[key][name] = released
         try:
             self._apply(key, job, plan, now)
@@ -581,7 +507,7 @@ class Controller:
         patch = merge_patch(job.get("status") or {}, status)
         if patch:
             updated = self.kube.patch_job_status(*key, patch, job["metadata"].get("resourceVersion"))
-            if _newer(updated, self.jobs.get(key)):
+            if at_least_as_new(updated, self.jobs.get(key)):
                 self.jobs[key] = updated
             job = updated
         metrics.set_phase(key, status.get("phase"))
@@ -699,76 +625,6 @@ def api_message(e: ApiException) -> str:
         return str(json.loads(e.body).get("message") or e.reason)
     except (TypeError, ValueError, AttributeError):
         return str(e.reason)
-
-
-class ProgressPoller:
-    """One round of progress requests per tick, never waited for: each request runs on a
-    fetcher thread under its own total deadline, a pod whose request is still in flight is
-    skipped this round, and an unanswered pod is asked less often (PollBackoff). One slow
-    or silent trainer thus costs a fetcher for a couple of seconds now and then; it never
-    holds up another job's progress."""
-
-    def __init__(self, interval_s: float, fetch, changed, fetchers: int = 16, answered=None) -> None:
-        self.fetch, self.changed = fetch, changed
-        self.answered = answered or (lambda name, body, now: None)
-        self.backoff = PollBackoff(interval_s)
-        self.pool = concurrent.futures.ThreadPoolExecutor(fetchers, thread_name_prefix="progress")
-        self.in_flight: dict[str, concurrent.futures.Future] = {}
-
-    def tick(self, targets: list[tuple], now: float) -> list:
-        """Start a request for each (key, pod, address) that is due and not already asked
-        (a pod: any id, (namespace, name) in the operator); returns the pods asked."""
-        for name in [n for n, f in self.in_flight.items() if f.done()]:
-            del self.in_flight[name]
-        self.backoff.keep({name for _, name, _ in targets})
-        asked = []
-        for key, name, address in targets:
-            if name in self.in_flight or not self.backoff.due(name, now):
-                continue
-            self.in_flight[name] = self.pool.submit(self._ask, key, name, address)
-            asked.append(name)
-        return asked
-
-    def _ask(self, key, name: str, address: str) -> None:
-        body = self.fetch(address)
-        now = time.monotonic()
-        self.backoff.record(name, body is not None, now)
-        self.answered(name, body, now)
-        if body is not None:
-            self.changed(key, name, body)
-
-    def close(self) -> None:
-        self.pool.shutdown(wait=False, cancel_futures=True)
-
-
-class PollBackoff:
-    """When to ask a trainer for its progress again: every interval while it answers,
-    and after each unanswered ask twice as long as before, up to a minute. A trainer
-    still loading its model, or a pod the operator cannot reach (a NetworkPolicy),
-    then costs a request a minute instead of one per interval; at 500 running jobs the
-    unanswered requests were 13% of the operator's CPU."""
-
-    MAX_S = 60.0
-
-    def __init__(self, interval_s: float) -> None:
-        self.interval_s = interval_s
-        self.unanswered: dict[str, tuple[int, float]] = {}  # pod -> (asks in a row, next ask)
-
-    def due(self, pod: str, now: float) -> bool:
-        return now >= self.unanswered.get(pod, (0, 0.0))[1]
-
-    def record(self, pod: str, answered: bool, now: float) -> None:
-        if answered:
-            self.unanswered.pop(pod, None)
-            return
-        misses = self.unanswered.get(pod, (0, 0.0))[0] + 1
-        wait = min(self.interval_s * 2**misses, max(self.MAX_S, self.interval_s))
-        self.unanswered[pod] = (misses, now + wait)
-
-    def keep(self, pods: set[str]) -> None:
-        """Forget pods that are no longer polled (finished, replaced)."""
-        for pod in set(self.unanswered) - pods:
-            del self.unanswered[pod]
 
 
 class NoDiffBase(kopf.DiffBaseStorage):

@@ -1,7 +1,7 @@
 """The operator's small bookkeeping pieces: progress-poll backoff and the jobs-by-phase gauge."""
 
 from kubetune import metrics
-from kubetune.handlers import PollBackoff
+from kubetune.runtime import PollBackoff
 
 
 def test_a_trainer_that_answers_is_asked_every_interval():
