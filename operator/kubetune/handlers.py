@@ -40,10 +40,10 @@ from kubetune.manifests import (
 from kubetune.notices import Notice, notice, pods_on
 from kubetune.policy import Policy, violations
 from kubetune.runtime import (
+    JobCache,
     ProgressPoller,
     TokenBucket,
     WorkQueue,
-    at_least_as_new,
     resource_version,
     watch_nodes,
     watch_pods,
@@ -76,9 +76,10 @@ EVENTS_PER_S, EVENT_BURST = 10.0, 25
 class Controller:
     def __init__(self, kube: Kube, workers: int = 8) -> None:
         self.kube = kube
-        self.jobs: dict[tuple[str, str], dict] = {}
-        self.pods: dict[tuple[str, str], dict[str, dict]] = {}
         self.queue = WorkQueue()
+        # made here, on the event loop (kopf's startup handler): its watch thread
+        self.cache = JobCache(holder=self.queue.holder)
+        self.jobs, self.pods = self.cache.jobs, self.cache.pods  # read-only views
         self.workers = workers
         self.pool = concurrent.futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="reconcile")
         # one thread: events never compete with reconciles for the API server
@@ -113,8 +114,7 @@ class Controller:
     def job_event(self, kind: str, body: dict) -> None:
         key = (body["metadata"]["namespace"], body["metadata"]["name"])
         if kind == "DELETED":
-            self.jobs.pop(key, None)
-            self.pods.pop(key, None)
+            self.cache.forget(key)
             self.progress.pop(key, None)
             self.stalls.pop(key, None)
             self.first_seen.pop(key, None)
@@ -127,8 +127,7 @@ class Controller:
         old = self.jobs.get(key)
         if old is not None and resource_version(body) == resource_version(old):
             return  # the echo of our own status write: nothing new
-        if at_least_as_new(body, old):
-            self.jobs[key] = body
+        self.cache.put_job(key, body)
         if not (body.get("status") or {}).get("attempt"):
             self.first_seen.setdefault(key, time.monotonic())  # a new job: time it to its pods
         self.queue.add(key)
@@ -139,8 +138,7 @@ class Controller:
         if not job:
             return
         key = (meta["namespace"], job)
-        pods = self.pods.setdefault(key, {})
-        cached = pods.get(meta["name"])
+        cached = self.pods.get(key, {}).get(meta["name"])
         if kind == "DELETED" and cached is not None and cached["metadata"].get("uid") != meta.get("uid"):
             # an earlier pod of this name (a standby deleted and made again): the cached
             # one is its successor and stays
@@ -148,16 +146,14 @@ class Controller:
         elif kind == "DELETED" and terminated_container(body) and key in self.jobs and controller_uid(body):
             # kept as its last state: an evicted trainer's exit code and termination message
             # (its checkpoint) must reach the reconcile even though the pod object is gone
-            pods[meta["name"]] = {**body, GONE: True}
+            self.cache.put_pod(key, {**body, GONE: True})
         elif kind == "DELETED" or controller_uid(body) is None:
             # gone, or its job is (a deleted job's pods go after it: the garbage collector
             # deletes them once the job is gone), or not made by a FineTuneJob whatever its
             # labels say: nothing of it is kept
-            pods.pop(meta["name"], None)
-        elif at_least_as_new(body, pods.get(meta["name"])):
-            pods[meta["name"]] = body
-        if not pods:
-            del self.pods[key]
+            self.cache.drop_pod(key, meta["name"])
+        else:
+            self.cache.put_pod(key, body)
         if key in self.jobs:
             self.queue.add_after(key, POD_SETTLE_S)
             self._ask_if_noticed(key)
@@ -295,14 +291,12 @@ class Controller:
             if any(loss.reason == "PodDeleted" for loss in plan.losses):
                 # a pod missing from the cache may only be not seen yet: ask the API server
                 pods = self._owned(job, self.kube.list_pods(key[0], f"{JOB_LABEL}={key[1]}"))
-                if key in self.jobs:  # (not brought back for a job deleted meanwhile)
-                    self.pods[key] = {p["metadata"]["name"]: p for p in pods}
+                self.cache.replace_pods(key, pods)  # (not for a job deleted meanwhile)
                 plan = decide_on(pods)
             for name in plan.ungate:
                 gates = without_gang_gate(self.pods[key][name]) or None
                 released = self.kube.patch_pod(key[0], name, {"spec": {"schedulingGates": gates}})
-                if at_least_as_new(released, self.pods[key].get(name)):
-                    self.pods[key][name] = released
+                self.cache.put_pod(key, released)
         try:
             self._apply(key, job, plan, now)
         except Refused as r:
@@ -329,7 +323,7 @@ class Controller:
             # the job changed under us: decide again on the current object
             fresh = self.kube.get_job(*key)
             if fresh is not None:
-                self.jobs[key] = fresh
+                self.cache.put_job(key, fresh)
             return 0.05
         metrics.observe_reconcile(time.perf_counter() - t0)
         return plan.requeue_after if plan.requeue_after is not None else self._resync(plan)
@@ -451,7 +445,7 @@ class Controller:
                 if created is None:
                     created = self._existing(ns, obj, uid)
                 if created["kind"] == "Pod":
-                    self.pods.setdefault(key, {})[created["metadata"]["name"]] = created
+                    self.cache.put_pod(key, created)
         except ApiException as e:
             if e.status in (400, 403, 404, 422):
                 raise Refused(e.status, api_message(e)) from e
@@ -507,8 +501,7 @@ class Controller:
         patch = merge_patch(job.get("status") or {}, status)
         if patch:
             updated = self.kube.patch_job_status(*key, patch, job["metadata"].get("resourceVersion"))
-            if at_least_as_new(updated, self.jobs.get(key)):
-                self.jobs[key] = updated
+            self.cache.put_job(key, updated)
             job = updated
         metrics.set_phase(key, status.get("phase"))
         metrics.set_goodput(key, status.get("goodput"))

@@ -92,11 +92,12 @@ class WorkQueue:
         lets it, and only it, write key's entries meanwhile."""
         if self.active.get(key, False) is not None:
             raise AssertionError(f"{key} is not taken from the queue, or another thread holds it")
-        self.active[key] = threading.get_ident()
+        me = self.active[key] = threading.get_ident()
         try:
             yield
         finally:
-            self.active[key] = None
+            if self.active.get(key) == me:  # (not after done: a worker cancelled at shutdown)
+                self.active[key] = None
 
     def holder(self, key) -> int | None:
         """The thread processing key now, if any."""
