@@ -12,10 +12,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as hs
 
-from kubetune.handlers import Controller, request_checkpoint
+from kubetune.handlers import Controller
 from kubetune.manifests import control_token, with_control_token
 from kubetune.notices import NOTICE_TAINTS, notice, pods_on
 from kubetune.status import goodput_from_trainer
+from kubetune.trainer_client import request_checkpoint
 from kubetune_trainer.progress import ProgressServer
 from kubetune_trainer.signals import CheckpointRequest, redact
 from tests.helpers import wait_for
