@@ -49,7 +49,7 @@ ROOT = Path(__file__).resolve().parents[1]
 for p in ("operator", "trainer_image", "devtools", ""):
     sys.path.insert(0, str(ROOT / p))
 
-from kubetune.handlers import control_request, request_checkpoint  # noqa: E402
+from kubetune.trainer_client import control_request, request_checkpoint  # noqa: E402
 from kubetune_dev.devcluster.minio import MinioServer  # noqa: E402
 from kubetune_dev.devcluster.spot import reclaim_times  # noqa: E402
 from tests.helpers import tiny_sql_llama  # noqa: E402

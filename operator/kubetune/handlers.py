@@ -1,6 +1,7 @@
 """The operator: kopf watches FineTuneJobs, a plain watch follows their pods, and both
-feed a deduplicating work queue; a reconcile reads the cached job and pods, asks kubetune.decision.decide() what to do and
-applies the plan: create (idempotent), delete, one status patch, then events."""
+feed a deduplicating work queue (the machinery: runtime.py); a reconcile reads the cached job
+and pods, asks kubetune.decision.decide() what to do and applies the plan: create
+(idempotent), delete, one status patch, then events."""
 
 from __future__ import annotations
 
@@ -8,12 +9,10 @@ import asyncio
 import concurrent.futures
 import dataclasses
 import datetime as dt
-import http.client
 import json
 import logging
 import os
 import secrets
-import socket
 import threading
 import time
 
@@ -29,7 +28,7 @@ from kubetune.decision.pods import GONE, pod_attempt, pod_rank
 from kubetune.decision.refusals import after_refusal
 from kubetune.decision.reports import finite
 from kubetune.gang import capacity_scope, gang_fit, without_gang_gate
-from kubetune.kube import Kube, watch_nodes, watch_pods
+from kubetune.kube import Kube
 from kubetune.kueue import PRIORITY_BOOST_ANNOTATION
 from kubetune.library import adapter_names, adapter_object, resolve_init_from, same_registration
 from kubetune.manifests import (
@@ -42,7 +41,18 @@ from kubetune.manifests import (
 )
 from kubetune.notices import Notice, notice, pods_on
 from kubetune.policy import Policy, violations
+from kubetune.runtime import (
+    JobCache,
+    ProgressPoller,
+    TokenBucket,
+    WorkQueue,
+    resource_version,
+    watch_nodes,
+    watch_pods,
+    worker,
+)
 from kubetune.stall import RankWatch, Stall, find_stall
+from kubetune.trainer_client import control_request, fetch_progress, request_checkpoint
 
 log = logging.getLogger("kubetune")
 NETWORK_POLICY_ENV = "KUBETUNE_NETWORK_POLICY"  # {"namespace": ..., "podLabels": {...}}
@@ -55,84 +65,13 @@ POD_SETTLE_S = 0.5
 EVENTS_PER_S, EVENT_BURST = 10.0, 25
 
 
-class TokenBucket:
-    def __init__(self, rate: float, burst: int) -> None:
-        self.rate, self.burst = rate, burst
-        self.tokens, self.stamp = float(burst), time.monotonic()
-
-    def take(self) -> None:
-        """Block until a token is free (one caller: the events thread)."""
-        now = time.monotonic()
-        self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
-        self.stamp = now
-        if self.tokens < 1:
-            time.sleep((1 - self.tokens) / self.rate)
-            self.tokens, self.stamp = 1.0, time.monotonic()
-        self.tokens -= 1
-
-
-def _rv(obj: dict) -> int:
-    try:
-        return int(obj["metadata"].get("resourceVersion") or 0)
-    except ValueError:
-        return 0
-
-
-def _newer(new: dict, old: dict | None) -> bool:
-    return old is None or _rv(new) >= _rv(old)
-
-
-class WorkQueue:
-    """Like client-go's workqueue: a key is queued at most once, never processed by two
-    workers at once, and re-queued if it changed while being processed."""
-
-    def __init__(self) -> None:
-        self.queue: asyncio.Queue = asyncio.Queue()
-        self.queued: set = set()
-        self.active: set = set()
-        self.dirty: set = set()
-        self.timers: dict = {}
-
-    def add(self, key) -> None:
-        if key in self.active:
-            self.dirty.add(key)
-        elif key not in self.queued:
-            self.queued.add(key)
-            self.queue.put_nowait(key)
-
-    def add_after(self, key, delay: float) -> None:
-        loop = asyncio.get_running_loop()
-        old = self.timers.get(key)
-        when = loop.time() + delay
-        if old and old.when() <= when:
-            return  # an earlier wake-up is already set
-        if old:
-            old.cancel()
-        self.timers[key] = loop.call_at(when, self._fire, key)
-
-    def _fire(self, key) -> None:
-        self.timers.pop(key, None)
-        self.add(key)
-
-    async def get(self):
-        key = await self.queue.get()
-        self.queued.discard(key)
-        self.active.add(key)
-        return key
-
-    def done(self, key) -> None:
-        self.active.discard(key)
-        if key in self.dirty:
-            self.dirty.discard(key)
-            self.add(key)
-
-
 class Controller:
     def __init__(self, kube: Kube, workers: int = 8) -> None:
         self.kube = kube
-        self.jobs: dict[tuple[str, str], dict] = {}
-        self.pods: dict[tuple[str, str], dict[str, dict]] = {}
         self.queue = WorkQueue()
+        # made here, on the event loop (kopf's startup handler): its watch thread
+        self.cache = JobCache(holder=self.queue.holder)
+        self.jobs, self.pods = self.cache.jobs, self.cache.pods  # read-only views
         self.workers = workers
         self.pool = concurrent.futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="reconcile")
         # one thread: events never compete with reconciles for the API server
@@ -167,8 +106,7 @@ class Controller:
     def job_event(self, kind: str, body: dict) -> None:
         key = (body["metadata"]["namespace"], body["metadata"]["name"])
         if kind == "DELETED":
-            self.jobs.pop(key, None)
-            self.pods.pop(key, None)
+            self.cache.forget(key)
             self.progress.pop(key, None)
             self.stalls.pop(key, None)
             self.first_seen.pop(key, None)
@@ -179,10 +117,9 @@ class Controller:
             metrics.forget_job(key)
             return
         old = self.jobs.get(key)
-        if old is not None and _rv(body) == _rv(old):
+        if old is not None and resource_version(body) == resource_version(old):
             return  # the echo of our own status write: nothing new
-        if _newer(body, old):
-            self.jobs[key] = body
+        self.cache.put_job(key, body)
         if not (body.get("status") or {}).get("attempt"):
             self.first_seen.setdefault(key, time.monotonic())  # a new job: time it to its pods
         self.queue.add(key)
@@ -193,8 +130,7 @@ class Controller:
         if not job:
             return
         key = (meta["namespace"], job)
-        pods = self.pods.setdefault(key, {})
-        cached = pods.get(meta["name"])
+        cached = self.pods.get(key, {}).get(meta["name"])
         if kind == "DELETED" and cached is not None and cached["metadata"].get("uid") != meta.get("uid"):
             # an earlier pod of this name (a standby deleted and made again): the cached
             # one is its successor and stays
@@ -202,16 +138,14 @@ class Controller:
         elif kind == "DELETED" and terminated_container(body) and key in self.jobs and controller_uid(body):
             # kept as its last state: an evicted trainer's exit code and termination message
             # (its checkpoint) must reach the reconcile even though the pod object is gone
-            pods[meta["name"]] = {**body, GONE: True}
+            self.cache.put_pod(key, {**body, GONE: True})
         elif kind == "DELETED" or controller_uid(body) is None:
             # gone, or its job is (a deleted job's pods go after it: the garbage collector
             # deletes them once the job is gone), or not made by a FineTuneJob whatever its
             # labels say: nothing of it is kept
-            pods.pop(meta["name"], None)
-        elif _newer(body, pods.get(meta["name"])):
-            pods[meta["name"]] = body
-        if not pods:
-            del self.pods[key]
+            self.cache.drop_pod(key, meta["name"])
+        else:
+            self.cache.put_pod(key, body)
         if key in self.jobs:
             self.queue.add_after(key, POD_SETTLE_S)
             self._ask_if_noticed(key)
@@ -297,21 +231,9 @@ class Controller:
         self.events.submit(self._event, job, "Normal", "CheckpointRequested", message, stamp)
 
     async def run_workers(self) -> None:
-        await asyncio.gather(*(self._worker() for _ in range(self.workers)))
-
-    async def _worker(self) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
-            key = await self.queue.get()
-            try:
-                requeue = await loop.run_in_executor(self.pool, self.reconcile, key)
-            except Exception as e:
-                log.warning("reconcile %s/%s failed, retrying in %.0f s: %s", *key, RETRY_S, e)
-                requeue = RETRY_S
-            finally:
-                self.queue.done(key)
-            if requeue is not None:
-                self.queue.add_after(key, requeue)
+        await asyncio.gather(
+            *(worker(self.queue, self.pool, self.reconcile, RETRY_S) for _ in range(self.workers))
+        )
 
     # -- reconcile (worker threads) -------------------------------------------------------
 
@@ -353,7 +275,7 @@ class Controller:
             # the job changed under us: decide again on the current object
             fresh = self.kube.get_job(*key)
             if fresh is not None:
-                self.jobs[key] = fresh
+                self.cache.put_job(key, fresh)
             return 0.05
         metrics.observe_reconcile(time.perf_counter() - t0)
         return plan.requeue_after if plan.requeue_after is not None else self._resync(plan)
@@ -374,8 +296,7 @@ class Controller:
         plan = decide(job, pods, now, pods_from_cache=True, **inputs)
         if plan.need is Need.POD_LIST:
             pods = self._owned(job, self.kube.list_pods(key[0], f"{JOB_LABEL}={key[1]}"))
-            if key in self.jobs:  # (not brought back for a job deleted meanwhile)
-                self.pods[key] = {p["metadata"]["name"]: p for p in pods}
+            self.cache.replace_pods(key, pods)  # (not for a job deleted meanwhile)
             plan = decide(job, pods, now, **inputs)
         if plan.need is not Need.CAPACITY:
             return plan
@@ -390,8 +311,7 @@ class Controller:
             for name in plan.ungate:
                 gates = without_gang_gate(self.pods[key][name]) or None
                 released = self.kube.patch_pod(key[0], name, {"spec": {"schedulingGates": gates}})
-                if _newer(released, self.pods[key].get(name)):
-                    self.pods[key][name] = released
+                self.cache.put_pod(key, released)
         return plan
 
     def _resolve_init_from(self, key, job: dict) -> dict | str | None:
@@ -510,7 +430,7 @@ class Controller:
                 if created is None:
                     created = self._existing(ns, obj, uid)
                 if created["kind"] == "Pod":
-                    self.pods.setdefault(key, {})[created["metadata"]["name"]] = created
+                    self.cache.put_pod(key, created)
         except ApiException as e:
             if e.status in (400, 403, 404, 422):
                 raise Refused(e.status, api_message(e)) from e
@@ -566,8 +486,7 @@ class Controller:
         patch = merge_patch(job.get("status") or {}, status)
         if patch:
             updated = self.kube.patch_job_status(*key, patch, job["metadata"].get("resourceVersion"))
-            if _newer(updated, self.jobs.get(key)):
-                self.jobs[key] = updated
+            self.cache.put_job(key, updated)
             job = updated
         metrics.set_phase(key, status.get("phase"))
         metrics.set_goodput(key, status.get("goodput"))
@@ -686,76 +605,6 @@ def api_message(e: ApiException) -> str:
         return str(e.reason)
 
 
-class ProgressPoller:
-    """One round of progress requests per tick, never waited for: each request runs on a
-    fetcher thread under its own total deadline, a pod whose request is still in flight is
-    skipped this round, and an unanswered pod is asked less often (PollBackoff). One slow
-    or silent trainer thus costs a fetcher for a couple of seconds now and then; it never
-    holds up another job's progress."""
-
-    def __init__(self, interval_s: float, fetch, changed, fetchers: int = 16, answered=None) -> None:
-        self.fetch, self.changed = fetch, changed
-        self.answered = answered or (lambda name, body, now: None)
-        self.backoff = PollBackoff(interval_s)
-        self.pool = concurrent.futures.ThreadPoolExecutor(fetchers, thread_name_prefix="progress")
-        self.in_flight: dict[str, concurrent.futures.Future] = {}
-
-    def tick(self, targets: list[tuple], now: float) -> list:
-        """Start a request for each (key, pod, address) that is due and not already asked
-        (a pod: any id, (namespace, name) in the operator); returns the pods asked."""
-        for name in [n for n, f in self.in_flight.items() if f.done()]:
-            del self.in_flight[name]
-        self.backoff.keep({name for _, name, _ in targets})
-        asked = []
-        for key, name, address in targets:
-            if name in self.in_flight or not self.backoff.due(name, now):
-                continue
-            self.in_flight[name] = self.pool.submit(self._ask, key, name, address)
-            asked.append(name)
-        return asked
-
-    def _ask(self, key, name: str, address: str) -> None:
-        body = self.fetch(address)
-        now = time.monotonic()
-        self.backoff.record(name, body is not None, now)
-        self.answered(name, body, now)
-        if body is not None:
-            self.changed(key, name, body)
-
-    def close(self) -> None:
-        self.pool.shutdown(wait=False, cancel_futures=True)
-
-
-class PollBackoff:
-    """When to ask a trainer for its progress again: every interval while it answers,
-    and after each unanswered ask twice as long as before, up to a minute. A trainer
-    still loading its model, or a pod the operator cannot reach (a NetworkPolicy),
-    then costs a request a minute instead of one per interval; at 500 running jobs the
-    unanswered requests were 13% of the operator's CPU."""
-
-    MAX_S = 60.0
-
-    def __init__(self, interval_s: float) -> None:
-        self.interval_s = interval_s
-        self.unanswered: dict[str, tuple[int, float]] = {}  # pod -> (asks in a row, next ask)
-
-    def due(self, pod: str, now: float) -> bool:
-        return now >= self.unanswered.get(pod, (0, 0.0))[1]
-
-    def record(self, pod: str, answered: bool, now: float) -> None:
-        if answered:
-            self.unanswered.pop(pod, None)
-            return
-        misses = self.unanswered.get(pod, (0, 0.0))[0] + 1
-        wait = min(self.interval_s * 2**misses, max(self.MAX_S, self.interval_s))
-        self.unanswered[pod] = (misses, now + wait)
-
-    def keep(self, pods: set[str]) -> None:
-        """Forget pods that are no longer polled (finished, replaced)."""
-        for pod in set(self.unanswered) - pods:
-            del self.unanswered[pod]
-
-
 class NoDiffBase(kopf.DiffBaseStorage):
     """kopf keeps each object's last handled spec to diff it for change handlers; this
     operator has none (a reconcile compares the spec with the status), so every event's
@@ -792,74 +641,6 @@ def running_workers(pods: list[dict], attempt: int | None) -> list[dict]:
         and (p.get("status") or {}).get("podIP")
     ]
     return sorted(out, key=pod_rank)
-
-
-def fetch_progress(address: str, port: int = PROGRESS_PORT, deadline_s: float = 2.0) -> dict | None:
-    """The trainer's /progress, or None (starting up, busy, gone, too slow, too big, not
-    a JSON object): never an error. The deadline is for the whole exchange, not per read:
-    a trainer that trickles a byte a second cannot hold a fetcher for longer."""
-    end = time.monotonic() + deadline_s
-    try:
-        with socket.create_connection((address, port), timeout=deadline_s) as sock:
-            sock.settimeout(max(end - time.monotonic(), 0.001))
-            sock.sendall(f"GET /progress HTTP/1.0\r\nHost: {address}\r\nConnection: close\r\n\r\n".encode())
-            data = bytearray()
-            while len(data) <= MAX_PROGRESS_RESPONSE:
-                remaining = end - time.monotonic()
-                if remaining <= 0:
-                    return None
-                sock.settimeout(remaining)
-                chunk = sock.recv(16384)
-                if not chunk:
-                    break
-                data += chunk
-            else:
-                return None  # larger than any progress report
-        head, sep, payload = bytes(data).partition(b"\r\n\r\n")
-        if not sep or head.split(b" ", 2)[1:2] != [b"200"]:
-            return None
-        body = json.loads(payload)
-        return body if isinstance(body, dict) else None
-    except (OSError, ValueError, IndexError):
-        return None
-
-
-MAX_PROGRESS_RESPONSE = 64 * 1024
-
-
-def request_checkpoint(
-    address: str, token: str | None, reason: str, port: int = PROGRESS_PORT, timeout_s: float = 3.0
-) -> dict | None:
-    """POST /checkpoint to a trainer: its answer ({"accepted", "coalesced", "step"}), or
-    None (no token on the pod, unreachable, refused, not JSON)."""
-    return control_request(address, token, "/checkpoint", {"reason": reason}, port, timeout_s)
-
-
-def control_request(
-    address: str, token: str | None, path: str, body: dict, port: int = PROGRESS_PORT, timeout_s: float = 3.0
-) -> dict | None:
-    """POST to a trainer's control path with the pod's bearer token: its JSON answer, or
-    None (no token on the pod, unreachable, refused, not JSON)."""
-    if not token:
-        return None
-    conn = http.client.HTTPConnection(address, port, timeout=timeout_s)
-    try:
-        conn.request(
-            "POST",
-            path,
-            body=json.dumps(body),
-            headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"},
-        )
-        response = conn.getresponse()
-        body = response.read(MAX_PROGRESS_RESPONSE)
-        if response.status != 202:
-            return None
-        answer = json.loads(body)
-        return answer if isinstance(answer, dict) else None
-    except (OSError, ValueError, http.client.HTTPException):
-        return None
-    finally:
-        conn.close()
 
 
 def register(

@@ -13,9 +13,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as hs
 
 from kubetune.decision.reports import goodput_from_trainer
-from kubetune.handlers import Controller, request_checkpoint
+from kubetune.handlers import Controller
 from kubetune.manifests import control_token, with_control_token
 from kubetune.notices import NOTICE_TAINTS, notice, pods_on
+from kubetune.trainer_client import request_checkpoint
 from kubetune_trainer.progress import ProgressServer
 from kubetune_trainer.signals import CheckpointRequest, redact
 from tests.helpers import wait_for
@@ -208,8 +209,8 @@ def test_a_notice_asks_the_trainer_on_that_node_for_a_checkpoint_once_and_a_with
     controller.trainer_port = server.port
     try:
         j, pod = running_job("127.0.0.1", "s3cret-token", "spot-1")
-        controller.jobs[("ns", "j")] = j
-        controller.pods[("ns", "j")] = {"j-a1-w0": pod}
+        controller.cache.put_job(("ns", "j"), j)
+        controller.cache.put_pod(("ns", "j"), pod)
         other = node(
             "spot-2", taints=[{"key": "cloud.google.com/impending-node-termination", "effect": "NoSchedule"}]
         )
@@ -274,8 +275,8 @@ def test_a_notice_seen_before_the_jobs_pods_is_acted_on_when_they_show_up():
         # an operator restart lists the nodes before the pods
         controller.node_event("ADDED", node("spot-9", taints=[{"key": "karpenter.sh/disrupted"}]))
         j, pod = running_job("127.0.0.1", "tok-later", "spot-9")
-        controller.jobs[("ns", "j")] = j
-        controller.pods[("ns", "j")] = {"j-a1-w0": pod}
+        controller.cache.put_job(("ns", "j"), j)
+        controller.cache.put_pod(("ns", "j"), pod)
         controller._ask_if_noticed(("ns", "j"))  # (what each pod event does)
         wait_for(lambda: asked.pending, 10, "the checkpoint request")
         asked.take()

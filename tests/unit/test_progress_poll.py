@@ -12,7 +12,8 @@ import time
 
 import pytest
 
-from kubetune.handlers import ProgressPoller, fetch_progress
+from kubetune.runtime import ProgressPoller
+from kubetune.trainer_client import fetch_progress
 from tests.helpers import wait_for
 
 

@@ -1,0 +1,431 @@
+"""The controller runtime's guarantees, with a real event loop and real worker threads:
+the work queue's (one worker per key, a change while processed is processed once more,
+duplicates collapse, the earliest wake-up wins), the token bucket's, the poll backoff's,
+and the job cache's thread rule."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import threading
+
+import pytest
+
+from kubetune.handlers import Controller
+from kubetune.manifests import JOB_LABEL, owner_reference
+from kubetune.runtime import JobCache, PollBackoff, TokenBucket, WorkQueue, watch_objects, worker
+
+
+async def until(condition, timeout_s: float = 10.0) -> None:
+    """Let the loop run until condition() holds."""
+
+    async def poll():
+        while not condition():
+            await asyncio.sleep(0.001)
+
+    await asyncio.wait_for(poll(), timeout_s)
+
+
+def idle(queue: WorkQueue) -> bool:
+    return not (queue.queued or queue.active or queue.dirty or queue.timers)
+
+
+def run_workers(queue: WorkQueue, reconcile, workers: int):
+    """Workers on the loop and a pool of as many threads; a stop() for the end of the test."""
+    pool = concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="test-reconcile")
+    tasks = [asyncio.ensure_future(worker(queue, pool, reconcile, retry_s=0.01)) for _ in range(workers)]
+
+    async def stop():
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        pool.shutdown()
+
+    return stop
+
+
+class Overlaps:
+    """Records which keys are being reconciled, and any key reconciled twice at once."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.busy: set = set()
+        self.overlaps: list = []
+        self.count: dict = {}
+
+    def enter(self, key) -> None:
+        with self.lock:
+            if key in self.busy:
+                self.overlaps.append(key)
+            self.busy.add(key)
+            self.count[key] = self.count.get(key, 0) + 1
+
+    def leave(self, key) -> None:
+        with self.lock:
+            self.busy.discard(key)
+
+
+def loop_round(loop) -> None:
+    """From a worker thread: wait until the loop ran everything scheduled before."""
+    ran = threading.Event()
+    loop.call_soon_threadsafe(ran.set)
+    assert ran.wait(10)
+
+
+def test_a_key_is_never_reconciled_by_two_workers_at_once():
+    keys = [("ns", f"job-{i}") for i in range(3)]
+    seen = Overlaps()
+    holders_ok = []
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        queue = WorkQueue()
+
+        def reconcile(key):
+            seen.enter(key)
+            try:
+                holders_ok.append(queue.holder(key) == threading.get_ident())
+                # the key is added again while processed, and the loop gets turns meanwhile:
+                # a queue without the guarantee hands it to another idle worker now
+                loop.call_soon_threadsafe(queue.add, key)
+                loop_round(loop)
+                loop_round(loop)
+            finally:
+                seen.leave(key)
+
+        stop = run_workers(queue, reconcile, workers=16)
+        try:
+            for _ in range(300):
+                for key in keys:
+                    queue.add(key)
+                await asyncio.sleep(0)
+            await until(lambda: all(seen.count.get(k, 0) >= 50 for k in keys))
+        finally:
+            await stop()
+
+    asyncio.run(main())
+    assert not seen.overlaps
+    assert holders_ok and all(holders_ok)
+
+
+def test_a_key_added_while_being_reconciled_is_reconciled_again_exactly_once_after_done():
+    key = ("ns", "j")
+    seen = Overlaps()
+    first_started, release = threading.Event(), threading.Event()
+
+    async def main():
+        queue = WorkQueue()
+
+        def reconcile(k):
+            seen.enter(k)
+            try:
+                if seen.count[k] == 1:
+                    first_started.set()
+                    assert release.wait(10)
+            finally:
+                seen.leave(k)
+
+        stop = run_workers(queue, reconcile, workers=4)
+        try:
+            queue.add(key)
+            await until(first_started.is_set)
+            for _ in range(5):
+                queue.add(key)  # changed, changed again...: one more reconcile covers them all
+            assert key in queue.dirty and key not in queue.queued
+            release.set()
+            await until(lambda: seen.count[key] == 2 and idle(queue))
+            for _ in range(10):  # give a third reconcile every chance to happen
+                await asyncio.sleep(0)
+            assert seen.count[key] == 2 and idle(queue)
+        finally:
+            await stop()
+
+    asyncio.run(main())
+    assert not seen.overlaps
+
+
+def test_duplicate_adds_while_queued_collapse_into_one():
+    async def main():
+        queue = WorkQueue()
+        for _ in range(10):
+            queue.add("a")
+        queue.add("b")
+        assert queue.queue.qsize() == 2 and queue.queued == {"a", "b"}
+        assert await queue.get() == "a"
+        queue.add("a")  # now being processed: marked dirty, not queued a second time
+        assert queue.queue.qsize() == 1 and "a" in queue.dirty
+        queue.done("a")
+        assert queue.queued == {"a", "b"} and not queue.dirty
+
+    asyncio.run(main())
+
+
+def test_add_after_keeps_the_earliest_wake_up():
+    async def main():
+        loop = asyncio.get_running_loop()
+        queue = WorkQueue()
+        queue.add_after("k", 60)
+        queue.add_after("k", 0.01)
+        soon = queue.timers["k"].when()
+        queue.add_after("k", 30)  # later than the one set: changes nothing
+        assert queue.timers["k"].when() == soon <= loop.time() + 0.01
+        assert await asyncio.wait_for(queue.get(), 10) == "k"
+        assert not queue.timers and queue.queue.empty()
+
+    asyncio.run(main())
+
+
+class FakeClock:
+    """A clock that only moves when slept on (or told to)."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+        self.slept: list[float] = []
+
+    def __call__(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.slept.append(seconds)
+        self.now += seconds
+
+
+def test_a_token_bucket_gives_its_burst_at_once_then_its_rate():
+    clock = FakeClock()
+    bucket = TokenBucket(rate=10, burst=5, clock=clock, sleep=clock.sleep)
+    for _ in range(5):
+        bucket.take()
+    assert not clock.slept  # the burst: no waiting
+    start = clock.now
+    for _ in range(20):
+        bucket.take()
+    assert clock.now - start == pytest.approx(2.0)  # 20 more at 10 a second
+    assert all(s == pytest.approx(0.1) for s in clock.slept)
+
+
+def test_a_token_bucket_never_saves_up_more_than_its_burst():
+    clock = FakeClock()
+    bucket = TokenBucket(rate=10, burst=5, clock=clock, sleep=clock.sleep)
+    clock.now += 3600  # idle for an hour
+    for _ in range(5):
+        bucket.take()
+    assert not clock.slept
+    bucket.take()
+    assert clock.slept == [pytest.approx(0.1)]
+
+
+def test_a_trainer_that_answers_is_asked_every_interval():
+    b = PollBackoff(interval_s=10)
+    assert b.due("p", 0)
+    b.record("p", True, 0)
+    assert b.due("p", 0.001)
+
+
+def test_unanswered_asks_back_off_doubling_up_to_a_minute_and_reset_on_an_answer():
+    b = PollBackoff(interval_s=10)
+    now, waits = 0.0, []
+    for _ in range(5):
+        b.record("p", False, now)
+        nxt = b.unanswered["p"][1]
+        assert not b.due("p", nxt - 0.01) and b.due("p", nxt)
+        waits.append(nxt - now)
+        now = nxt
+    assert waits == [20, 40, 60, 60, 60]
+    b.record("p", True, now)
+    assert b.due("p", now) and "p" not in b.unanswered
+    b.record("p", False, now)
+    assert b.unanswered["p"] == (1, now + 20)  # counting starts over
+
+
+def test_an_interval_longer_than_the_cap_is_never_shortened():
+    b = PollBackoff(interval_s=120)
+    b.record("p", False, 0)
+    assert b.unanswered["p"][1] == 120
+
+
+def test_pods_no_longer_polled_are_forgotten():
+    b = PollBackoff(interval_s=1)
+    b.record("old", False, 0)
+    b.record("new", False, 0)
+    b.keep({"new"})
+    assert set(b.unanswered) == {"new"}
+
+
+# -- the job cache's thread rule ------------------------------------------------------------
+
+
+def obj(name: str, rv: int) -> dict:
+    return {"metadata": {"namespace": "ns", "name": name, "resourceVersion": str(rv)}}
+
+
+KEY = ("ns", "j")
+
+
+def in_thread(fn):
+    """fn() on a thread of its own: what it returned, or the exception it raised."""
+    with concurrent.futures.ThreadPoolExecutor(1) as thread:
+        out = thread.submit(fn)
+        return out.exception(10) or out.result()
+
+
+def test_the_watch_thread_writes_and_every_other_thread_only_reads():
+    cache = JobCache(holder=lambda key: None)
+    cache.put_job(KEY, obj("j", 1))  # the thread that made it: the event loop's
+    cache.put_pod(KEY, obj("j-a1-w0", 1))
+    for write in (
+        lambda: cache.put_job(KEY, obj("j", 2)),
+        lambda: cache.put_pod(KEY, obj("j-a1-w0", 2)),
+        lambda: cache.drop_pod(KEY, "j-a1-w0"),
+        lambda: cache.replace_pods(KEY, []),
+        lambda: cache.forget(KEY),
+    ):
+        assert isinstance(in_thread(write), AssertionError)
+    assert in_thread(lambda: list(cache.pods[KEY].values())) == [obj("j-a1-w0", 1)]
+    assert cache.jobs[KEY] == obj("j", 1)
+    with pytest.raises(TypeError):
+        cache.jobs[KEY] = obj("j", 3)  # the views are read-only
+    with pytest.raises(TypeError):
+        cache.pods[KEY]["j-a1-w0"] = obj("j-a1-w0", 3)
+
+
+def test_the_worker_holding_a_key_writes_that_job_only():
+    held = {}
+    cache = JobCache(holder=held.get)
+    other = ("ns", "other")
+    cache.put_job(KEY, obj("j", 1))
+    cache.put_job(other, obj("other", 1))
+
+    def as_holder():
+        held[KEY] = threading.get_ident()
+        cache.put_job(KEY, obj("j", 2))
+        cache.put_pod(KEY, obj("j-a1-w0", 2))
+        cache.put_job(other, obj("other", 2))  # not its key
+
+    assert isinstance(in_thread(as_holder), AssertionError)
+    assert cache.jobs[KEY] == obj("j", 2) and cache.pods[KEY]["j-a1-w0"] == obj("j-a1-w0", 2)
+    assert cache.jobs[other] == obj("other", 1)
+
+
+def test_the_queue_records_the_worker_holding_a_key():
+    async def main():
+        queue = WorkQueue()
+        queue.add(KEY)
+        await queue.get()
+        assert queue.holder(KEY) is None  # taken, not yet on a thread
+
+        def hold():
+            with queue.holding(KEY):
+                mine = queue.holder(KEY) == threading.get_ident()
+                second = in_thread(lambda: queue.holding(KEY).__enter__())
+            return mine, second
+
+        mine, second = await asyncio.get_running_loop().run_in_executor(None, hold)
+        assert mine and isinstance(second, AssertionError)  # one thread at a time
+        assert queue.holder(KEY) is None
+        queue.done(KEY)
+        with pytest.raises(AssertionError):  # not taken from the queue
+            queue.holding(KEY).__enter__()
+
+    asyncio.run(main())
+
+
+def test_only_objects_at_least_as_new_replace_cached_ones():
+    cache = JobCache(holder=lambda key: None)
+    cache.put_job(KEY, obj("j", 5))
+    cache.put_job(KEY, obj("j", 4))
+    assert cache.jobs[KEY] == obj("j", 5)
+    cache.put_pod(KEY, obj("a", 7))
+    cache.put_pod(KEY, obj("a", 6))
+    assert cache.pods[KEY]["a"] == obj("a", 7)
+    # a relist: listed pods replace older cached ones, a pod not listed goes, a newer
+    # watched one stays
+    cache.put_pod(KEY, obj("b", 3))
+    cache.put_pod(KEY, obj("gone", 3))
+    cache.replace_pods(KEY, [obj("a", 6), obj("b", 4)])
+    assert dict(cache.pods[KEY]) == {"a": obj("a", 7), "b": obj("b", 4)}
+    cache.drop_pod(KEY, "a")
+    cache.drop_pod(KEY, "b")
+    assert KEY not in cache.pods  # no empty entries
+
+
+def test_a_worker_does_not_bring_back_a_job_deleted_while_it_reconciled():
+    held = {}
+    cache = JobCache(holder=held.get)
+    cache.put_job(KEY, obj("j", 1))
+    cache.forget(KEY)  # the DELETED event, on the loop, mid-reconcile
+
+    def after_its_writes():
+        held[KEY] = threading.get_ident()
+        cache.put_job(KEY, obj("j", 2))
+        cache.put_pod(KEY, obj("j-a1-w0", 2))
+        cache.replace_pods(KEY, [obj("j-a1-w1", 2)])
+
+    assert in_thread(after_its_writes) is None
+    assert KEY not in cache.jobs and KEY not in cache.pods
+
+
+def test_the_controller_refuses_a_watch_event_off_its_event_loop():
+    def pod() -> dict:
+        return {
+            "metadata": {
+                "namespace": "ns",
+                "name": "j-a1-w0",
+                "resourceVersion": "1",
+                "labels": {JOB_LABEL: "j"},
+                "ownerReferences": [owner_reference("j", "u1")],
+            },
+            "spec": {},
+            "status": {},
+        }
+
+    c = Controller(kube=None, workers=1)
+    try:
+        assert isinstance(in_thread(lambda: c.pod_event("ADDED", pod())), AssertionError)
+        assert not c.pods
+        c.pod_event("ADDED", pod())  # on the thread that made it
+        assert list(c.pods[KEY]) == ["j-a1-w0"]
+    finally:
+        c.pool.shutdown()
+        c.events.shutdown()
+        c.requests.shutdown()
+
+
+# -- list+watch ------------------------------------------------------------------------------
+
+
+class ScriptedKube:
+    """Answers each list with the next listing, each watch with the next list of events."""
+
+    def __init__(self, listings: list[list[dict]], watches: list[list[dict]], stopping) -> None:
+        self.listings, self.watches, self.stopping = listings, watches, stopping
+
+    def call(self, method, path, query=None):
+        items = self.listings.pop(0)
+        if not self.listings:
+            self.stopping.set()  # the last listing: the loop ends after its watch
+        return {"items": items, "metadata": {"resourceVersion": "10"}}
+
+    def stream(self, path, query):
+        yield from self.watches.pop(0)
+
+
+def test_a_relist_after_an_expired_watch_reports_what_vanished_meanwhile():
+    def pod(name: str) -> dict:
+        return {"metadata": {"namespace": "ns", "name": name, "labels": {JOB_LABEL: "j"}}}
+
+    stopping = threading.Event()
+    kube = ScriptedKube(
+        listings=[[pod("a"), pod("b")], [pod("b"), pod("c")]],
+        watches=[[{"type": "BOOKMARK", "object": {}}, {"type": "ERROR", "object": {}}], []],
+        stopping=stopping,
+    )
+    seen = []
+    watch_objects(kube, "/api/v1/pods", {}, lambda kind, o: seen.append((kind, o)), stopping, "pod")
+    assert [(kind, o["metadata"]["name"]) for kind, o in seen] == [
+        ("ADDED", "a"),
+        ("ADDED", "b"),
+        ("DELETED", "a"),  # gone while no watch ran: said, with its labels
+        ("ADDED", "b"),
+        ("ADDED", "c"),
+    ]
+    assert seen[2][1]["metadata"]["labels"] == {JOB_LABEL: "j"}
