@@ -510,6 +510,11 @@ class FakeTrainers:
         self.servers.clear()
 
 
+def last_step(job: dict) -> int | None:
+    """status.progress.step: the last report the operator wrote."""
+    return ((job.get("status") or {}).get("progress") or {}).get("step")
+
+
 def progress_phase(api: client.ApiClient, cluster: DevCluster, ns: str, n: int) -> dict:
     """n jobs that report progress REPORTS times, then complete: requests per job from
     Running to Succeeded."""
@@ -537,16 +542,8 @@ def progress_phase(api: client.ApiClient, cluster: DevCluster, ns: str, n: int) 
             lambda: jobs.count("Succeeded") >= n, complete_after + 60, f"{n} jobs Succeeded", interval_s=0.2
         )
         after, _ = settled_scrape(api)
-        steps = [
-            (
-                (
-                    custom.get_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, f"job-{i}").get("status")
-                    or {}
-                ).get("progress")
-                or {}
-            ).get("step")
-            for i in range(n)
-        ]
+        with jobs.lock:  # the watch's latest state of each job, Succeeded by now
+            steps = [last_step(j) for j in jobs.objects.values()]
     finally:
         trainers.close()
         pods.stop()
