@@ -54,11 +54,23 @@ OPERATOR_LOG: list = []  # the session operator's log (set by its fixture), for 
 class OperatorProcess:
     """The real operator (`python -m kubetune run`) as a subprocess of the test session."""
 
-    def __init__(self, kubeconfig, log_path, metrics_port: int, env: dict | None = None) -> None:
+    def __init__(
+        self,
+        kubeconfig,
+        log_path,
+        metrics_port: int,
+        env: dict | None = None,
+        progress_interval_s: float = 1.0,
+        verbose: bool = True,
+    ) -> None:
         self.kubeconfig = kubeconfig
         self.log_path = log_path
         self.metrics_port = metrics_port
         self.env = env or {}  # the dev cluster's image settings (DevCluster.operator_env)
+        self.progress_interval_s = progress_interval_s
+        # a line per reconcile, what a failed test's message shows; a benchmark turns it off
+        # (a log line per reconcile would be part of the CPU it measures)
+        self.verbose = verbose
         self.proc = None
 
     def start(self) -> None:
@@ -84,8 +96,8 @@ class OperatorProcess:
                 "--standalone",
                 f"--metrics-port={self.metrics_port}",
                 "--metrics-address=127.0.0.1",
-                "--progress-interval=1",
-                "--verbose",  # a line per reconcile: what a failed test's message shows
+                f"--progress-interval={self.progress_interval_s:g}",
+                *(["--verbose"] if self.verbose else []),
             ],
             env=env,
             stdout=log,
