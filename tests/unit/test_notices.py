@@ -19,7 +19,7 @@ from kubetune.status import goodput_from_trainer
 from kubetune_trainer.progress import ProgressServer
 from kubetune_trainer.signals import CheckpointRequest, redact
 from tests.helpers import wait_for
-from tests.unit.test_status import World, job
+from tests.unit.helpers import World, job
 
 
 def node(name="n1", taints=(), conditions=()):
