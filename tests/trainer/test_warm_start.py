@@ -6,8 +6,12 @@ from __future__ import annotations
 import hashlib
 import json
 
+import pytest
+
 from kubetune_trainer.library import base_fingerprint, data_fingerprint
 from tests.trainer.conftest import run_trainer, start_trainer, tiny_config
+
+pytestmark = [pytest.mark.tools, pytest.mark.slow]
 
 EXIT_CONFIG = 78
 
