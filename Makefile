@@ -7,7 +7,7 @@ export PYTHONPATH := $(CURDIR)/operator:$(CURDIR)/trainer_image:$(CURDIR)/devtoo
 export PATH := $(VENV)/bin:$(PATH)
 PYTEST_ARGS ?=
 
-.PHONY: deps tools lock images prereqs lint generate test demo dev-up dev-down clean bench-startup bench-operator bench-trainer bench-data bench-gpu bench-recovery bench-goodput
+.PHONY: deps tools lock images prereqs lint generate test unit demo dev-up dev-down clean bench-startup bench-operator bench-trainer bench-data bench-gpu bench-recovery bench-goodput
 
 deps:
 	@hack/ensure-env.sh >/dev/null
@@ -52,6 +52,12 @@ test: prereqs lint
 	@$(PY) -m pytest $(PYTEST_ARGS); rc=$$?; \
 	  if [ $$rc -eq 5 ]; then echo "pytest collected no tests: the suite is missing or broken" >&2; fi; \
 	  exit $$rc
+
+# The pure tests alone: no marker of what a test needs (tools, cluster, slow, gpu), so the
+# virtualenv is all they need (no binaries, images or cluster); tests/conftest.py makes
+# the Go-built binaries refuse any test not marked tools or cluster.
+unit: deps
+	@$(PY) -m pytest -m "not (tools or cluster or slow or gpu)" $(PYTEST_ARGS)
 
 # The README's main-job command.
 demo: prereqs

@@ -54,12 +54,62 @@ def s3(dev_cluster):
     return dev_cluster.s3_client()
 
 
+# What a test needs, as markers (pyproject.toml declares them): `tools` the built binaries
+# or images but no cluster, `cluster` the dev cluster (which runs on the binaries: a test
+# carries one of the two), `slow` a model trained or a long run, `gpu` a device. `make unit`
+# runs the tests that carry none. A fixture that brings one of these needs, used by a test
+# directly or through other fixtures, makes its marker required:
+FIXTURE_NEEDS = {
+    "dev_cluster": "cluster",  # tests/conftest.py: the session's dev cluster
+    "minio": "tools",  # tests/trainer/conftest.py: a real MinIO (the cached binary)
+    "tiny_model": "slow",  # tests/trainer/conftest.py: the tiny Llama, trained tokenizer and all
+}
+NEEDS_TOOLS = ("tools", "cluster")  # the markers under which the Go-built binaries may be used
+
+
+def marker_errors(items) -> list[str]:
+    """Tests whose markers do not say what their fixtures need, or say it twice."""
+    errors = []
+    for item in items:
+        marks = {m.name for m in item.iter_markers()}
+        for fixture in getattr(item, "fixturenames", ()):
+            need = FIXTURE_NEEDS.get(fixture)
+            if need and need not in marks:
+                errors.append(f"{item.nodeid}: uses the `{fixture}` fixture but is not marked `{need}`")
+        if {"tools", "cluster"} <= marks:
+            errors.append(f"{item.nodeid}: marked both `tools` and `cluster` (`cluster` implies the tools)")
+    return errors
+
+
 def pytest_collection_modifyitems(config, items):
-    """Tests that need no dev cluster first: the session's cluster (control plane, three
-    kubelets, containerd, CoreDNS, the operator) stays up once started, and its background
-    work on these 2 cores slowed the real-model training test by half in CI (1315 s against
-    865 s alone). Order within each group is kept."""
+    """Markers checked against fixtures first (collection fails, naming each test, when a
+    marker is missing). Then the tests that need no dev cluster first: the session's cluster
+    (control plane, three kubelets, containerd, CoreDNS, the operator) stays up once started,
+    and its background work on these 2 cores slowed the real-model training test by half in
+    CI (1315 s against 865 s alone). Order within each group is kept."""
+    errors = marker_errors(items)
+    if errors:
+        raise pytest.UsageError("test markers do not say what the tests need:\n  " + "\n  ".join(errors))
     items.sort(key=lambda item: item.get_closest_marker("cluster") is not None)
+
+
+@pytest.fixture(autouse=True)
+def _binaries_only_when_marked(request, monkeypatch):
+    """A test marked neither `tools` nor `cluster` gets no Go-built binary: tool_binary and
+    tool_dirs (kubectl, helm, minio, the cluster's pieces) raise, naming the marker, so a
+    test that needs them cannot hide in `make unit`'s selection. Session fixtures are set
+    up before this (and only by marked tests: marker_errors)."""
+    if any(request.node.get_closest_marker(m) for m in NEEDS_TOOLS):
+        return
+    from kubetune_dev.devcluster import tools
+
+    def refuse():
+        raise RuntimeError(
+            f"{request.node.nodeid} asks for the Go-built binaries (hack/build-tools.sh) but is "
+            "marked neither `tools` nor `cluster`: mark it (pytestmark = pytest.mark.tools)"
+        )
+
+    monkeypatch.setattr(tools, "_tool_dir_names", refuse)
 
 
 def pytest_terminal_summary(terminalreporter):

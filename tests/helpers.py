@@ -3,14 +3,71 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
+import re
 import uuid
 from pathlib import Path
 
+from kubetune.api import GROUP, VERSION
 from kubetune_dev.devcluster.cluster import REPO_ROOT
 from kubetune_dev.devcluster.procs import wait_for  # the one poll-until helper, for tests too
 
 SQL_DATA = REPO_ROOT / "examples" / "data" / "text-to-sql"
+
+# What a FineTuneJob needs and no more: a model, data, where checkpoints and the adapter
+# go, and an accelerator.
+MINIMAL_SPEC = {
+    "model": {"name": "org/m"},
+    "dataset": {"uri": "s3://data-x/d/"},
+    "checkpoint": {"uri": "s3://ck-x/c/"},
+    "output": {"uri": "s3://out-x/o/"},
+    "resources": {"accelerator": "nvidia"},
+}
+
+
+def finetune_job(
+    name: str = "j",
+    spec: dict | None = None,
+    *,
+    metadata: dict | None = None,
+    status: dict | None = None,
+    typed: bool = True,
+    **fields,
+) -> dict:
+    """A FineTuneJob object, the one factory of the tests: `spec` (MINIMAL_SPEC unless
+    given; copied) with each of `fields` replacing that top-level spec field whole, as a
+    user's edit of the field would (model={"uri": ...} drops the base's name: no deep
+    merge, which would leave both). `metadata` adds to the name (namespace, uid, ...);
+    `status` is set when given; `typed` adds apiVersion and kind, as a manifest has them
+    (what the operator's pure functions get in unit tests comes without)."""
+    job: dict = {"apiVersion": f"{GROUP}/{VERSION}", "kind": "FineTuneJob"} if typed else {}
+    job["metadata"] = {"name": name, **copy.deepcopy(metadata or {})}
+    job["spec"] = {**copy.deepcopy(MINIMAL_SPEC if spec is None else spec), **fields}
+    if status is not None:
+        job["status"] = copy.deepcopy(status)
+    return job
+
+
+# requirements/*.lock: the pins every environment installs (tests/unit/test_lock.py checks them)
+LOCKS = REPO_ROOT / "requirements"
+PIN = re.compile(r"^(?P<name>[A-Za-z0-9][A-Za-z0-9._-]*)==(?P<version>\S+)")
+HASH = re.compile(r"--hash=sha256:([0-9a-f]{64})")
+
+
+def read_lock(path: Path) -> dict[str, tuple[str, frozenset[str]]]:
+    """name -> (version, hashes), from a pip-compile/uv style lock (continuations joined)."""
+    from packaging.utils import canonicalize_name
+
+    text = re.sub(r"\\\n", " ", path.read_text())
+    pins = {}
+    for line in text.splitlines():
+        m = PIN.match(line.strip())
+        if m:
+            hashes = frozenset(HASH.findall(line))
+            assert hashes, f"{path.name}: {m['name']} has no hash"
+            pins[canonicalize_name(m["name"])] = (m["version"], hashes)
+    return pins
 
 
 def kubectl(dev_cluster, namespace: str, *args: str, check: bool = True):

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from kubetune_dev.devcluster.nodes import RUNNER_LABEL
-from tests.e2e.test_preemption import upload_tiny_model_and_data
+from tests.e2e.helpers import upload_tiny_model_and_data
 from tests.helpers import tiny_sql_llama
 
 

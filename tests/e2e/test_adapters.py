@@ -16,7 +16,7 @@ import yaml
 from kubetune.api import ADAPTER_PLURAL, GROUP, PLURAL, VERSION
 from kubetune_dev.devcluster.cluster import repo_pythonpath
 from kubetune_trainer.library import BASE_LABEL, label_value
-from tests.e2e.test_preemption import finetune_job, pod_log, wait_status
+from tests.e2e.helpers import e2e_job, pod_log, wait_status
 from tests.helpers import kubectl, make_namespace, wait_for
 
 pytestmark = pytest.mark.cluster
@@ -42,7 +42,7 @@ def get_adapter(custom, ns: str, name: str) -> dict:
 
 
 def small_job(name: str, ns: str, model_uri: str, endpoint: str, **spec) -> dict:
-    job = finetune_job(name, ns, model_uri, endpoint, **spec)
+    job = e2e_job(name, ns, model_uri, endpoint, **spec)
     job["spec"]["training"].update(maxSteps=STEPS)
     job["spec"]["checkpoint"]["everySteps"] = 6
     job["spec"]["spot"] = {"enabled": False}

@@ -14,11 +14,11 @@ import pytest
 from kubetune.api import GROUP, PLURAL, VERSION
 from kubetune.gang import GANG_GATE
 from kubetune_dev.devcluster.nodes import NodeSpec, node_manifest
-from tests.e2e.test_preemption import (
+from tests.e2e.helpers import (
     adapter,
     assert_stop_checkpoint,
+    e2e_job,
     evict,
-    finetune_job,
     pod_log,
     status,
     wait_status,
@@ -39,7 +39,7 @@ def dp_job(name, namespace, model, endpoint, workers: int) -> dict:
     since its masks are drawn per rank; float32 compute, so that the summation order is the
     only difference (computeDtype auto picks bf16 on CPUs with AMX, whose rounding of a
     differently split batch moved the adapter by 1.3e-4)."""
-    job = finetune_job(name, namespace, model, endpoint, workers=workers)
+    job = e2e_job(name, namespace, model, endpoint, workers=workers)
     job["spec"]["quantization"] = {"computeDtype": "float32"}
     job["spec"]["training"].update(maxSteps=STEPS, batchSize=4 // workers, gradientAccumulation=2)
     job["spec"]["lora"]["dropout"] = 0.0
@@ -196,7 +196,7 @@ def test_a_gang_that_does_not_fit_whole_holds_nothing_until_it_does(
     gang_nodes,
 ):
     gang_nodes("gang-gpu-0")  # room for one 4-GPU worker
-    job = finetune_job("gang", namespace, tiny_model_in_s3, dev_cluster.endpoints.s3, workers=2)
+    job = e2e_job("gang", namespace, tiny_model_in_s3, dev_cluster.endpoints.s3, workers=2)
     job["spec"]["resources"] = {
         "accelerator": "nvidia",
         "gpusPerWorker": 4,

@@ -8,13 +8,13 @@ from __future__ import annotations
 import pytest
 
 from kubetune.api import GROUP, PLURAL, VERSION
-from tests.e2e.test_preemption import RUNNER, finetune_job, wait_status
+from tests.e2e.helpers import RUNNER, e2e_job, wait_status
 
 pytestmark = pytest.mark.cluster
 
 
 def failing_job(name, namespace, model, endpoint, **spec) -> dict:
-    job = finetune_job(name, namespace, model, endpoint, **spec)
+    job = e2e_job(name, namespace, model, endpoint, **spec)
     job["spec"]["backoffLimit"] = 0
     job["spec"]["spot"] = {"enabled": False}
     job["spec"]["podOverrides"] = {**RUNNER, **job["spec"].get("podOverrides", {})}

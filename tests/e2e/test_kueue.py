@@ -13,7 +13,7 @@ from kubernetes import client
 from kubetune.api import GROUP, PLURAL, VERSION
 from kubetune.kueue import PRIORITY_BOOST_ANNOTATION
 from kubetune_dev.devcluster import kueue as dev_kueue
-from tests.e2e.test_preemption import finetune_job, pod_log, resumed_step, status, trained_steps, wait_status
+from tests.e2e.helpers import e2e_job, pod_log, resumed_step, status, trained_steps, wait_status
 from tests.helpers import wait_for
 
 pytestmark = pytest.mark.cluster
@@ -60,7 +60,7 @@ def queue(dev_cluster, api_client, custom, namespace) -> str:
 def queued_job(
     name: str, namespace: str, model: str, endpoint: str, queue: str, priority: str, **spec
 ) -> dict:
-    job = finetune_job(name, namespace, model, endpoint, queueName=queue, **spec)
+    job = e2e_job(name, namespace, model, endpoint, queueName=queue, **spec)
     job["spec"]["podOverrides"] = {**job["spec"]["podOverrides"], "priorityClassName": priority}
     return job
 

@@ -14,9 +14,9 @@ from kubernetes import client
 
 from kubetune.api import GROUP, PLURAL, VERSION
 from kubetune_dev.devcluster.spot import SpotMarket, set_notice_taint
-from tests.e2e.test_preemption import (
+from tests.e2e.helpers import (
     adapter,
-    finetune_job,
+    e2e_job,
     pod_log,
     resumed_step,
     trained_steps,
@@ -61,7 +61,7 @@ def test_a_notified_reclaim_is_saved_before_sigterm_and_the_resume_loses_nothing
 ):
     ep = dev_cluster.endpoints.s3
     for name in ("calm", "noticed"):
-        job = finetune_job(name, namespace, tiny_model_in_s3, ep)
+        job = e2e_job(name, namespace, tiny_model_in_s3, ep)
         job["spec"]["training"]["maxSteps"] = 400  # (0.2 s a step: long enough for a notice)
         custom.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, job)
     wait_status(
@@ -159,7 +159,7 @@ def test_a_notified_reclaim_is_saved_before_sigterm_and_the_resume_loses_nothing
 def test_a_job_under_a_high_rate_market_counts_every_reclaim_as_a_preemption_and_its_goodput_adds_up(
     operator, custom, core, namespace, s3, s3_secret, tiny_model_in_s3, dev_cluster, market_nodes_back
 ):
-    job = finetune_job("churn", namespace, tiny_model_in_s3, dev_cluster.endpoints.s3)
+    job = e2e_job("churn", namespace, tiny_model_in_s3, dev_cluster.endpoints.s3)
     job["spec"]["training"]["maxSteps"] = 1200  # about two minutes of steps (0.1 s each)
     # only the spot runners: while both are reclaimed the job waits for capacity
     core.patch_node("runner-2", {"spec": {"unschedulable": True}})

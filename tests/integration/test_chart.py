@@ -129,6 +129,7 @@ def container(docs: list[dict]) -> dict:
 # -- rendering, no cluster ------------------------------------------------------------
 
 
+@pytest.mark.tools
 def test_renders_offline_as_users_first_meet_it():
     """`helm template` with no cluster and no --kube-version (helm then assumes 1.20): the
     1.30 minimum is checked against a cluster at install time, not against that guess."""
@@ -138,12 +139,14 @@ def test_renders_offline_as_users_first_meet_it():
     assert {"Deployment", "CustomResourceDefinition", "ServiceAccount"} <= kinds
 
 
+@pytest.mark.tools
 @pytest.mark.parametrize("name", sorted(VALUES))
 def test_lints(name, tmp_path):
     out = helm("lint", "--strict", str(CHART), "-f", values_file(tmp_path, VALUES[name]), check=False)
     assert out.returncode == 0, out.stdout + out.stderr
 
 
+@pytest.mark.tools
 @pytest.mark.parametrize("name", sorted(VALUES))
 def test_manifests_validate_against_kubernetes_1_34(name, tmp_path):
     docs = render(tmp_path, VALUES[name])
@@ -162,6 +165,7 @@ def test_manifests_validate_against_kubernetes_1_34(name, tmp_path):
                 pytest.fail(f"{what}: {e.message} at {'.'.join(map(str, e.path))}")
 
 
+@pytest.mark.tools
 @pytest.mark.parametrize(
     "values, error",
     [
@@ -184,6 +188,7 @@ def test_bad_values_are_refused(values, error, tmp_path):
     assert out.returncode != 0 and error in out.stderr, out.stderr
 
 
+@pytest.mark.tools
 def test_rbac_cluster_wide(tmp_path):
     docs = render(tmp_path, {})
     assert not by_kind(docs, "Role") and not by_kind(docs, "RoleBinding")
@@ -203,6 +208,7 @@ def test_rbac_cluster_wide(tmp_path):
     assert peering["metadata"]["annotations"]["helm.sh/hook"] == "post-install,post-upgrade"
 
 
+@pytest.mark.tools
 def test_rbac_namespaced(tmp_path):
     docs = render(tmp_path, VALUES["namespaced-ha"])
     (cluster_role,) = by_kind(docs, "ClusterRole")
@@ -226,6 +232,7 @@ def operator_env(docs: list[dict]) -> dict:
     return {e["name"]: e.get("value") for e in container(docs)["env"]}
 
 
+@pytest.mark.tools
 def test_gang_capacity_view_namespaces_needs_no_cluster_wide_pod_list(tmp_path):
     """gang.capacityView: namespaces, in namespaced mode: no ClusterRole rule grants pods,
     and the operator counts only the watched namespaces' pods (listed under their Roles)."""
@@ -255,6 +262,7 @@ def test_gang_capacity_view_namespaces_needs_no_cluster_wide_pod_list(tmp_path):
         assert CAPACITY_NAMESPACES_ENV not in operator_env(docs), view
 
 
+@pytest.mark.tools
 @pytest.mark.parametrize("name", sorted(VALUES))
 def test_least_privilege(name, tmp_path):
     for role in by_kind(render(tmp_path, VALUES[name]), "ClusterRole") + by_kind(
@@ -265,12 +273,14 @@ def test_least_privilege(name, tmp_path):
             assert "*" not in rule["verbs"] and "*" not in rule["apiGroups"], rule
 
 
+@pytest.mark.tools
 def test_no_rbac_objects_when_disabled(tmp_path):
     docs = render(tmp_path, VALUES["bare"])
     assert {d["kind"] for d in docs} == {"Deployment"}
     assert by_kind(docs, "Deployment")[0]["spec"]["template"]["spec"]["serviceAccountName"] == "kubetune"
 
 
+@pytest.mark.tools
 def test_deployment_defaults(tmp_path):
     docs = render(tmp_path, {})
     (deployment,) = by_kind(docs, "Deployment")
@@ -325,6 +335,7 @@ def test_deployment_defaults(tmp_path):
     assert not by_kind(docs, "ServiceMonitor")
 
 
+@pytest.mark.tools
 def test_policy_values_reach_the_operator_and_bound_pod_overrides(tmp_path):
     values = {
         "policy": {
@@ -372,6 +383,7 @@ def test_policy_values_reach_the_operator_and_bound_pod_overrides(tmp_path):
     assert out.returncode != 0 and "allowedImages" in out.stderr
 
 
+@pytest.mark.tools
 def test_cluster_wide_mode_protects_the_system_namespaces_from_the_operator(tmp_path):
     (policy,) = by_kind(render(tmp_path, {}), "ValidatingAdmissionPolicy")
     (binding,) = by_kind(render(tmp_path, {}), "ValidatingAdmissionPolicyBinding")
@@ -388,6 +400,7 @@ def test_cluster_wide_mode_protects_the_system_namespaces_from_the_operator(tmp_
     assert not by_kind(render(tmp_path, {"rbac": {"protectedNamespaces": []}}), "ValidatingAdmissionPolicy")
 
 
+@pytest.mark.tools
 def test_deployment_non_default(tmp_path):
     docs = render(tmp_path, VALUES["namespaced-ha"])
     (deployment,) = by_kind(docs, "Deployment")

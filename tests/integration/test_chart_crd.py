@@ -6,10 +6,13 @@ from __future__ import annotations
 import subprocess
 from pathlib import Path
 
+import pytest
 import yaml
 
 from kubetune_dev.crd import ADAPTER_CRD_FILE, CRD_FILE
 from kubetune_dev.devcluster.tools import tool_binary
+
+pytestmark = pytest.mark.tools
 
 GENERATED = {
     (d := yaml.safe_load(f.read_text()))["metadata"]["name"]: d for f in (CRD_FILE, ADAPTER_CRD_FILE)

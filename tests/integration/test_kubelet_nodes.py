@@ -320,7 +320,7 @@ def test_headless_service_names_resolve_to_the_pods(core, namespace, image, tmp_
 def test_the_trainer_image_holds_exactly_the_locked_versions(core, namespace, dev_cluster):
     """The image users get runs what the tests ran: every package of requirements/trainer.lock
     at its locked version, and the trainer importable."""
-    from tests.unit.test_lock import LOCKS, read_lock
+    from tests.helpers import LOCKS, read_lock
 
     locked = {name: version for name, (version, _) in read_lock(LOCKS / "trainer.lock").items()}
     script = """

@@ -17,6 +17,7 @@ from kubetune.api import GROUP, PLURAL, VERSION
 from kubetune_dev.devcluster.nodes import GKE_SPOT_LABEL, RUNNER_LABEL
 from kubetune_dev.devcluster.procs import tail
 from tests.helpers import OPERATOR_LOG, kubectl, wait_for
+from tests.integration.helpers import create, get, minimal_job, status
 
 pytestmark = pytest.mark.cluster
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
@@ -24,35 +25,6 @@ EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
 def load(name: str) -> dict:
     return yaml.safe_load((EXAMPLES / name).read_text())
-
-
-def minimal_job(name: str, **spec) -> dict:
-    base = {
-        "model": {"name": "org/tiny"},
-        "dataset": {"uri": "s3://data/sql/"},
-        "checkpoint": {"uri": "s3://ckpt/x/"},
-        "output": {"uri": "s3://out/x/"},
-        "resources": {"accelerator": "nvidia"},
-    }
-    base.update(spec)
-    return {
-        "apiVersion": f"{GROUP}/{VERSION}",
-        "kind": "FineTuneJob",
-        "metadata": {"name": name},
-        "spec": base,
-    }
-
-
-def create(custom, namespace: str, job: dict) -> dict:
-    return custom.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, job)
-
-
-def get(custom, namespace: str, name: str) -> dict:
-    return custom.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)
-
-
-def status(custom, namespace, name) -> dict:
-    return get(custom, namespace, name).get("status") or {}
 
 
 def wait_phase(custom, namespace, name, phase, timeout_s=30) -> dict:

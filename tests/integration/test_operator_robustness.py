@@ -16,7 +16,7 @@ from kubernetes.client.rest import ApiException
 
 from kubetune.api import GROUP, PLURAL, VERSION
 from tests.helpers import make_namespace, wait_for
-from tests.integration.test_operator import create, minimal_job, status
+from tests.integration.helpers import create, minimal_job, status
 
 pytestmark = pytest.mark.cluster
 SMALL_CPU = {"accelerator": "cpu", "cpu": "100m", "memory": "128Mi"}  # 50 of them fit the CPU node

@@ -6,8 +6,12 @@ from __future__ import annotations
 import json
 import urllib.request
 
+import pytest
+
 from tests.helpers import wait_for
 from tests.trainer.conftest import run_trainer, start_trainer, tiny_config
+
+pytestmark = pytest.mark.tools
 
 
 def get(port: str, path: str) -> bytes:
@@ -15,6 +19,7 @@ def get(port: str, path: str) -> bytes:
         return r.read()
 
 
+@pytest.mark.slow
 def test_progress_and_metrics_while_training_and_no_secret_anywhere(tiny_model, minio, sql_bucket, tmp_path):
     cfg = tiny_config(tiny_model, "progress", maxSteps=60, loggingSteps=2)
     run = start_trainer(cfg, tmp_path, minio, "progress")
@@ -50,6 +55,7 @@ def test_progress_and_metrics_while_training_and_no_secret_anywhere(tiny_model, 
             assert secret not in text, f"a credential appears in the trainer's {where}"
 
 
+@pytest.mark.slow
 def test_invalid_config_exits_78_with_a_clear_message(tiny_model, minio, tmp_path):
     cfg = tiny_config(tiny_model, "bad")
     cfg["lora"]["r"] = 0
@@ -59,6 +65,7 @@ def test_invalid_config_exits_78_with_a_clear_message(tiny_model, minio, tmp_pat
     assert msg["outcome"] == "config-error" and "lora.r" in msg["error"]
 
 
+@pytest.mark.slow
 def test_a_dataset_prefix_without_shards_exits_65(tiny_model, minio, sql_bucket, tmp_path):
     cfg = tiny_config(tiny_model, "empty")
     cfg["dataset"]["uri"] = "s3://data/nothing-here/"
@@ -70,6 +77,7 @@ def test_a_dataset_prefix_without_shards_exits_65(tiny_model, minio, sql_bucket,
     )
 
 
+@pytest.mark.slow
 def test_output_is_a_peft_adapter_with_card_metrics_and_loss_curve(tiny_model, minio, sql_bucket, tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM

@@ -17,6 +17,8 @@ from kubetune_dev.devcluster.procs import free_port
 from tests.helpers import SQL_DATA, wait_for
 from tests.trainer.conftest import adapter_tensors, max_abs_diff, run_trainer, start_trainer, tiny_config
 
+pytestmark = [pytest.mark.tools, pytest.mark.slow]
+
 STEPS = 16
 SMALL_PREFIX = "sql-small/train/"
 SMALL_RECORDS = 60  # about 8 steps an epoch: the run crosses an epoch boundary

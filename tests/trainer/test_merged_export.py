@@ -8,6 +8,8 @@ import pytest
 
 from kubetune_trainer.config import TrainingConfig
 
+pytestmark = pytest.mark.slow
+
 # fp32 on both sides: the dequantized weights are the very values bitsandbytes multiplies
 # by, so only the summation order differs (measured max |Δ| 3.6e-7 on logits of size ~1; the usual merge: 7e-2).
 MERGE_TOLERANCE = 1e-5

@@ -14,6 +14,8 @@ from kubetune_trainer.train import Preempted, Trainer
 from tests.helpers import SQL_DATA
 from tests.trainer.conftest import tiny_config
 
+pytestmark = [pytest.mark.tools, pytest.mark.slow]
+
 STOP_AT, LOGGING = 7, 5  # a stop between two logging steps
 
 

@@ -25,6 +25,8 @@ from tests.trainer.conftest import (
     tiny_config,
 )
 
+pytestmark = [pytest.mark.tools, pytest.mark.slow]
+
 STEPS, EVERY = 40, 10
 
 

@@ -15,6 +15,8 @@ from kubetune_trainer.sequences import Sequence, SequenceStream, collate, label_
 from kubetune_trainer.storage import LocalStore
 from tests.trainer.conftest import SQL_DATA
 
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def tok_and_model(tiny_model):

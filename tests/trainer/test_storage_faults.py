@@ -17,6 +17,8 @@ from kubetune_trainer.storage import S3Store, s3_client
 from tests.helpers import wait_for
 from tests.trainer.conftest import committed_steps, post_checkpoint, start_trainer, tiny_config
 
+pytestmark = pytest.mark.tools
+
 
 class LoopbackProxy:
     """A TCP server on loopback in front of MinIO that serves each connection on its own
@@ -108,6 +110,7 @@ def test_a_body_cut_mid_stream_is_resumed_at_its_byte_offset(minio, monkeypatch)
     assert 512 << 10 <= offset <= 1 << 20
 
 
+@pytest.mark.slow
 def test_training_survives_s3_being_down_for_20_seconds(minio, sql_bucket, tiny_model, tmp_path):
     cfg = tiny_config(tiny_model, "outage", maxSteps=60)
     cfg["checkpoint"]["everySteps"] = 2
@@ -157,6 +160,7 @@ class RefusingProxy(LoopbackProxy):
         self.sock.close()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("then", ["sigterm", "request"])
 def test_a_checkpoint_upload_s3_refused_is_saved_again_by_the_stop_or_request_after_it(
     then, minio, sql_bucket, tiny_model, tmp_path

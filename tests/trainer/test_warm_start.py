@@ -6,9 +6,13 @@ from __future__ import annotations
 import hashlib
 import json
 
+import pytest
+
 from kubetune_trainer.contract import EXIT_CONFIG
 from kubetune_trainer.library import base_fingerprint, data_fingerprint
 from tests.trainer.conftest import run_trainer, start_trainer, tiny_config
+
+pytestmark = [pytest.mark.tools, pytest.mark.slow]
 
 
 def _record(s3, run: str) -> dict:

@@ -30,7 +30,7 @@ from kubetune.library import (
 )
 from kubetune_dev import crd
 from kubetune_trainer.library import BASE_LABEL, TASK_LABEL, adapter_record, label_value, lora_shape
-from tests.unit.test_status import World, job
+from tests.unit.helpers import World, job
 
 SHA = "a" * 64
 LINEAGE = {"base": "b" * 64, "data": "c" * 64, "shards": 3}

@@ -12,7 +12,7 @@ import pytest
 
 from kubetune_trainer.checkpoints import FORMAT_VERSION, MANIFEST, CheckpointStore, step_dir
 from kubetune_trainer.storage import LocalStore
-from tests.unit.test_checkpoint_store import commit
+from tests.unit.helpers import commit
 
 
 def manifest_with(files) -> dict:

@@ -5,12 +5,7 @@ from __future__ import annotations
 
 from kubetune_trainer.checkpoints import CheckpointStore, step_dir
 from kubetune_trainer.storage import LocalStore
-
-
-def commit(store: CheckpointStore, step: int) -> None:
-    folder = store.local_dir(step)
-    (folder / "state.json").write_text(f'{{"step": {step}}}')
-    store.commit(step, folder, wait=True)
+from tests.unit.helpers import commit
 
 
 def test_keep_one_with_a_corrupt_newest_checkpoint_keeps_a_good_one(tmp_path):

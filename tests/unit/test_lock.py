@@ -14,25 +14,9 @@ import tomllib
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
+from tests.helpers import LOCKS, read_lock
+
 ROOT = Path(__file__).resolve().parents[2]
-LOCKS = ROOT / "requirements"
-PIN = re.compile(r"^(?P<name>[A-Za-z0-9][A-Za-z0-9._-]*)==(?P<version>\S+)")
-HASH = re.compile(r"--hash=sha256:([0-9a-f]{64})")
-
-
-def read_lock(path: Path) -> dict[str, tuple[str, frozenset[str]]]:
-    """name -> (version, hashes), from a pip-compile/uv style lock (continuations joined)."""
-    text = re.sub(r"\\\n", " ", path.read_text())
-    pins = {}
-    for line in text.splitlines():
-        m = PIN.match(line.strip())
-        if m:
-            hashes = frozenset(HASH.findall(line))
-            assert hashes, f"{path.name}: {m['name']} has no hash"
-            pins[canonicalize_name(m["name"])] = (m["version"], hashes)
-    return pins
-
-
 DEV = read_lock(LOCKS / "dev.lock")
 
 

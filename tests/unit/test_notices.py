@@ -20,7 +20,7 @@ from kubetune.trainer_client import request_checkpoint
 from kubetune_trainer.progress import ProgressServer
 from kubetune_trainer.signals import CheckpointRequest, redact
 from tests.helpers import wait_for
-from tests.unit.test_status import World, job
+from tests.unit.helpers import World, job
 
 
 def node(name="n1", taints=(), conditions=()):

@@ -14,8 +14,17 @@ from pathlib import Path, PurePosixPath
 
 import tomllib
 
-from tests.unit import test_dockerfiles as trainer_checks
-from tests.unit.test_dockerfiles import Dockerfile, copy_parts, norm, parse
+from tests.unit.dockerfiles import (
+    Dockerfile,
+    check_apt_installs_are_minimal,
+    check_base_images_are_pinned,
+    check_copy_sources_exist,
+    check_pip_does_not_keep_its_cache,
+    check_runs_as_a_non_root_user,
+    copy_parts,
+    norm,
+    parse,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 PATH = ROOT / "operator" / "Dockerfile"
@@ -39,11 +48,11 @@ def trainer_only_modules() -> set[str]:
 
 def test_base_is_pinned_and_the_user_is_not_root():
     dockerfile = load()
-    trainer_checks.test_base_images_are_pinned(dockerfile)
-    trainer_checks.test_runs_as_a_non_root_user(dockerfile)
-    trainer_checks.test_copy_sources_exist(dockerfile)
-    trainer_checks.test_pip_does_not_keep_its_cache(dockerfile)
-    trainer_checks.test_apt_installs_are_minimal(dockerfile)
+    check_base_images_are_pinned(dockerfile)
+    check_runs_as_a_non_root_user(dockerfile)
+    check_copy_sources_exist(dockerfile)
+    check_pip_does_not_keep_its_cache(dockerfile)
+    check_apt_installs_are_minimal(dockerfile)
 
 
 def test_runs_the_operator():

@@ -11,19 +11,16 @@ import tracemalloc
 from kubetune.api import GROUP, KIND, VERSION
 from kubetune.handlers import Controller
 from kubetune.manifests import ATTEMPT_LABEL, JOB_LABEL, RANK_LABEL, owner_reference
+from tests.helpers import finetune_job
 
 
 def job(name: str, uid: str, rv: int = 1) -> dict:
-    return {
-        "metadata": {
-            "namespace": "ns",
-            "name": name,
-            "uid": uid,
-            "resourceVersion": str(rv),
-            "generation": 1,
-        },
-        "spec": {},
-    }
+    return finetune_job(
+        name,
+        {},
+        metadata={"namespace": "ns", "uid": uid, "resourceVersion": str(rv), "generation": 1},
+        typed=False,
+    )
 
 
 def pod(job_name: str, uid: str | None, rank: int = 0, rv: int = 1, exit_code: int | None = None) -> dict:

@@ -6,6 +6,7 @@ import datetime as dt
 
 from kubetune.decision.decide import decide
 from kubetune.stall import STALL_MIN_S, RankSeen, RankWatch, Stall, find_stall, stall_limit
+from tests.helpers import finetune_job
 
 
 def seen(rank: int, step: int, since: float, answered=True, activity="compute", phase="training", step_s=1.0):
@@ -104,16 +105,16 @@ def test_a_rank_never_heard_from_is_left_out_and_a_short_deadline_waits_for_seve
 
 
 def running_job(workers=2):
-    return {
-        "metadata": {"name": "j", "uid": "u", "generation": 1, "namespace": "ns"},
-        "spec": {
+    return finetune_job(
+        "j",
+        {  # no resources: the spec's defaults
             "model": {"name": "org/m"},
             "dataset": {"uri": "s3://data/x/"},
             "checkpoint": {"uri": "s3://ckpt/x/"},
             "output": {"uri": "s3://out/x/"},
-            "workers": workers,
         },
-        "status": {
+        metadata={"uid": "u", "generation": 1, "namespace": "ns"},
+        status={
             "phase": "Running",
             "attempt": 1,
             "attemptStartTime": "2026-01-01T00:00:00Z",
@@ -121,7 +122,9 @@ def running_job(workers=2):
             "failures": 0,
             "startTime": "2026-01-01T00:00:00Z",
         },
-    }
+        typed=False,
+        workers=workers,
+    )
 
 
 def running_pod(rank):

@@ -4,7 +4,6 @@ exactly like the real one (nulls delete), so repeated reconciles must be idempot
 
 from __future__ import annotations
 
-import copy
 import datetime as dt
 import json
 
@@ -20,79 +19,7 @@ from kubetune.decision.refusals import after_refusal, create_backoff
 from kubetune.decision.reports import format_eta, progress_from_trainer
 from kubetune.gang import GANG_GATE, Fit
 from kubetune.manifests import build_attempt
-
-T0 = dt.datetime(2026, 11, 23, 12, 0, tzinfo=dt.timezone.utc)
-
-
-def job(**spec):
-    base = {
-        "model": {"name": "org/m"},
-        "dataset": {"uri": "s3://data-x/d/"},
-        "checkpoint": {"uri": "s3://ck-x/c/"},
-        "output": {"uri": "s3://out-x/o/"},
-        "resources": {"accelerator": "nvidia"},
-    }
-    base.update(spec)
-    return {
-        "metadata": {"name": "j", "namespace": "ns", "uid": "u1", "generation": 1},
-        "spec": base,
-        "status": {},
-    }
-
-
-def apply_merge(target: dict, patch: dict) -> dict:
-    out = copy.deepcopy(target)
-    for k, v in patch.items():
-        if v is None:
-            out.pop(k, None)
-        elif isinstance(v, dict) and isinstance(out.get(k), dict):
-            out[k] = apply_merge(out[k], v)
-        else:
-            out[k] = v
-    return out
-
-
-class World:
-    """A job, its pods, and a clock; reconcile() runs decide and applies the plan."""
-
-    def __init__(self, j):
-        self.job = j
-        self.pods: dict[str, dict] = {}
-        self.now = T0
-        self.plans = []
-        self.gang = Fit(True, "room for all")  # what the handler found on the nodes
-        self.noticed: tuple[str, ...] = ()  # nodes under a termination notice
-
-    def reconcile(self, times=1, progress=None):
-        for _ in range(times):
-            gated = any(p["spec"].get("schedulingGates") for p in self.pods.values())
-            plan = decide(
-                self.job,
-                list(self.pods.values()),
-                self.now,
-                progress=progress,
-                gang=self.gang if gated else None,
-                noticed=self.noticed,
-            )
-            self.plans.append(plan)
-            for pod in plan.create:
-                self.pods.setdefault(pod["metadata"]["name"], copy.deepcopy(pod))
-            for name in plan.ungate:
-                self.pods[name]["spec"].pop("schedulingGates")
-            for name in plan.delete:
-                self.pods[name]["metadata"]["deletionTimestamp"] = "x"
-            self.job["status"] = apply_merge(self.job["status"], merge_patch(self.job["status"], plan.status))
-        return self.job["status"]
-
-    def set_pod(self, name, phase, exit_code=None, node="n1", **extra):
-        pod = self.pods[name]
-        pod["spec"]["nodeName"] = node
-        pod["status"] = {"phase": phase, **extra}
-        if exit_code is not None:
-            pod["status"]["containerStatuses"] = [{"state": {"terminated": {"exitCode": exit_code}}}]
-
-    def remove(self, name):
-        self.pods.pop(name)
+from tests.unit.helpers import T0, World, job
 
 
 def test_first_reconcile_creates_attempt_one_and_repeats_are_idempotent():
