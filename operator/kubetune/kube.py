@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import urllib.parse
+from collections.abc import Callable
 
 import urllib3
 from kubernetes import client, config
@@ -16,6 +17,9 @@ from kubetune.api import GROUP, KIND, PLURAL, VERSION
 log = logging.getLogger(__name__)
 JOBS = f"/apis/{GROUP}/{VERSION}/namespaces/{{ns}}/{PLURAL}"
 ACTIVE_PODS = "status.phase!=Succeeded,status.phase!=Failed"  # what holds node capacity
+# Called before every write under leader election (kubetune.leader): a replica whose Lease
+# ran out ends there, before the write, even if its renew thread has not noticed yet.
+before_write: Callable[[], None] | None = None
 
 
 COLLECTIONS = {
@@ -60,6 +64,8 @@ class Kube:
         """One request through the client's connection pool and credentials. Bodies are
         sent as JSON exactly as given: the generated client would drop None values,
         which a merge patch needs to remove a field."""
+        if method != "GET" and before_write is not None:
+            before_write()
         cfg = self.api.configuration
         headers = {**self._auth(), "Content-Type": content_type or "application/json"}
         url = cfg.host + path
