@@ -49,16 +49,20 @@ def tiny_sql_llama(dest: Path, **kw) -> Path:
 
 
 OPERATOR_LOG: list = []  # the session operator's log (set by its fixture), for failure messages
+SESSION_OPERATOR: list = []  # the session operator (set by its fixture), to pause it where needed
 
 
 class OperatorProcess:
     """The real operator (`python -m kubetune run`) as a subprocess of the test session."""
 
-    def __init__(self, kubeconfig, log_path, metrics_port: int, env: dict | None = None) -> None:
+    def __init__(
+        self, kubeconfig, log_path, metrics_port: int, env: dict | None = None, args: tuple = ()
+    ) -> None:
         self.kubeconfig = kubeconfig
         self.log_path = log_path
         self.metrics_port = metrics_port
         self.env = env or {}  # the dev cluster's image settings (DevCluster.operator_env)
+        self.args = tuple(args)  # more `kubetune run` flags (-n, --leader-elect, ...)
         self.proc = None
 
     def start(self) -> None:
@@ -81,11 +85,11 @@ class OperatorProcess:
                 "-m",
                 "kubetune",
                 "run",
-                "--standalone",
                 f"--metrics-port={self.metrics_port}",
                 "--metrics-address=127.0.0.1",
                 "--progress-interval=1",
                 "--verbose",  # a line per reconcile: what a failed test's message shows
+                *self.args,
             ],
             env=env,
             stdout=log,

@@ -888,11 +888,6 @@ def register(
         settings.posting.enabled = False  # our own Events say what happened; kopf's would be noise
         settings.scanning.disabled = True
         settings.watching.server_timeout = 300
-        # Replicas announce themselves in the peering object every 5-10 s (kopf's default,
-        # 60 s, left two fresh replicas of a helm install unaware of each other for their
-        # first minute: the chart creates the peering object after the pods start), and a
-        # standby takes over 15 s after the active replica is gone.
-        settings.peering.lifetime = 15
         settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
         settings.persistence.diffbase_storage = NoDiffBase()
         CONTROLLER = Controller(Kube.from_environment(pool_size=workers * 2), workers)
