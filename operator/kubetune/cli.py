@@ -142,8 +142,8 @@ def main(argv: list[str] | None = None) -> None:
     run.add_argument("--leader-election-id", default="kubetune", help="the Lease's name")
     run.add_argument(
         "--lease-duration",
-        type=float,
-        default=15.0,
+        type=int,  # the Lease's leaseDurationSeconds is whole seconds
+        default=15,
         help="seconds a standby waits, after the Lease last changed, before it takes over",
     )
     run.add_argument(

@@ -29,7 +29,8 @@ CREATE, ACQUIRE, RENEW, WAIT = "create", "acquire", "renew", "wait"
 class Timings:
     """client-go's three durations, in seconds."""
 
-    lease_duration_s: float = 15.0  # how long a standby waits after the record last changed
+    # how long a standby waits after the record last changed (whole seconds, as in the Lease)
+    lease_duration_s: int = 15
     renew_deadline_s: float = 10.0  # how long the leader keeps acting without a renewal
     retry_period_s: float = 2.0  # between attempts, to acquire or renew
 
@@ -108,14 +109,14 @@ def decide(
     identity: str,
     now: float,
     stamp: str,
-    lease_duration_s: float,
+    lease_duration_s: int,
     exists: bool = True,
 ) -> Decision:
     """One round of client-go's tryAcquireOrRenew. `record` is the Lease's spec as last
     read, `observed_at` the local time it last changed, `stamp` now as a MicroTime."""
     fresh = {
         "holderIdentity": identity,
-        "leaseDurationSeconds": max(1, round(lease_duration_s)),
+        "leaseDurationSeconds": int(lease_duration_s),
         "acquireTime": stamp,
         "renewTime": stamp,
         "leaseTransitions": 0,
