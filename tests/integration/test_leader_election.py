@@ -191,11 +191,13 @@ def test_standby_takes_over_a_leader_killed_during_a_burst(replicas, core, custo
         "the standby to hold the Lease",
         procs=[standby.watched()],
     )
-    # Its acquireTime is the standby's clock, the host's as here. The leader renewed at most
-    # a retry period before the kill; the standby sees that change within a retry period,
-    # then waits the lease duration by its own clock, then acquires at its next retry.
+    # Its acquireTime is the standby's clock, the host's as here. The leader's last renewal
+    # was at most a retry period before the kill; the standby sees that change at its next
+    # retry, waits the lease duration by its own clock, and acquires at the retry after:
+    # between LEASE - RETRY and LEASE + 2 RETRY of the kill, give or take the requests'
+    # time on this busy machine (the slack).
     takeover_s = micro_time_s(spec.acquire_time) - killed_at
-    assert LEASE_S - RETRY_S - 1 <= takeover_s <= LEASE_S + 2 * RETRY_S + 1, (takeover_s, killed_after)
+    assert LEASE_S - RETRY_S - 1 <= takeover_s <= LEASE_S + 2 * RETRY_S + 2, (takeover_s, killed_after)
     assert spec.lease_transitions == 1 and spec.lease_duration_seconds == LEASE_S
     assert f"leader election: {spec.holder_identity} acquired" in standby.log()
     assert standby.leader_gauge() == 1
