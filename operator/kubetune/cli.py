@@ -57,7 +57,8 @@ def _lead(args: argparse.Namespace, timings):
     from kubetune import kube, leader, metrics
 
     elector = leader.LeaderElector(
-        client.CoordinationV1Api(kube.Kube.from_environment(pool_size=2).api),
+        # no hidden retries: a renewal gets one request at a time, within the renew deadline
+        client.CoordinationV1Api(kube.Kube.from_environment(pool_size=2, retries=False).api),
         leader.default_namespace(args.leader_election_namespace),
         args.leader_election_id,
         leader.default_identity(),
@@ -72,7 +73,7 @@ def _lead(args: argparse.Namespace, timings):
         if health is not None:  # kopf serves /healthz on this port from here on
             health.shutdown()
             health.server_close()
-    kube.before_write = elector.ensure_leading
+    kube.before_acting = elector.ensure_leading
     return elector
 
 

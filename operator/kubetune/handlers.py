@@ -324,6 +324,7 @@ class Controller:
     # -- reconcile (worker threads) -------------------------------------------------------
 
     def reconcile(self, key: tuple[str, str]) -> float | None:
+        self.kube.fence()  # a replica that lost its leader Lease does not even decide
         job = self.jobs.get(key)
         if job is None or job["metadata"].get("deletionTimestamp"):
             return None

@@ -179,7 +179,7 @@ def _spec_of(lease: dict) -> dict:
 class LeaderElector:
     """Holds (or waits for) one Lease. `acquire()` blocks until this replica leads; the
     renew thread then keeps the Lease and ends the process the moment it cannot;
-    `ensure_leading()` is the same check before each write to the API server."""
+    `ensure_leading()` is the same check before each reconcile and API write."""
 
     def __init__(
         self,
@@ -210,7 +210,11 @@ class LeaderElector:
         return f"Lease {self.namespace}/{self.name}"
 
     def _request_timeout(self) -> float:
-        return max(1.0, self.timings.retry_period_s)
+        """What is left of the renew deadline (client-go bounds a renewal's requests by
+        it): a slow API server gets all of it, a hung one no more."""
+        if self.leading and self.renewed_at is not None:
+            return max(0.1, self.renewed_at + self.timings.renew_deadline_s - self.clock())
+        return self.timings.renew_deadline_s
 
     def _read(self) -> dict | None:
         try:
@@ -321,8 +325,8 @@ class LeaderElector:
                 self.lost(f"not renewed for {self.timings.renew_deadline_s:g} s (the renew deadline)")
 
     def ensure_leading(self) -> None:
-        """Before a write: a replica past its renew deadline stops at once, whatever it
-        was doing (after a pause, say, before its renew thread could notice)."""
+        """Before a reconcile or a write: a replica past its renew deadline stops at once,
+        whatever it was doing (after a pause, say, before its renew thread could notice)."""
         if self.released:
             # the operator is stopping and a successor may be acting already: the write
             # (a reconcile still in flight) is not made, the stop completes here
@@ -372,7 +376,7 @@ class LeaderElector:
                 self.namespace,
                 body,
                 _preload_content=False,
-                _request_timeout=self._request_timeout(),
+                _request_timeout=self.timings.renew_deadline_s,
             )
         except Exception as e:  # a 409: someone else wrote it meanwhile, not ours to release
             log.warning("leader election: %s not released: %s", self.where, e)
