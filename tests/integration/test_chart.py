@@ -699,8 +699,8 @@ def test_installed_chart_namespaced_runs_a_job_with_its_service_account(
             assert helm_crd.metadata.labels["app.kubernetes.io/managed-by"] == "Helm"
 
             # what the ServiceAccount may and may not do
-            def sa_can(verb, resource, namespace="", group=""):
-                return can(api_client, "kt-kubetune", ns, verb, resource, namespace, group)
+            def sa_can(verb, resource, namespace="", group="", name=""):
+                return can(api_client, "kt-kubetune", ns, verb, resource, namespace, group, name)
 
             assert sa_can("create", "pods", jobs_ns) and sa_can("patch", "finetunejobs", jobs_ns, GROUP)
             assert sa_can("list", "nodes") and sa_can("list", "pods")

@@ -20,8 +20,9 @@ from tests.integration.test_operator import create, minimal_job
 
 pytestmark = pytest.mark.cluster
 SMALL_CPU = {"accelerator": "cpu", "cpu": "100m", "memory": "128Mi"}  # 50 of them fit the CPU node
-# Short timings, so that a takeover takes seconds (the defaults are 15 / 10 / 2 s).
-LEASE_S, RENEW_S, RETRY_S = 6, 4, 1
+# Short timings, so that a takeover takes seconds (the defaults are 15 / 10 / 2 s); a renew
+# deadline of 6 s rides out the API server's slow moments on this shared 2-core machine.
+LEASE_S, RENEW_S, RETRY_S = 8, 6, 1
 LEASE = "kubetune-leader"
 JOBS = 50
 
@@ -197,6 +198,7 @@ def test_standby_takes_over_a_leader_killed_during_a_burst(replicas, core, custo
     # between LEASE - RETRY and LEASE + 2 RETRY of the kill, give or take the requests'
     # time on this busy machine (the slack).
     takeover_s = micro_time_s(spec.acquire_time) - killed_at
+    print(f"killed after {killed_after} jobs, {len(made_by_leader)} pods; taken over in {takeover_s:.2f} s")
     assert LEASE_S - RETRY_S - 1 <= takeover_s <= LEASE_S + 2 * RETRY_S + 2, (takeover_s, killed_after)
     assert spec.lease_transitions == 1 and spec.lease_duration_seconds == LEASE_S
     assert f"leader election: {spec.holder_identity} acquired" in standby.log()
