@@ -526,7 +526,11 @@ class Controller:
                 if created is None:
                     created = self._existing(ns, obj, uid)
                 if created["kind"] == "Pod":
-                    self.pods.setdefault(key, {})[created["metadata"]["name"]] = created
+                    cached = self.pods.setdefault(key, {})
+                    # not over a newer state the pod watch brought meanwhile (a pod another
+                    # replica made, found Running by the watch before this GET's answer landed)
+                    if _newer(created, cached.get(created["metadata"]["name"])):
+                        cached[created["metadata"]["name"]] = created
         except ApiException as e:
             if e.status in (400, 403, 404, 422):
                 raise Refused(e.status, api_message(e)) from e
