@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import OPERATOR_LOG, OperatorProcess, install_crd, make_namespace
+from tests.helpers import OPERATOR_LOG, SESSION_OPERATOR, OperatorProcess, install_crd, make_namespace
 
 STARTUP_TIMES: dict[str, float] = {}
 
@@ -134,6 +134,7 @@ def operator(dev_cluster, crd_installed):
     log = dev_cluster.workdir / "logs" / "operator.log"
     OPERATOR_LOG[:] = [log]
     proc = OperatorProcess(dev_cluster.endpoints.kubeconfig, log, free_port(), dev_cluster.operator_env())
+    SESSION_OPERATOR[:] = [proc]
     proc.start()
     yield proc
     proc.stop()

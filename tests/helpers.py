@@ -106,6 +106,7 @@ def tiny_sql_llama(dest: Path, **kw) -> Path:
 
 
 OPERATOR_LOG: list = []  # the session operator's log (set by its fixture), for failure messages
+SESSION_OPERATOR: list = []  # the session operator (set by its fixture), to pause it where needed
 
 
 class OperatorProcess:
@@ -119,6 +120,7 @@ class OperatorProcess:
         env: dict | None = None,
         progress_interval_s: float = 1.0,
         verbose: bool = True,
+        args: tuple = (),
     ) -> None:
         self.kubeconfig = kubeconfig
         self.log_path = log_path
@@ -128,6 +130,7 @@ class OperatorProcess:
         # a line per reconcile, what a failed test's message shows; a benchmark turns it off
         # (a log line per reconcile would be part of the CPU it measures)
         self.verbose = verbose
+        self.args = tuple(args)  # more `kubetune run` flags (-n, --leader-elect, ...)
         self.proc = None
 
     def start(self) -> None:
@@ -150,11 +153,11 @@ class OperatorProcess:
                 "-m",
                 "kubetune",
                 "run",
-                "--standalone",
                 f"--metrics-port={self.metrics_port}",
                 "--metrics-address=127.0.0.1",
                 f"--progress-interval={self.progress_interval_s:g}",
                 *(["--verbose"] if self.verbose else []),
+                *self.args,
             ],
             env=env,
             stdout=log,

@@ -79,7 +79,6 @@ def run(workdir: Path | None = None) -> int:
                 "-m",
                 "kubetune",
                 "run",
-                "--standalone",
                 "--metrics-port",
                 "0",
                 "--progress-interval",

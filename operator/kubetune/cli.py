@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import random
 import sys
 from pathlib import Path
 
@@ -14,7 +13,7 @@ EXIT_USAGE = 64
 def _run(args: argparse.Namespace) -> int:
     import kopf
 
-    from kubetune import handlers, metrics
+    from kubetune import handlers, leader, metrics
 
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
@@ -23,24 +22,59 @@ def _run(args: argparse.Namespace) -> int:
     )
     for noisy in ("kopf", "kubernetes", "urllib3", "asyncio"):
         logging.getLogger(noisy).setLevel(logging.INFO if args.verbose else logging.WARNING)
+    timings = leader.Timings(args.lease_duration, args.renew_deadline, args.retry_period)
+    if args.leader_elect and (problems := leader.timing_problems(timings)):
+        for problem in problems:
+            print(f"kubetune run: {problem}", file=sys.stderr)
+        return EXIT_USAGE
     if args.metrics_port:
         metrics.serve(args.metrics_port, args.metrics_address)
+    elector = None
+    if args.leader_elect:
+        elector = _lead(args, timings)
+    else:
+        metrics.set_leader(True)
     handlers.register(
         workers=args.workers, namespaces=args.namespace, progress_interval_s=args.progress_interval
     )
-    priority = args.priority
-    if priority is None:
-        # kopf pauses every peer that ties with another: replicas must never tie
-        priority = random.randint(1, 2**31 - 1) if args.peering else 0
+    # standalone: kopf's own peering is off; replicas coordinate through the Lease
     kopf.run(
-        priority=priority,
         clusterwide=not args.namespace,
         namespaces=args.namespace or (),
-        standalone=args.standalone,
-        peering_name=args.peering,
+        standalone=True,
         liveness_endpoint=f"http://0.0.0.0:{args.health_port}/healthz" if args.health_port else None,
     )
+    if elector is not None:
+        elector.release()  # stopped gracefully: a standby takes over at once
     return 0
+
+
+def _lead(args: argparse.Namespace, timings):
+    """Block until this replica holds the Lease (a standby watches and writes nothing),
+    answering the liveness probe meanwhile; then every API write checks the Lease first."""
+    from kubernetes import client
+
+    from kubetune import kube, leader, metrics
+
+    elector = leader.LeaderElector(
+        # no hidden retries: a renewal gets one request at a time, within the renew deadline
+        client.CoordinationV1Api(kube.Kube.from_environment(pool_size=2, retries=False).api),
+        leader.default_namespace(args.leader_election_namespace),
+        args.leader_election_id,
+        leader.default_identity(),
+        timings,
+        on_change=metrics.set_leader,
+    )
+    metrics.set_leader(False)
+    health = leader.serve_standby_health(args.health_port) if args.health_port else None
+    try:
+        elector.acquire()
+    finally:
+        if health is not None:  # kopf serves /healthz on this port from here on
+            health.shutdown()
+            health.server_close()
+    kube.before_acting = elector.ensure_leading
+    return elector
 
 
 def _render(args: argparse.Namespace) -> int:
@@ -94,13 +128,31 @@ def main(argv: list[str] | None = None) -> None:
     run.add_argument("--metrics-port", type=int, default=8080, help="Prometheus /metrics port (0: off)")
     run.add_argument("--metrics-address", default="0.0.0.0")
     run.add_argument("--health-port", type=int, default=0, help="liveness /healthz port (0: off)")
-    run.add_argument("--standalone", action="store_true", help="no peering between operator replicas")
-    run.add_argument("--peering", default=None, help="kopf peering object name (for replicas > 1)")
     run.add_argument(
-        "--priority",
-        type=int,
+        "--leader-elect",
+        action="store_true",
+        help="act only while holding a Lease (for replicas > 1): the others stand by",
+    )
+    run.add_argument(
+        "--leader-election-namespace",
         default=None,
-        help="kopf peering priority: the highest works, the rest stand by (default: random with --peering)",
+        help="the Lease's namespace (default: the pod's, else default)",
+    )
+    run.add_argument("--leader-election-id", default="kubetune", help="the Lease's name")
+    run.add_argument(
+        "--lease-duration",
+        type=int,  # the Lease's leaseDurationSeconds is whole seconds
+        default=15,
+        help="seconds a standby waits, after the Lease last changed, before it takes over",
+    )
+    run.add_argument(
+        "--renew-deadline",
+        type=float,
+        default=10.0,
+        help="seconds the leader goes on without renewing before it stops (< --lease-duration)",
+    )
+    run.add_argument(
+        "--retry-period", type=float, default=2.0, help="seconds between tries to acquire or renew"
     )
     run.add_argument(
         "--progress-interval",

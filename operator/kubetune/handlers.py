@@ -238,6 +238,7 @@ class Controller:
     # -- reconcile (worker threads) -------------------------------------------------------
 
     def reconcile(self, key: tuple[str, str]) -> float | None:
+        self.kube.fence()  # a replica that lost its leader Lease does not even decide
         job = self.jobs.get(key)
         if job is None or job["metadata"].get("deletionTimestamp"):
             return None
@@ -654,11 +655,6 @@ def register(
         settings.posting.enabled = False  # our own Events say what happened; kopf's would be noise
         settings.scanning.disabled = True
         settings.watching.server_timeout = 300
-        # Replicas announce themselves in the peering object every 5-10 s (kopf's default,
-        # 60 s, left two fresh replicas of a helm install unaware of each other for their
-        # first minute: the chart creates the peering object after the pods start), and a
-        # standby takes over 15 s after the active replica is gone.
-        settings.peering.lifetime = 15
         settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
         settings.persistence.diffbase_storage = NoDiffBase()
         CONTROLLER = Controller(Kube.from_environment(pool_size=workers * 2), workers)

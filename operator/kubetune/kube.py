@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import urllib.parse
+from collections.abc import Callable
 
 import urllib3
 from kubernetes import client, config
@@ -16,6 +17,9 @@ from kubetune.api import GROUP, KIND, PLURAL, VERSION
 log = logging.getLogger(__name__)
 JOBS = f"/apis/{GROUP}/{VERSION}/namespaces/{{ns}}/{PLURAL}"
 ACTIVE_PODS = "status.phase!=Succeeded,status.phase!=Failed"  # what holds node capacity
+# Called before every write and every reconcile under leader election (kubetune.leader):
+# a replica whose Lease ran out ends there, even if its renew thread has not noticed yet.
+before_acting: Callable[[], None] | None = None
 
 
 COLLECTIONS = {
@@ -32,7 +36,8 @@ class Kube:
         self.api = api
 
     @classmethod
-    def from_environment(cls, pool_size: int = 16) -> Kube:
+    def from_environment(cls, pool_size: int = 16, retries: bool | None = None) -> Kube:
+        """retries: urllib3's (None: its default, 3; False: none, the caller retries)."""
         try:
             config.load_incluster_config()
             cfg = client.Configuration.get_default_copy()
@@ -40,6 +45,7 @@ class Kube:
             cfg = client.Configuration()
             config.load_kube_config(client_configuration=cfg)
         cfg.connection_pool_maxsize = pool_size
+        cfg.retries = retries
         return cls(client.ApiClient(cfg))
 
     def _auth(self) -> dict:
@@ -60,6 +66,8 @@ class Kube:
         """One request through the client's connection pool and credentials. Bodies are
         sent as JSON exactly as given: the generated client would drop None values,
         which a merge patch needs to remove a field."""
+        if method != "GET":
+            self.fence()
         cfg = self.api.configuration
         headers = {**self._auth(), "Content-Type": content_type or "application/json"}
         url = cfg.host + path
@@ -77,6 +85,11 @@ class Kube:
             err.body = resp.data.decode(errors="replace")
             raise err
         return json.loads(resp.data) if resp.data else {}
+
+    def fence(self) -> None:
+        """Under leader election: stop here, before acting, once the Lease is lost."""
+        if before_acting is not None:
+            before_acting()
 
     def stream(self, path: str, query: dict):
         """A watch: one JSON event per line until the server ends it."""

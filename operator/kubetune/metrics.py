@@ -32,6 +32,7 @@ GOODPUT_SECONDS = Gauge(
     "Seconds per job: useful, or lost to recomputed steps, restarts, waiting",
     ["namespace", "job", "kind"],
 )
+LEADER = Gauge("kubetune_leader", "1 while this replica acts (holds the Lease), 0 while it stands by")
 GOODPUT_KINDS = {
     "useful": "usefulSeconds",
     "recomputed": "recomputedSeconds",
@@ -78,6 +79,10 @@ def set_goodput(key, goodput: dict | None) -> None:
     for kind, field in GOODPUT_KINDS.items():
         if goodput.get(field) is not None:
             GOODPUT_SECONDS.labels(*key, kind).set(goodput[field])
+
+
+def set_leader(leading: bool) -> None:
+    LEADER.set(1 if leading else 0)
 
 
 def count_notice(source: str) -> None:

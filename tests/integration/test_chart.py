@@ -49,7 +49,7 @@ VALUES = {
         "nodeSelector": {"kubernetes.io/os": "linux"},
         "tolerations": [{"key": "dedicated", "operator": "Equal", "value": "ops", "effect": "NoSchedule"}],
     },
-    "cluster-wide-ha-shared-kopf": {"replicaCount": 2, "crds": {"kopfPeering": False}},
+    "cluster-wide-ha": {"replicaCount": 2},
     "namespaced-own-capacity": {"watch": {"namespaces": ["team-a"]}, "gang": {"capacityView": "namespaces"}},
     "bare": {
         "crds": {"enabled": False},
@@ -73,6 +73,10 @@ NAMESPACED = {
     ("kueue.x-k8s.io", "workloads", "patch"),
 }
 NODES = {("", "nodes", v) for v in ("get", "list", "watch")}
+# Leader election (replicaCount > 1): the release's Lease, in the release namespace only.
+LEASE = {("coordination.k8s.io", "leases", "create")} | {
+    ("coordination.k8s.io", "leases", v, ("kt-kubetune",)) for v in ("get", "update")
+}
 NEVER = {"secrets", "configmaps", "serviceaccounts", "roles", "rolebindings", "clusterroles", "*"}
 
 
@@ -114,12 +118,6 @@ def grants(rules: list[dict]) -> set[tuple]:
     return out
 
 
-def peering_grants(resource: str, name: str) -> set[tuple]:
-    return {("kopf.dev", resource, "list"), ("kopf.dev", resource, "watch")} | {
-        ("kopf.dev", resource, v, (name,)) for v in ("get", "patch")
-    }
-
-
 def container(docs: list[dict]) -> dict:
     (deployment,) = by_kind(docs, "Deployment")
     (c,) = deployment["spec"]["template"]["spec"]["containers"]
@@ -150,13 +148,10 @@ def test_lints(name, tmp_path):
 @pytest.mark.parametrize("name", sorted(VALUES))
 def test_manifests_validate_against_kubernetes_1_34(name, tmp_path):
     docs = render(tmp_path, VALUES[name])
-    crds = {d["spec"]["names"]["kind"] for d in by_kind(docs, "CustomResourceDefinition")}
     for doc in docs:
         what = f"{doc['kind']} {doc['metadata']['name']}"
-        if doc["apiVersion"] == "kopf.dev/v1":  # kopf's peering objects: free-form CRs
-            assert set(doc) == {"apiVersion", "kind", "metadata"}, what
-            assert doc["kind"] in crds or not VALUES[name].get("crds", {}).get("kopfPeering", True)
-        elif doc["apiVersion"] == "monitoring.coreos.com/v1":  # no schema of the Prometheus operator's here
+        assert doc["apiVersion"] != "kopf.dev/v1", f"{what}: kopf peering is gone (a Lease elects)"
+        if doc["apiVersion"] == "monitoring.coreos.com/v1":  # no schema of the Prometheus operator's here
             assert doc["kind"] == "ServiceMonitor", what
         else:
             try:
@@ -178,6 +173,9 @@ def test_manifests_validate_against_kubernetes_1_34(name, tmp_path):
         ({"metrics": {"service": {"enabled": False}, "serviceMonitor": {"enabled": True}}}, "needs"),
         ({"serviceAccount": {"create": False}}, "serviceAccount.name is required"),
         ({"gang": {"capacityView": "tenants"}}, "capacityView"),
+        # kopf peering's values are gone with it
+        ({"peering": {"name": "x"}}, "additional properties 'peering' not allowed"),
+        ({"crds": {"kopfPeering": False}}, "additional properties 'kopfPeering' not allowed"),
     ],
 )
 def test_bad_values_are_refused(values, error, tmp_path):
@@ -200,12 +198,25 @@ def test_rbac_cluster_wide(tmp_path):
     (sa,) = by_kind(docs, "ServiceAccount")
     assert sa["metadata"] == {**sa["metadata"], "name": "kt-kubetune", "namespace": RELEASE_NS}
 
+    # replicas > 1: the Lease, granted in the release namespace only (nothing cluster-wide)
     ha = render(tmp_path, {"replicaCount": 2})
     (role,) = by_kind(ha, "ClusterRole")
-    assert grants(role["rules"]) == NAMESPACED | NODES | peering_grants("clusterkopfpeerings", "kt-kubetune")
-    (peering,) = by_kind(ha, "ClusterKopfPeering")
-    assert peering["metadata"]["name"] == "kt-kubetune"
-    assert peering["metadata"]["annotations"]["helm.sh/hook"] == "post-install,post-upgrade"
+    assert grants(role["rules"]) == NAMESPACED | NODES
+    assert_leader_election_role(ha)
+    assert not any(d["apiVersion"].startswith("kopf.dev") for d in ha)
+
+
+def assert_leader_election_role(docs: list[dict]) -> None:
+    (role,) = [r for r in by_kind(docs, "Role") if r["metadata"]["namespace"] == RELEASE_NS]
+    (binding,) = [b for b in by_kind(docs, "RoleBinding") if b["metadata"]["namespace"] == RELEASE_NS]
+    assert role["metadata"]["name"] == "kt-kubetune-leader-election"
+    assert grants(role["rules"]) == LEASE
+    assert binding["roleRef"] == {
+        "apiGroup": "rbac.authorization.k8s.io",
+        "kind": "Role",
+        "name": "kt-kubetune-leader-election",
+    }
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "kt-kubetune", "namespace": RELEASE_NS}]
 
 
 @pytest.mark.tools
@@ -215,17 +226,17 @@ def test_rbac_namespaced(tmp_path):
     assert grants(cluster_role["rules"]) == NODES | {("", "pods", "list")}
     roles = {r["metadata"]["namespace"]: r for r in by_kind(docs, "Role")}
     bindings = {b["metadata"]["namespace"]: b for b in by_kind(docs, "RoleBinding")}
-    assert set(roles) == set(bindings) == {"team-a", "team-b"}
-    for ns, role in roles.items():
-        assert grants(role["rules"]) == NAMESPACED | peering_grants("kopfpeerings", "kt-kubetune"), ns
+    assert set(roles) == set(bindings) == {"team-a", "team-b", RELEASE_NS}  # (3 replicas: the Lease)
+    assert_leader_election_role(docs)
+    for ns in ("team-a", "team-b"):
+        role = roles[ns]
+        assert grants(role["rules"]) == NAMESPACED, ns
         assert bindings[ns]["roleRef"] == {
             "apiGroup": "rbac.authorization.k8s.io",
             "kind": "Role",
             "name": role["metadata"]["name"],
         }
         assert bindings[ns]["subjects"][0]["namespace"] == RELEASE_NS
-    assert {p["metadata"]["namespace"] for p in by_kind(docs, "KopfPeering")} == {"team-a", "team-b"}
-    assert not by_kind(docs, "ClusterKopfPeering")
 
 
 def operator_env(docs: list[dict]) -> dict:
@@ -292,8 +303,7 @@ def test_deployment_defaults(tmp_path):
     assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
     c = container(docs)
     assert c["image"] == "ghcr.io/kubetune/operator:0.1.0"
-    assert c["args"] == [
-        "--standalone",
+    assert c["args"] == [  # one replica: no leader election
         "--workers=8",
         "--progress-interval=10",
         "--metrics-port=8080",
@@ -312,7 +322,7 @@ def test_deployment_defaults(tmp_path):
     assert c["resources"]["requests"] and c["resources"]["limits"]["memory"]
     env = {e["name"]: e.get("value") for e in c["env"]}
     assert env == {
-        "POD_ID": None,  # from the pod's name: kopf's identity among peers
+        "POD_NAME": None,  # from the pod's name: its identity in the leader-election Lease
         "KUBETUNE_TRAINER_IMAGE_CUDA": "ghcr.io/kubetune/trainer-cuda:0.1.0",
         "KUBETUNE_TRAINER_IMAGE_XPU": "ghcr.io/kubetune/trainer-xpu:0.1.0",
         "KUBETUNE_TRAINER_IMAGE_CPU": "ghcr.io/kubetune/trainer-cuda:0.1.0",
@@ -410,7 +420,9 @@ def test_deployment_non_default(tmp_path):
     assert c["args"] == [
         "--namespace=team-a",
         "--namespace=team-b",
-        "--peering=kt-kubetune",
+        "--leader-elect",
+        f"--leader-election-namespace={RELEASE_NS}",
+        "--leader-election-id=kt-kubetune",
         "--workers=16",
         "--progress-interval=10",
         "--metrics-port=8080",
@@ -419,6 +431,8 @@ def test_deployment_non_default(tmp_path):
         "--progress-interval=5",
     ]
     env = {e["name"]: e.get("value") for e in c["env"]}
+    # the holder's identity in the Lease
+    assert {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}} in c["env"]
     assert env["KUBETUNE_TRAINER_IMAGE_CUDA"] == "ghcr.io/kubetune/trainer-cuda:0.2.0"
     assert env["KUBETUNE_TRAINER_IMAGE_IPEX_LLM"] == f"ghcr.io/kubetune/trainer-ipex-llm@{DIGEST}"
     pod = deployment["spec"]["template"]["spec"]
@@ -461,7 +475,14 @@ def token_kubeconfig(dev_cluster, core, namespace: str, service_account: str, pa
 
 
 def can(
-    api_client, sa: str, sa_ns: str, verb: str, resource: str, namespace: str = "", group: str = ""
+    api_client,
+    sa: str,
+    sa_ns: str,
+    verb: str,
+    resource: str,
+    namespace: str = "",
+    group: str = "",
+    name: str = "",
 ) -> bool:
     """A SubjectAccessReview for the ServiceAccount, with the groups its token carries."""
     from kubernetes import client
@@ -482,6 +503,7 @@ def can(
                     "resource": resource,
                     "group": group,
                     "namespace": namespace,
+                    "name": name,
                 },
             },
         }
@@ -669,7 +691,7 @@ def test_installed_chart_namespaced_runs_a_job_with_its_service_account(
     from kubernetes.client.rest import ApiException
 
     with make_namespace(core) as jobs_ns:
-        # peering, namespaced
+        # two replicas (leader election), namespaced
         values = {**in_cluster_values(dev_cluster), "watch": {"namespaces": [jobs_ns]}, "replicaCount": 2}
         with installed(dev_cluster, api_client, core, "kt", values, tmp_path, adopt_crd=True) as (ns, notes):
             assert "kubectl" in notes and "get ftj" in notes and jobs_ns in notes
@@ -684,13 +706,14 @@ def test_installed_chart_namespaced_runs_a_job_with_its_service_account(
             rbac.read_cluster_role_binding(f"{ns}-kt-kubetune")
             rbac.read_namespaced_role("kt-kubetune", jobs_ns)
             rbac.read_namespaced_role_binding("kt-kubetune", jobs_ns)
+            rbac.read_namespaced_role("kt-kubetune-leader-election", ns)
+            rbac.read_namespaced_role_binding("kt-kubetune-leader-election", ns)
             helm_crd = client.ApiextensionsV1Api(api_client).read_custom_resource_definition(CRD_NAME)
             assert helm_crd.metadata.labels["app.kubernetes.io/managed-by"] == "Helm"
-            custom.get_namespaced_custom_object("kopf.dev", "v1", jobs_ns, "kopfpeerings", "kt-kubetune")
 
             # what the ServiceAccount may and may not do
-            def sa_can(verb, resource, namespace="", group=""):
-                return can(api_client, "kt-kubetune", ns, verb, resource, namespace, group)
+            def sa_can(verb, resource, namespace="", group="", name=""):
+                return can(api_client, "kt-kubetune", ns, verb, resource, namespace, group, name)
 
             assert sa_can("create", "pods", jobs_ns) and sa_can("patch", "finetunejobs", jobs_ns, GROUP)
             assert sa_can("list", "nodes") and sa_can("list", "pods")
@@ -702,6 +725,11 @@ def test_installed_chart_namespaced_runs_a_job_with_its_service_account(
                 "list", "finetunejobs", "default", GROUP
             )
             assert not sa_can("delete", "nodes") and not sa_can("get", "pods")  # cluster-wide: list only
+            # its own Lease, in its own namespace, and no other
+            assert sa_can("update", "leases", ns, "coordination.k8s.io", name="kt-kubetune")
+            assert not sa_can("update", "leases", ns, "coordination.k8s.io", name="someone-else")
+            assert not sa_can("update", "leases", jobs_ns, "coordination.k8s.io", name="kt-kubetune")
+            assert not sa_can("list", "leases", "", "coordination.k8s.io")
 
             kubeconfig = token_kubeconfig(dev_cluster, core, ns, "kt-kubetune", tmp_path / "sa-kubeconfig")
             as_sa = client.CoreV1Api(config.new_client_from_config(str(kubeconfig)))
@@ -719,16 +747,14 @@ def test_installed_chart_namespaced_runs_a_job_with_its_service_account(
             job = tiny_job("tiny", jobs_ns, tiny_job_inputs, dev_cluster.endpoints.s3)
             custom.create_namespaced_custom_object(GROUP, VERSION, jobs_ns, PLURAL, job)
             st = wait_phase(custom, jobs_ns, "tiny", "Succeeded", 420, logs)
-            # kopf keeps itself alive in the peering object (POD_ID, the pod's name, is its identity)
+            # one pod holds the release's Lease (its name, POD_NAME, in the identity), the
+            # other stands by: both passed their probes above
+            lease = client.CoordinationV1Api(api_client).read_namespaced_lease("kt-kubetune", ns).spec
             pod_names = {p.metadata.name for p in operator_pods(core, ns)}
-
-            def peers():
-                peering = custom.get_namespaced_custom_object(
-                    "kopf.dev", "v1", jobs_ns, "kopfpeerings", "kt-kubetune"
-                )
-                return set(peering.get("status") or {}) >= pod_names
-
-            wait_for(peers, 30, "both replicas in the peering object")
+            (holder,) = [p for p in pod_names if lease.holder_identity.startswith(f"{p}_")]
+            (standby,) = pod_names - {holder}
+            assert "standing by" in dev_cluster.pod_log(ns, standby, "operator")
+            assert f"{lease.holder_identity} acquired" in dev_cluster.pod_log(ns, holder, "operator")
             assert st["adapter"]["uri"].startswith(f"s3://chart-runs/{jobs_ns}/tiny/out")
             # registered in the library by the operator's own ServiceAccount (create, never delete)
             assert st["adapter"]["name"] == "tiny"
@@ -759,7 +785,8 @@ def test_installed_chart_cluster_wide_runs_pods_everywhere(
             assert sa_can("watch", "finetunejobs", where, GROUP) and sa_can("create", "pods", where)
             assert not sa_can("get", "secrets", where) and not sa_can("list", "secrets", where)
             assert not sa_can("get", "configmaps", where)
-        assert not sa_can("create", "clusterkopfpeerings", "", "kopf.dev")  # standalone: no peering
+        # one replica: no leader election, no Lease
+        assert not sa_can("create", "leases", ns, "coordination.k8s.io")
 
         assert_runs_in_its_image_under_a_kubelet(core, ns, dev_cluster, replicas=1)
         logs = operator_logs(dev_cluster, core, ns)

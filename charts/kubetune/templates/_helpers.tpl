@@ -57,13 +57,10 @@ appVersion, a digest wins over the tag. Call with (list $image $). */}}
 {{- end }}
 {{- end }}
 
-{{/* More than one replica: the replicas coordinate through a kopf peering object. */}}
-{{- define "kubetune.peering" -}}
+{{/* More than one replica: they elect a leader through a Lease (named as the release)
+in the release namespace; the leader acts, the others stand by. */}}
+{{- define "kubetune.leaderElection" -}}
 {{- if gt (int .Values.replicaCount) 1 }}true{{ end }}
-{{- end }}
-
-{{- define "kubetune.peeringName" -}}
-{{- default (include "kubetune.fullname" .) .Values.peering.name }}
 {{- end }}
 
 {{/* What the operator does in each namespace it watches (a Role there, or the
@@ -115,21 +112,6 @@ ClusterRole when it watches every namespace). */}}
 - apiGroups: [kueue.x-k8s.io]
   resources: [workloads]
   verbs: [patch]
-{{- end }}
-
-{{/* kopf's peering objects, for the given resource (kopfpeerings in a namespace,
-clusterkopfpeerings cluster-wide): every peering object is listed and watched, only the
-release's own is read and patched (keep-alives). Call with (list "kopfpeerings" $). */}}
-{{- define "kubetune.peeringRules" -}}
-{{- $resource := index . 0 }}
-{{- $root := index . 1 }}
-- apiGroups: [kopf.dev]
-  resources: [{{ $resource }}]
-  verbs: [list, watch]
-- apiGroups: [kopf.dev]
-  resources: [{{ $resource }}]
-  resourceNames: [{{ include "kubetune.peeringName" $root | quote }}]
-  verbs: [get, patch]
 {{- end }}
 
 {{/* Kubernetes >= 1.30, checked when helm talks to a cluster (install, upgrade,
