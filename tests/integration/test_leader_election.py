@@ -16,7 +16,7 @@ from kubetune.api import GROUP, PLURAL, VERSION
 from kubetune.leader import EXIT_LOST_LEASE
 from kubetune_dev.devcluster.procs import free_port, tail
 from tests.helpers import SESSION_OPERATOR, OperatorProcess, wait_for
-from tests.integration.test_operator import create, minimal_job
+from tests.integration.helpers import create, minimal_job
 
 pytestmark = pytest.mark.cluster
 SMALL_CPU = {"accelerator": "cpu", "cpu": "100m", "memory": "128Mi"}  # 50 of them fit the CPU node
