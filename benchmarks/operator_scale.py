@@ -454,7 +454,7 @@ class FakeTrainers:
         self.bridge, self.reports, self.interval_s = bridge, reports, interval_s
         self.servers: list[tuple[str, ThreadingHTTPServer]] = []
         self.released_at: float | None = None
-        self.sim_start = dt.datetime.now(dt.timezone.utc).replace(microsecond=0)
+        self.sim_start = dt.datetime.now(dt.UTC).replace(microsecond=0)
         self.served = collections.Counter()  # address -> answers with a step
 
     def body(self) -> dict:

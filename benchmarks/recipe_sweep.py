@@ -1,6 +1,6 @@
 """The embedded default's recipe, chosen by measurement: SmolLM2-135M-Instruct on the
 shipped text-to-SQL data (examples/local-text-to-sql.yaml: plain LoRA since the
-lora-nodrop-160 row; QLoRA before), one `kubetune train` per recipe and seed, each scored
+lora-nodrop-160 row; QLoRA before), one `python -m kubetune_dev train` per recipe and seed, each scored
 on the held-out split (unseen schemas and phrasings) on the base it was trained on (the
 "4-bit" column: for a lora recipe, the full-precision base) and, for qlora, on the
 unquantized base.
@@ -96,7 +96,7 @@ def run_one(name: str, seed: int, compute_dtype: str, keep: Path | None) -> dict
     t0 = time.monotonic()
     with log_path.open("w") as log:
         proc = subprocess.run(
-            [sys.executable, "-m", "kubetune", "train", str(config), "--workdir", str(work / "scratch")],
+            [sys.executable, "-m", "kubetune_dev", "train", str(config), "--workdir", str(work / "scratch")],
             cwd=work,
             env=env,
             stdout=log,

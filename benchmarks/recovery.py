@@ -53,11 +53,7 @@ def log_times(text: str, needle: str) -> list[float]:
     for line in text.splitlines():
         if needle in line:
             stamp = line.split(" ", 1)[0]
-            out.append(
-                dt.datetime.strptime(stamp, "%Y-%m-%dT%H:%M:%S.%f")
-                .replace(tzinfo=dt.timezone.utc)
-                .timestamp()
-            )
+            out.append(dt.datetime.strptime(stamp, "%Y-%m-%dT%H:%M:%S.%f").replace(tzinfo=dt.UTC).timestamp())
     return out
 
 
@@ -69,9 +65,9 @@ def container_created(cluster, node: str, container_id: str) -> float:
     )
     stamp = state["created"]  # RFC 3339 with nanoseconds
     whole, _, frac = stamp.rstrip("Z").partition(".")
-    return dt.datetime.strptime(whole, "%Y-%m-%dT%H:%M:%S").replace(
-        tzinfo=dt.timezone.utc
-    ).timestamp() + float("0." + (frac or "0"))
+    return dt.datetime.strptime(whole, "%Y-%m-%dT%H:%M:%S").replace(tzinfo=dt.UTC).timestamp() + float(
+        "0." + (frac or "0")
+    )
 
 
 def main() -> None:

@@ -64,7 +64,7 @@ def _spot_market(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from kubetune import demo
+    from kubetune_dev import demo
 
     return demo.run(args.workdir)
 

@@ -107,7 +107,7 @@ class Library:
             raise
 
     def set_verified(self, adapter: dict, ok: bool, reason: str, message: str) -> None:
-        now = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+        now = dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
         old = condition(adapter, api.VERIFIED) or {}
         status = "True" if ok else "False"
         cond = {

@@ -210,11 +210,12 @@ class Controller:
         return tuple(sorted(n for n, found in list(self.notices.items()) if not found.taint))
 
     def _ask_checkpoint(self, job: dict, rank0: dict, found: Notice, there: list[str]) -> None:
+        self.kube.fence()  # a replica that lost its Lease asks no trainer for anything
         pod = rank0["metadata"]["name"]
         answer = request_checkpoint(
             rank0["status"]["podIP"], control_token(rank0), found.reason, port=self.trainer_port
         )
-        stamp = iso(dt.datetime.now(dt.timezone.utc))
+        stamp = iso(dt.datetime.now(dt.UTC))
         workers = ", ".join(there)
         if answer is None:
             message = f"{found.reason}: the checkpoint request to {pod} failed; its workers there: {workers}"
@@ -248,7 +249,7 @@ class Controller:
             if wait > 0:
                 return wait  # backing off after a refused create (a spec change retries at once)
         t0 = time.perf_counter()
-        now = dt.datetime.now(dt.timezone.utc)
+        now = dt.datetime.now(dt.UTC)
         plan = self._decide(key, job, now)
         try:
             self._apply(key, job, plan)
@@ -309,8 +310,9 @@ class Controller:
             first = next(p for p in pods if p["metadata"]["name"] == plan.waiting[0])
             gang = gang_fit(first, len(plan.waiting), self.kube.list_nodes(), held)
             plan = decide(job, pods, now, gang=gang, **inputs)
+            by_name = {p["metadata"]["name"]: p for p in pods}
             for name in plan.ungate:
-                gates = without_gang_gate(self.pods[key][name]) or None
+                gates = without_gang_gate(by_name[name]) or None
                 released = self.kube.patch_pod(key[0], name, {"spec": {"schedulingGates": gates}})
                 self.cache.put_pod(key, released)
         return plan
@@ -360,7 +362,7 @@ class Controller:
         """The job succeeds without its Adapter: said in the log and a Warning Event."""
         message = f"the adapter was not registered in the library: {why}"
         log.warning("%s/%s: %s", *key, message)
-        stamp = iso(dt.datetime.now(dt.timezone.utc))
+        stamp = iso(dt.datetime.now(dt.UTC))
         self.events.submit(self._event, job, "Warning", "AdapterNotRegistered", message, stamp)
 
     def _start_standby(self, key, names: list[str]) -> None:
@@ -375,6 +377,7 @@ class Controller:
             self.requests.submit(self._send_start, key, pod, address)
 
     def _send_start(self, key, pod: dict, address: str) -> None:
+        self.kube.fence()
         name = pod["metadata"]["name"]
         try:
             answer = control_request(address, control_token(pod), "/start", {}, port=self.trainer_port)

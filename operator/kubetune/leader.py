@@ -81,7 +81,7 @@ def election_namespace(
 
 def micro_time(now: dt.datetime) -> str:
     """A MicroTime as the API server writes it."""
-    return now.astimezone(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    return now.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 def observed_change_at(previous: dict | None, current: dict | None, previous_at: float, now: float) -> float:
@@ -202,6 +202,7 @@ class LeaderElector:
         self.renewed_at: float | None = None  # when the last successful write was sent
         self.leading = False
         self.released = False  # handed back after a graceful stop
+        self.release_done = threading.Event()  # the hand-back's write finished (or failed)
         self.stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -243,7 +244,7 @@ class LeaderElector:
             self.observed_at,
             self.identity,
             now,
-            micro_time(dt.datetime.now(dt.timezone.utc)),
+            micro_time(dt.datetime.now(dt.UTC)),
             self.timings.lease_duration_s,
             exists=lease is not None,
         )
@@ -331,6 +332,9 @@ class LeaderElector:
             # the operator is stopping and a successor may be acting already: the write
             # (a reconcile still in flight) is not made, the stop completes here
             log.info("leader election: %s handed %s back; stopping before a write", self.identity, self.where)
+            # not before the hand-back's own write is through: cut short, the standby would
+            # wait out the whole lease duration
+            self.release_done.wait(self.timings.renew_deadline_s)
             self._exit(0)
         if not self.leading:
             self.lost("not the leader")
@@ -368,7 +372,7 @@ class LeaderElector:
                 "namespace": self.namespace,
                 "resourceVersion": self.resource_version,
             },
-            "spec": release_record(self.record, micro_time(dt.datetime.now(dt.timezone.utc))),
+            "spec": release_record(self.record, micro_time(dt.datetime.now(dt.UTC))),
         }
         try:
             self.api.replace_namespaced_lease(
@@ -381,6 +385,8 @@ class LeaderElector:
         except Exception as e:  # a 409: someone else wrote it meanwhile, not ours to release
             log.warning("leader election: %s not released: %s", self.where, e)
             return
+        finally:
+            self.release_done.set()
         log.info("leader election: %s released %s", self.identity, self.where)
 
 

@@ -1,4 +1,4 @@
-"""`kubetune dev up/down` and interruption: no process of the cluster, nor of a pod its
+"""`python -m kubetune_dev dev up/down` and interruption: no process of the cluster, nor of a pod its
 kubelets started, outlives it; a SIGKILLed cluster is cleared up by its guard."""
 
 from __future__ import annotations

@@ -113,7 +113,7 @@ def test_example_pods_land_on_the_nodes_they_ask_for(operator, core, custom, nam
 
 
 def example_files() -> list[str]:
-    """Every example that is a Kubernetes object (local-*.yaml are `kubetune train` configs)."""
+    """Every example that is a Kubernetes object (local-*.yaml are `python -m kubetune_dev train` configs)."""
     return sorted(
         f.name
         for f in EXAMPLES.glob("*.yaml")

@@ -11,7 +11,7 @@ from kubetune.decision.decide import decide
 from kubetune.gang import Fit
 from tests.helpers import finetune_job
 
-T0 = dt.datetime(2026, 11, 23, 12, 0, tzinfo=dt.timezone.utc)
+T0 = dt.datetime(2026, 11, 23, 12, 0, tzinfo=dt.UTC)
 
 
 def job(**spec):

@@ -82,7 +82,7 @@ def test_validation_errors_name_the_field_by_its_wire_name():
 
 
 def test_the_demo_and_the_local_default_share_one_recipe():
-    """`make demo` (quickstart.yaml) and `kubetune train` (local-text-to-sql.yaml) train
+    """`make demo` (quickstart.yaml) and `python -m kubetune_dev train` (local-text-to-sql.yaml) train
     the same way; the recipe chosen by benchmarks/recipe_sweep.py is written in both."""
     from kubetune_trainer.config import Lora, Quantization, Training
 

@@ -6,11 +6,11 @@ venv, the locks, the Dockerfiles or the docs disagree."""
 from __future__ import annotations
 
 import re
+import tomllib
 from importlib import metadata
 from pathlib import Path
 
 import pytest
-import tomllib
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 

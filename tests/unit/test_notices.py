@@ -14,6 +14,7 @@ from hypothesis import strategies as hs
 
 from kubetune.decision.reports import goodput_from_trainer
 from kubetune.handlers import Controller
+from kubetune.kube import Kube
 from kubetune.manifests import control_token, with_control_token
 from kubetune.notices import NOTICE_TAINTS, notice, pods_on
 from kubetune.trainer_client import request_checkpoint
@@ -205,7 +206,9 @@ def running_job(podip: str, token: str, node_name: str):
 def test_a_notice_asks_the_trainer_on_that_node_for_a_checkpoint_once_and_a_withdrawal_cancels_nothing():
     asked = CheckpointRequest()
     server = ProgressServer(0, "127.0.0.1", control_token="s3cret-token", checkpoint_request=asked)
-    controller = Controller(kube=None, workers=1)
+    controller = Controller(
+        kube=Kube(api=None), workers=1
+    )  # (no API server: its writes fail, as best effort)
     controller.trainer_port = server.port
     try:
         j, pod = running_job("127.0.0.1", "s3cret-token", "spot-1")
@@ -251,7 +254,9 @@ def test_a_checkpoint_request_without_the_right_token_is_refused():
 
 
 def test_only_notices_the_scheduler_cannot_see_keep_new_attempts_off_a_node():
-    controller = Controller(kube=None, workers=1)
+    controller = Controller(
+        kube=Kube(api=None), workers=1
+    )  # (no API server: its writes fail, as best effort)
     try:
         controller.node_event(
             "ADDED", node("gke-1", taints=[{"key": "cloud.google.com/impending-node-termination"}])
@@ -269,7 +274,9 @@ def test_only_notices_the_scheduler_cannot_see_keep_new_attempts_off_a_node():
 def test_a_notice_seen_before_the_jobs_pods_is_acted_on_when_they_show_up():
     asked = CheckpointRequest()
     server = ProgressServer(0, "127.0.0.1", control_token="tok-later", checkpoint_request=asked)
-    controller = Controller(kube=None, workers=1)
+    controller = Controller(
+        kube=Kube(api=None), workers=1
+    )  # (no API server: its writes fail, as best effort)
     controller.trainer_port = server.port
     try:
         # an operator restart lists the nodes before the pods

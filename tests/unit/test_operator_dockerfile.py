@@ -10,9 +10,8 @@ import re
 import shutil
 import subprocess
 import sys
-from pathlib import Path, PurePosixPath
-
 import tomllib
+from pathlib import Path, PurePosixPath
 
 from tests.unit.dockerfiles import (
     Dockerfile,

@@ -39,7 +39,8 @@ def run_workers(queue: WorkQueue, reconcile, workers: int):
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        pool.shutdown()
+        # off the loop: a reconcile still running may wait on the loop to finish
+        await asyncio.get_running_loop().run_in_executor(None, pool.shutdown)
 
     return stop
 

@@ -139,7 +139,7 @@ def running_pod(rank):
 
 
 def test_a_stalled_attempt_is_replaced_as_a_failure_naming_the_rank():
-    now = dt.datetime(2026, 1, 1, 1, tzinfo=dt.timezone.utc)
+    now = dt.datetime(2026, 1, 1, 1, tzinfo=dt.UTC)
     stall = Stall("j-a1-w1", 1, "node-1", "no optimizer step for 40 s: rank 1 stopped answering")
     plan = decide(running_job(), [running_pod(0), running_pod(1)], now, stall=stall)
     assert plan.status["failures"] == 1 and plan.status["attempt"] == 2

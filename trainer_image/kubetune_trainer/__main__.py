@@ -1,4 +1,4 @@
-"""Entry point of the trainer image and of `kubetune train`:
+"""Entry point of the trainer image and of `python -m kubetune_dev train`:
 
     python -m kubetune_trainer [CONFIG]     (or the config as JSON in $KUBETUNE_CONFIG)
 
@@ -54,7 +54,7 @@ PROCESS_START = time.time()  # the goodput ledger's start of this attempt
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="kubetune train", description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="python -m kubetune_trainer", description=__doc__.splitlines()[0])
     ap.add_argument("config", nargs="?", help="YAML/JSON file: a FineTuneJob or its training part")
     ap.add_argument("--workdir", type=Path, help="local scratch (default: a temporary folder)")
     ap.add_argument("--progress-port", type=int, default=None, help="serve /progress and /metrics here")
@@ -179,7 +179,7 @@ def start_progress(port: int | None, rank: int, environ=os.environ, requested=No
 
 
 def source_job(environ) -> dict:
-    """The FineTuneJob this trainer runs for (set by the operator; none under kubetune train)."""
+    """The FineTuneJob this trainer runs for (set by the operator; none in a local run)."""
     fields = {"name": "KUBETUNE_JOB", "namespace": "KUBETUNE_NAMESPACE", "uid": "KUBETUNE_JOB_UID"}
     return {k: environ[v] for k, v in fields.items() if environ.get(v)}
 

@@ -198,7 +198,7 @@ def export(
         "sha256": sha256_file(adapter),
         "sizeBytes": adapter.stat().st_size,
     }
-    created = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    created = dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
     (out / RECORD_FILE).write_text(
         record_json(adapter_record(cfg, info, steps=result.step, created=created, **(record or {})))
     )
@@ -228,7 +228,7 @@ def publish(store, folder: Path) -> dict[str, str]:
     store.delete([COMPLETE])
     for name in sorted(files, key=lambda n: n == "adapter_model.safetensors"):
         store.copy(f"{staging}/{name}", name)
-    marker = {"files": files, "time": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
+    marker = {"files": files, "time": dt.datetime.now(dt.UTC).isoformat(timespec="seconds")}
     store.put_bytes(COMPLETE, json.dumps(marker, indent=1).encode())
     store.delete([f"{staging}/{name}" for name in files])
     return files

@@ -198,7 +198,7 @@ class ProgressServer:
             durations = self.step_durations
             self.progress.step_seconds = round(sum(durations) / len(durations), 4) if durations else None
             if self.updated is not None:
-                when = dt.datetime.fromtimestamp(self.updated, dt.timezone.utc)
+                when = dt.datetime.fromtimestamp(self.updated, dt.UTC)
                 self.progress.updated_at = when.strftime("%Y-%m-%dT%H:%M:%SZ")
             source = self.goodput_source
             self.progress.goodput = source() if source else None

@@ -52,7 +52,7 @@ def write_dev_certs(directory: Path, days: int = 30, extra_ips: tuple[str, ...] 
     """One CA and one cert that is both the API server's serving cert (for 127.0.0.1 and
     extra_ips) and a system:masters client cert; its key also signs service-account tokens."""
     directory.mkdir(parents=True, exist_ok=True)
-    now = dt.datetime.now(dt.timezone.utc)
+    now = dt.datetime.now(dt.UTC)
     not_before, not_after = now - dt.timedelta(minutes=5), now + dt.timedelta(days=days)
 
     ca_key = ec.generate_private_key(ec.SECP256R1())
@@ -146,7 +146,7 @@ def issue(
     ca_cert = x509.load_pem_x509_certificate(ca.ca_cert.read_bytes())
     ca_key = serialization.load_pem_private_key(ca.ca_key.read_bytes(), password=None)
     key = ec.generate_private_key(ec.SECP256R1())
-    now = dt.datetime.now(dt.timezone.utc)
+    now = dt.datetime.now(dt.UTC)
     builder = (
         x509.CertificateBuilder()
         .subject_name(subject)

@@ -56,7 +56,7 @@ def without_notice(taints: list[dict], key: str) -> list[dict]:
 
 
 def azure_condition(on: bool, now: dt.datetime) -> dict:
-    stamp = now.astimezone(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    stamp = now.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
     return {
         "type": AZURE_CONDITION,
         "status": "True" if on else "False",
@@ -227,7 +227,7 @@ class SpotMarket:
     # -- the Kubernetes side -------------------------------------------------------------
     def _announce(self, node: str, on: bool) -> None:
         if self.key is None:
-            now = dt.datetime.now(dt.timezone.utc)
+            now = dt.datetime.now(dt.UTC)
             self.core.patch_node_status(node, {"status": {"conditions": [azure_condition(on, now)]}})
             return
         set_notice_taint(self.core, node, self.key, on)
