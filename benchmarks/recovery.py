@@ -41,7 +41,7 @@ from kubetune.api import GROUP, PLURAL, VERSION  # noqa: E402
 from kubetune_dev.crd import CRD_FILE  # noqa: E402
 from kubetune_dev.devcluster.cluster import DevCluster  # noqa: E402
 from kubetune_dev.devcluster.procs import free_port, wait_for  # noqa: E402
-from tests.e2e.test_preemption import RUNNER, finetune_job, upload_tiny_model_and_data  # noqa: E402
+from tests.e2e.helpers import RUNNER, e2e_job, upload_tiny_model_and_data  # noqa: E402
 from tests.helpers import OperatorProcess, install_crd, tiny_sql_llama  # noqa: E402
 
 NS = "default"
@@ -111,7 +111,7 @@ def main() -> None:
                     return
 
         try:
-            job = finetune_job("bench", NS, model_uri, ep.s3)
+            job = e2e_job("bench", NS, model_uri, ep.s3)
             job["spec"]["podOverrides"] = RUNNER
             job["spec"]["training"]["maxSteps"] = 400
             created = time.time()

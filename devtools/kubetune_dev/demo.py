@@ -25,10 +25,11 @@ import yaml
 from kubetune.api import GROUP, PLURAL, VERSION
 from kubetune.gang import GANG_GATE
 from kubetune_dev.crd import ADAPTER_CRD_FILE, CRD_FILE
-from kubetune_dev.devcluster.cluster import REPO_ROOT, DevCluster, repo_pythonpath, tool_binary
+from kubetune_dev.devcluster.cluster import REPO_ROOT, DevCluster, repo_pythonpath
 from kubetune_dev.devcluster.minio import upload_tree
 from kubetune_dev.devcluster.nodes import GKE_SPOT_LABEL, NVIDIA_GPU, RUNNER_LABEL
 from kubetune_dev.devcluster.procs import spawn, stop_group, wait_for
+from kubetune_dev.devcluster.tools import tool_binary
 
 TOUR = (
     "text-to-sql-intel.yaml",

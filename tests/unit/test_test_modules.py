@@ -65,3 +65,16 @@ def test_the_scan_finds_each_form_of_import(tmp_path, monkeypatch):
         path = tree / "unit" / "test_z.py"
         path.write_text(code + "\n")
         assert module in imported_modules(path), code
+
+
+def test_benchmarks_and_dev_tooling_import_no_test_module():
+    """A benchmark that borrowed from a test module broke when the test's helpers moved."""
+    names = {dotted_name(p) for p in TESTS.rglob("test_*.py")}
+    root = TESTS.parent
+    offenders = {
+        f"{p.relative_to(root)} imports {node.module}"
+        for p in [*root.glob("benchmarks/*.py"), *root.glob("devtools/**/*.py")]
+        for node in ast.walk(ast.parse(p.read_text(), str(p)))
+        if isinstance(node, ast.ImportFrom) and node.module in names
+    }
+    assert not offenders, "\n".join(sorted(offenders))
