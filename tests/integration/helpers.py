@@ -31,3 +31,27 @@ def get(custom, namespace: str, name: str) -> dict:
 
 def status(custom, namespace, name) -> dict:
     return get(custom, namespace, name).get("status") or {}
+
+
+def report_trainer_exit(core, namespace: str, pod: str, phase: str, terminated: dict) -> None:
+    """Set a kwok pod's status as the kubelet reports a trainer that exited (kwok's pods run
+    forever): `phase` Succeeded or Failed, the trainer container's `terminated` state."""
+    core.patch_namespaced_pod_status(
+        pod,
+        namespace,
+        {
+            "status": {
+                "phase": phase,
+                "containerStatuses": [
+                    {
+                        "name": "trainer",
+                        "image": "registry.invalid/none",
+                        "imageID": "",
+                        "ready": False,
+                        "restartCount": 0,
+                        "state": {"terminated": terminated},
+                    }
+                ],
+            }
+        },
+    )

@@ -16,7 +16,7 @@ from kubetune.api import GROUP, PLURAL, VERSION
 from kubetune.leader import EXIT_LOST_LEASE
 from kubetune_dev.devcluster.procs import free_port, tail
 from tests.helpers import SESSION_OPERATOR, OperatorProcess, wait_for
-from tests.integration.helpers import create, minimal_job
+from tests.integration.helpers import create, minimal_job, report_trainer_exit
 
 pytestmark = pytest.mark.cluster
 SMALL_CPU = {"accelerator": "cpu", "cpu": "100m", "memory": "128Mi"}  # 50 of them fit the CPU node
@@ -139,26 +139,8 @@ def all_in(custom, namespace, phase: str, count: int):
 
 
 def finish(core, namespace, pod: str) -> None:
-    """What the kubelet reports when the trainer exits 0 (kwok's pods run forever)."""
-    core.patch_namespaced_pod_status(
-        pod,
-        namespace,
-        {
-            "status": {
-                "phase": "Succeeded",
-                "containerStatuses": [
-                    {
-                        "name": "trainer",
-                        "image": "registry.invalid/none",
-                        "imageID": "",
-                        "ready": False,
-                        "restartCount": 0,
-                        "state": {"terminated": {"exitCode": 0, "reason": "Completed"}},
-                    }
-                ],
-            }
-        },
-    )
+    """What the kubelet reports when the trainer exits 0."""
+    report_trainer_exit(core, namespace, pod, "Succeeded", {"exitCode": 0, "reason": "Completed"})
 
 
 def micro_time_s(stamp) -> float:

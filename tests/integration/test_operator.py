@@ -17,7 +17,7 @@ from kubetune.api import GROUP, PLURAL, VERSION
 from kubetune_dev.devcluster.nodes import GKE_SPOT_LABEL, RUNNER_LABEL
 from kubetune_dev.devcluster.procs import tail
 from tests.helpers import OPERATOR_LOG, kubectl, wait_for
-from tests.integration.helpers import create, get, minimal_job, status
+from tests.integration.helpers import create, get, minimal_job, report_trainer_exit, status
 
 pytestmark = pytest.mark.cluster
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
@@ -333,24 +333,8 @@ def test_a_pod_with_a_jobs_labels_that_the_job_did_not_make_counts_for_nothing(
     wait_phase(custom, namespace, "victim", "Running")
     core.create_namespaced_pod(namespace, lookalike_pod("victim", "victim-forged"))
     # a forged result: rank 0 of attempt 1 ended with a configuration error
-    core.patch_namespaced_pod_status(
-        "victim-forged",
-        namespace,
-        {
-            "status": {
-                "phase": "Failed",
-                "containerStatuses": [
-                    {
-                        "name": "trainer",
-                        "image": "registry.invalid/none",
-                        "imageID": "",
-                        "ready": False,
-                        "restartCount": 0,
-                        "state": {"terminated": {"exitCode": 65, "reason": "Error", "message": "forged"}},
-                    }
-                ],
-            }
-        },
+    report_trainer_exit(
+        core, namespace, "victim-forged", "Failed", {"exitCode": 65, "reason": "Error", "message": "forged"}
     )
     # the real pod's deletion comes after the forged status in the same pod watch: once the
     # operator has acted on it, it has seen the forgery too
