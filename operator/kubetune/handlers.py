@@ -28,7 +28,7 @@ from kubetune.decision.pods import GONE, pod_attempt, pod_rank
 from kubetune.decision.refusals import after_refusal
 from kubetune.decision.reports import finite
 from kubetune.gang import capacity_scope, gang_fit, without_gang_gate
-from kubetune.kube import Kube
+from kubetune.kube import Kube, event_object
 from kubetune.kueue import PRIORITY_BOOST_ANNOTATION
 from kubetune.library import adapter_names, adapter_object, resolve_init_from, same_registration
 from kubetune.manifests import (
@@ -220,7 +220,7 @@ class Controller:
         if answer is None:
             message = f"{found.reason}: the checkpoint request to {pod} failed; its workers there: {workers}"
             log.warning("%s/%s: %s", job["metadata"]["namespace"], job["metadata"]["name"], message)
-            self.events.submit(self._event, job, "Warning", "CheckpointRequestFailed", message, stamp)
+            self._event(job, "Warning", "CheckpointRequestFailed", message, stamp)
             return
         message = (
             f"{found.reason}: checkpoint requested of {pod} at step {answer.get('step')}"
@@ -229,7 +229,7 @@ class Controller:
         )
         log.info("%s/%s: %s", job["metadata"]["namespace"], job["metadata"]["name"], message)
         metrics.count_checkpoint_request()
-        self.events.submit(self._event, job, "Normal", "CheckpointRequested", message, stamp)
+        self._event(job, "Normal", "CheckpointRequested", message, stamp)
 
     async def run_workers(self) -> None:
         await asyncio.gather(
@@ -363,7 +363,7 @@ class Controller:
         message = f"the adapter was not registered in the library: {why}"
         log.warning("%s/%s: %s", *key, message)
         stamp = iso(dt.datetime.now(dt.UTC))
-        self.events.submit(self._event, job, "Warning", "AdapterNotRegistered", message, stamp)
+        self._event(job, "Warning", "AdapterNotRegistered", message, stamp)
 
     def _start_standby(self, key, names: list[str]) -> None:
         """POST /start to standby trainers whose attempt's turn has come (one request in
@@ -495,7 +495,7 @@ class Controller:
         metrics.set_phase(key, status.get("phase"))
         metrics.set_goodput(key, status.get("goodput"))
         for event in events:
-            self.events.submit(self._event, job, *event, stamp)
+            self._event(job, *event, stamp)
 
     def _after_apply(self, key, job: dict, plan, now: dt.datetime) -> None:
         ns, name = key
@@ -521,13 +521,19 @@ class Controller:
             self.kube.delete_job(ns, name, job["metadata"]["uid"])
 
     def _event(self, job: dict, kind: str, reason: str, message: str, stamp: str) -> None:
+        """Queue an Event for the events thread. The queue holds the Event itself, not the
+        job: a burst of thousands of jobs must not keep their bodies alive for the minutes
+        the queue can take to drain."""
+        self.events.submit(self._post_event, event_object(job, kind, reason, message, stamp))
+
+    def _post_event(self, event: dict) -> None:
         # Events are best effort and rate limited (like client-go's recorder), so a burst
         # of new jobs gets its pods first and its Events a little later.
         self.event_bucket.take()
         try:
-            self.kube.event(job, kind, reason, message, stamp)
+            self.kube.post_event(event)
         except Exception as e:  # events are best effort
-            log.debug("event %s for %s not posted: %s", reason, job["metadata"]["name"], e)
+            log.debug("event %s for %s not posted: %s", event["reason"], event["involvedObject"]["name"], e)
 
     # -- trainer progress (a thread) -------------------------------------------------------
 

@@ -205,29 +205,32 @@ class Kube:
             elif e.status != 404:
                 raise
 
-    def event(self, job: dict, event_type: str, reason: str, message: str, now: str) -> None:
-        meta = job["metadata"]
-        self.create(
-            meta["namespace"],
-            {
-                "apiVersion": "v1",
-                "kind": "Event",
-                "metadata": {"generateName": f"{meta['name']}.", "namespace": meta["namespace"]},
-                "involvedObject": {
-                    "apiVersion": f"{GROUP}/{VERSION}",
-                    "kind": KIND,
-                    "name": meta["name"],
-                    "namespace": meta["namespace"],
-                    "uid": meta["uid"],
-                    "resourceVersion": meta.get("resourceVersion"),
-                },
-                "type": event_type,
-                "reason": reason,
-                "message": message[:1024],
-                "firstTimestamp": now,
-                "lastTimestamp": now,
-                "count": 1,
-                "source": {"component": "kubetune-operator"},
-                "reportingComponent": "kubetune.io/operator",
-            },
-        )
+    def post_event(self, event: dict) -> None:
+        """Create a core Event (one event_object() made)."""
+        self.create(event["metadata"]["namespace"], event)
+
+
+def event_object(job: dict, event_type: str, reason: str, message: str, now: str) -> dict:
+    """A core/v1 Event about a FineTuneJob, as client-go's recorder makes one."""
+    meta = job["metadata"]
+    return {
+        "apiVersion": "v1",
+        "kind": "Event",
+        "metadata": {"generateName": f"{meta['name']}.", "namespace": meta["namespace"]},
+        "involvedObject": {
+            "apiVersion": f"{GROUP}/{VERSION}",
+            "kind": KIND,
+            "name": meta["name"],
+            "namespace": meta["namespace"],
+            "uid": meta["uid"],
+            "resourceVersion": meta.get("resourceVersion"),
+        },
+        "type": event_type,
+        "reason": reason,
+        "message": message[:1024],
+        "firstTimestamp": now,
+        "lastTimestamp": now,
+        "count": 1,
+        "source": {"component": "kubetune-operator"},
+        "reportingComponent": "kubetune.io/operator",
+    }

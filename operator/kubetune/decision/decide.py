@@ -134,8 +134,17 @@ class Ctx:
         self.noticed: tuple[str, ...] = ()  # every node under a termination notice
         self.pods_from_cache = False
 
-    def transition(self, phase: str, reason: str, message: str, event_type: str = "Normal") -> None:
-        if self.st.get("phase") != phase or self.st.get("reason") != reason:
+    def transition(
+        self, phase: str, reason: str, message: str, event_type: str = "Normal", *, event: bool = True
+    ) -> None:
+        """A new phase or reason, with an Event unless `event` is False: a first attempt's
+        way to Running (Created, Running) posts none, since its status keeps both with
+        their times (startTime, attemptStartTime, the Running condition) and nothing but
+        the end overwrites them; an Event is a write per job, and at a
+        burst of thousands of jobs the API server's busiest moment (issue 18: writes per
+        job to Running <= the floor controller's + 1). Everything a status later
+        overwrites (a retry, a preemption, a later attempt's start, the end) has its Event."""
+        if event and (self.st.get("phase") != phase or self.st.get("reason") != reason):
             self.plan.events.append((event_type, reason, message))
         self.st["phase"] = phase
         self.st["reason"] = reason
@@ -238,7 +247,9 @@ def decide(
             "totalSteps": spec.training.max_steps,
             "summary": progress_summary(0, spec.training.max_steps),
         }
-        c.transition(Phase.pending.value, "Created", f"attempt 1 of {spec.workers} worker(s) created")
+        c.transition(
+            Phase.pending.value, "Created", f"attempt 1 of {spec.workers} worker(s) created", event=False
+        )
     _attempt(c, spec)
     if deadline and started:
         left = deadline - (now - started).total_seconds()
@@ -557,7 +568,10 @@ def _observe_running(c: Ctx, pods: list[dict], spec: FineTuneJobSpec) -> None:
     if len(running) == workers:
         nodes = ", ".join(sorted({p["spec"]["nodeName"] for p in running}))
         c.transition(
-            Phase.running.value, "Running", f"attempt {c.st['attempt']}: {workers} worker(s) on {nodes}"
+            Phase.running.value,
+            "Running",
+            f"attempt {c.st['attempt']}: {workers} worker(s) on {nodes}",
+            event=c.st["attempt"] > 1,
         )
         c.cond(RUNNING, True, "Running", f"attempt {c.st['attempt']} running")
 
