@@ -28,6 +28,25 @@ def at_least_as_new(new: dict, old: dict | None) -> bool:
     return old is None or resource_version(new) >= resource_version(old)
 
 
+LAST_APPLIED = "kubectl.kubernetes.io/last-applied-configuration"
+
+
+def slim(obj: dict) -> dict:
+    """What a cache keeps of an object: all of it but metadata.managedFields and
+    kubectl's last-applied annotation, which nothing here reads (client-go informers drop
+    them with a transform; controller-runtime does by default). A pod's managed fields
+    repeat the shape of its spec and status once per writer: at thousands of jobs they
+    were most of the operator's memory. The object given is not changed."""
+    meta = obj.get("metadata") or {}
+    annotations = meta.get("annotations") or {}
+    if "managedFields" not in meta and LAST_APPLIED not in annotations:
+        return obj
+    kept = {k: v for k, v in meta.items() if k != "managedFields"}
+    if LAST_APPLIED in annotations:
+        kept["annotations"] = {k: v for k, v in annotations.items() if k != LAST_APPLIED}
+    return {**obj, "metadata": kept}
+
+
 class TokenBucket:
     """Up to `burst` takes at once, then `rate` a second (clock and sleep replaceable for tests)."""
 
@@ -139,7 +158,7 @@ class JobCache:
     cache, on watch events, or (b) by the one worker thread holding the job's key in the
     WorkQueue (there is at most one), after its own writes to the API server, and only while
     the job is cached (a job deleted meanwhile is not brought back). Objects are only ever
-    replaced by ones at least as new (resourceVersion). Every other thread only reads, and
+    replaced by ones at least as new (resourceVersion), and kept slim(). Every other thread only reads, and
     iterates over copies (list(...)): `jobs` and `pods` are read-only views. A write from any
     other thread raises AssertionError."""
 
@@ -170,7 +189,7 @@ class JobCache:
     def put_job(self, key, job: dict) -> None:
         with self._lock:
             if self._may_write(key) and at_least_as_new(job, self._jobs.get(key)):
-                self._jobs[key] = job
+                self._jobs[key] = slim(job)
 
     def put_pod(self, key, pod: dict) -> None:
         name = pod["metadata"]["name"]
@@ -182,7 +201,7 @@ class JobCache:
                 pods = self._pods[key] = {}
                 self._pod_views[key] = MappingProxyType(pods)
             if at_least_as_new(pod, pods.get(name)):
-                pods[name] = pod
+                pods[name] = slim(pod)
 
     def drop_pod(self, key, name: str) -> None:
         with self._lock:
@@ -205,7 +224,7 @@ class JobCache:
             for pod in pods:
                 name = pod["metadata"]["name"]
                 old = cached.get(name)
-                fresh[name] = pod if at_least_as_new(pod, old) else old
+                fresh[name] = slim(pod) if at_least_as_new(pod, old) else old
             self._forget_pods(key)
             if fresh:
                 self._pods[key] = fresh

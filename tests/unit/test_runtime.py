@@ -13,7 +13,16 @@ import pytest
 
 from kubetune.handlers import Controller
 from kubetune.manifests import JOB_LABEL, owner_reference
-from kubetune.runtime import JobCache, PollBackoff, TokenBucket, WorkQueue, watch_objects, worker
+from kubetune.runtime import (
+    LAST_APPLIED,
+    JobCache,
+    PollBackoff,
+    TokenBucket,
+    WorkQueue,
+    slim,
+    watch_objects,
+    worker,
+)
 
 
 async def until(condition, timeout_s: float = 10.0) -> None:
@@ -347,6 +356,25 @@ def test_only_objects_at_least_as_new_replace_cached_ones():
     cache.drop_pod(KEY, "a")
     cache.drop_pod(KEY, "b")
     assert KEY not in cache.pods  # no empty entries
+
+
+def test_the_cache_keeps_objects_without_managed_fields_or_kubectls_last_applied_copy():
+    cache = JobCache(holder=lambda key: None)
+    job = obj("j", 5)
+    job["metadata"]["managedFields"] = [{"manager": "kubectl", "fieldsV1": {"f:spec": {}}}]
+    job["metadata"]["annotations"] = {LAST_APPLIED: '{"spec": {}}', "team": "nlp"}
+    pod = obj("a", 7)
+    pod["metadata"]["managedFields"] = [{"manager": "kwok", "fieldsV1": {"f:status": {}}}]
+    cache.put_job(KEY, job)
+    cache.put_pod(KEY, pod)
+    cache.replace_pods(KEY, [pod])
+    kept_job, kept_pod = cache.jobs[KEY], cache.pods[KEY]["a"]
+    assert "managedFields" not in kept_job["metadata"] and "managedFields" not in kept_pod["metadata"]
+    assert kept_job["metadata"]["annotations"] == {"team": "nlp"}
+    assert kept_job["metadata"]["resourceVersion"] == "5" and kept_pod["metadata"]["name"] == "a"
+    # the objects given are not changed (kopf and the watch may still hold them)
+    assert "managedFields" in job["metadata"] and LAST_APPLIED in job["metadata"]["annotations"]
+    assert slim(obj("b", 1)) == obj("b", 1)
 
 
 def test_a_worker_does_not_bring_back_a_job_deleted_while_it_reconciled():
