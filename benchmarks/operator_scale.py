@@ -551,6 +551,20 @@ def progress_phase(api: client.ApiClient, cluster: DevCluster, ns: str, n: int) 
     return {"requests": span(before, after), "steps": steps, "span_s": time.monotonic() - started}
 
 
+def delete_all_jobs(custom: client.CustomObjectsApi, ns: str) -> int:
+    """One deletecollection, asked again while it times out (kube-apiserver gives up
+    answering after 60 s, at thousands of objects, and stops there): how many were sent."""
+    for sent in range(1, 31):
+        try:
+            custom.delete_collection_namespaced_custom_object(GROUP, VERSION, ns, PLURAL)
+            return sent
+        except ApiException as e:
+            if e.status != 504:
+                raise
+            print(f"  deletecollection timed out (try {sent}); asking again", file=sys.stderr, flush=True)
+    raise RuntimeError("deletecollection of the jobs kept timing out")
+
+
 def lifecycle_phase(api: client.ApiClient, op: OperatorProcess, ns: str, n: int) -> dict:
     """n jobs created, completed by kwok, deleted: the operator's RSS and CPU."""
     kube, custom = Kube(api), client.CustomObjectsApi(api)
@@ -565,7 +579,7 @@ def lifecycle_phase(api: client.ApiClient, op: OperatorProcess, ns: str, n: int)
         wait_for(lambda: jobs.count("Succeeded") >= n, timeout, f"{n} jobs Succeeded", interval_s=0.5)
         succeeded_s = time.monotonic() - t0
         rss_done = rss_mib(pid)
-        custom.delete_collection_namespaced_custom_object(GROUP, VERSION, ns, PLURAL)
+        deletes = delete_all_jobs(custom, ns)
         wait_for(
             lambda: jobs.count() == 0 and pods.count() == 0, timeout, "every job and pod gone", interval_s=0.5
         )
@@ -591,7 +605,7 @@ def lifecycle_phase(api: client.ApiClient, op: OperatorProcess, ns: str, n: int)
     finally:
         pods.stop()
         jobs.stop()
-    own = {("POST", JOB_RESOURCE): n, ("DELETECOLLECTION", JOB_RESOURCE): 1}
+    own = {("POST", JOB_RESOURCE): n, ("DELETECOLLECTION", JOB_RESOURCE): deletes}
     return {
         "rss_start": rss_start,
         "rss_succeeded": rss_done,
@@ -609,6 +623,22 @@ def lifecycle_phase(api: client.ApiClient, op: OperatorProcess, ns: str, n: int)
 
 
 # -- report ---------------------------------------------------------------------------------
+
+
+def log_phase(name: str, figures: dict) -> None:
+    """A phase's raw figures on stderr as it ends, so that a later phase's failure loses
+    nothing measured (latencies summarized; request counts by verb and resource)."""
+    shown = {
+        k: (
+            {"p50": percentile(v, 0.5), "p99": percentile(v, 0.99)}
+            if k == "latencies"
+            else {" ".join(kv): c for kv, c in v.items()}
+            if k == "requests"
+            else v
+        )
+        for k, v in figures.items()
+    }
+    print(f"[{name}] {json.dumps(shown, default=str)}", file=sys.stderr, flush=True)
 
 
 def per_job(requests: dict, n: int, verbs: set[str]) -> float:
@@ -655,6 +685,7 @@ def main() -> None:
                 raise RuntimeError("the floor controller could not list FineTuneJobs")
             floor = job_burst(api, ns, n, running="pods")
             stop.set()
+        log_phase("floor", floor)
         # -- the operator, as shipped ----------------------------------------------------
         op = start_operator(cluster, workdir, "burst", SHIPPED_PROGRESS_INTERVAL_S)
         try:
@@ -666,6 +697,7 @@ def main() -> None:
                 assert len(labelled) == n, f"{len(labelled)} pods for {n} jobs"
         finally:
             op.stop()
+        log_phase("operator", ours)
         # -- progress, time-scaled ---------------------------------------------------------
         progress = None
         if args.progress_jobs:
@@ -676,6 +708,7 @@ def main() -> None:
                     progress = progress_phase(api, cluster, ns, args.progress_jobs)
             finally:
                 op.stop()
+            log_phase("progress", progress)
         # -- create, complete, delete at scale -----------------------------------------------
         life = None
         if lifecycle_n:
@@ -686,6 +719,7 @@ def main() -> None:
                     life = lifecycle_phase(api, op, ns, lifecycle_n)
             finally:
                 op.stop()
+            log_phase("lifecycle", life)
         raw_rates.append(raw_burst(core, n))  # before and after: this machine's load drifts
     raw_rate = statistics.mean(raw_rates)
 

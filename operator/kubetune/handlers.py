@@ -116,8 +116,7 @@ class Controller:
             self.asked = {a for a in self.asked if a[0] != key}
             metrics.forget_job(key)
             return
-        old = self.jobs.get(key)
-        if old is not None and resource_version(body) == resource_version(old):
+        if resource_version(body) == self.cache.job_version(key):
             return  # the echo of our own status write: nothing new
         self.cache.put_job(key, body)
         if not (body.get("status") or {}).get("attempt"):
@@ -130,7 +129,7 @@ class Controller:
         if not job:
             return
         key = (meta["namespace"], job)
-        cached = self.pods.get(key, {}).get(meta["name"])
+        cached = self.pods.get(key, {}).get(meta["name"]) if kind == "DELETED" else None  # (a decode)
         if kind == "DELETED" and cached is not None and cached["metadata"].get("uid") != meta.get("uid"):
             # an earlier pod of this name (a standby deleted and made again): the cached
             # one is its successor and stays

@@ -377,6 +377,21 @@ def test_the_cache_keeps_objects_without_managed_fields_or_kubectls_last_applied
     assert slim(obj("b", 1)) == obj("b", 1)
 
 
+def test_every_read_of_the_cache_is_a_fresh_copy_and_a_write_meanwhile_breaks_no_reader():
+    cache = JobCache(holder=lambda key: None)
+    cache.put_job(KEY, obj("j", 5))
+    cache.put_pod(KEY, obj("a", 7))
+    cache.jobs[KEY]["metadata"]["name"] = "changed"
+    next(iter(cache.pods[KEY].values()))["metadata"]["name"] = "changed"
+    assert cache.jobs[KEY] == obj("j", 5) and cache.pods[KEY]["a"] == obj("a", 7)
+    assert cache.job_version(KEY) == 5 and cache.job_version(("ns", "other")) is None
+    pods = cache.pods[KEY]
+    items = iter(pods.items())
+    cache.put_pod(KEY, obj("b", 8))  # while a reader iterates: it sees the snapshot it began with
+    assert list(items) == [("a", obj("a", 7))]
+    assert sorted(pods) == ["a", "b"] and len(pods) == 2 and "b" in pods
+
+
 def test_a_worker_does_not_bring_back_a_job_deleted_while_it_reconciled():
     held = {}
     cache = JobCache(holder=held.get)
