@@ -16,6 +16,10 @@ Phases, in this order, on one dev cluster (one roomy kwok node, no MinIO):
           the requests per job from the first create until every pod is Running (kwok
           turns them Running; the floor writes no Running status: its "to Running" is
           its pods Running).
+  floor+Running  the floor controller with a pod watch besides and a second status write
+          per job (phase Running) once its pod runs: the least a controller does whose
+          status says Running, as the operator's does. The same figures, counted until
+          every job's status.phase is Running; the operator's rate is shown against it too.
   operator  the same burst with the real operator (`python -m kubetune run`, its own
           process, --progress-interval 10 as shipped, not verbose), started and awaited
           by one warm-up job reconciled to Running in a namespace of its own: the same
@@ -377,15 +381,39 @@ def job_burst(api: client.ApiClient, ns: str, n: int, running: str) -> dict:
     }
 
 
-def floor_controller(kube: Kube, ns: str, ready: threading.Event, stop: threading.Event) -> None:
+def floor_controller(
+    kube: Kube, ns: str, ready: threading.Event, stop: threading.Event, report_running: bool = False
+) -> None:
     """The least any controller that keeps a status can do per job: one raw watch, one
     pod create and one status write per new job, nothing else (no kopf, no Events, no
     later status). Its jobs/s bounds what an operator can reach on this machine.
-    Watches from a list's resourceVersion, so no job created after `ready` is missed."""
+    Watches from a list's resourceVersion, so no job created after `ready` is missed.
+    report_running: besides, a pod watch and one more status write (phase Running) when a
+    job's pod runs: the least a controller does whose status says Running, as the
+    operator's does (the floor + Running row)."""
     path = jobs_path(ns)
     since = kube.call("GET", path)["metadata"]["resourceVersion"]
-    ready.set()
     pool = concurrent.futures.ThreadPoolExecutor(CONCURRENCY)
+    if report_running:
+        pods_since = kube.call("GET", pods_path(ns))["metadata"]["resourceVersion"]
+
+        def running(job_name):
+            kube.patch_job_status(ns, job_name, {"phase": "Running"}, None)
+
+        def watch_pods():
+            told = set()
+            query = {"watch": "1", "resourceVersion": pods_since, "labelSelector": JOB_LABEL}
+            for event in kube.stream(pods_path(ns), query):
+                if stop.is_set():
+                    break
+                pod = event["object"]
+                job_name = pod["metadata"]["labels"][JOB_LABEL]
+                if (pod.get("status") or {}).get("phase") == "Running" and job_name not in told:
+                    told.add(job_name)
+                    pool.submit(running, job_name)
+
+        threading.Thread(target=watch_pods, daemon=True, name="floor pods").start()
+    ready.set()
 
     def handle(job):
         meta = job["metadata"]
@@ -686,6 +714,17 @@ def main() -> None:
             floor = job_burst(api, ns, n, running="pods")
             stop.set()
         log_phase("floor", floor)
+        # -- the floor that also writes Running, as the operator does ----------------------
+        with namespace(core) as ns:
+            ready, stop = threading.Event(), threading.Event()
+            threading.Thread(
+                target=floor_controller, args=(Kube(api), ns, ready, stop, True), daemon=True
+            ).start()
+            if not ready.wait(30):
+                raise RuntimeError("the floor controller could not list FineTuneJobs")
+            floor_running = job_burst(api, ns, n, running="jobs")
+            stop.set()
+        log_phase("floor+Running", floor_running)
         # -- the operator, as shipped ----------------------------------------------------
         op = start_operator(cluster, workdir, "burst", SHIPPED_PROGRESS_INTERVAL_S)
         try:
@@ -761,6 +800,14 @@ def main() -> None:
     for label, a, b, target in rows:
         cell = [f"{x:>10.2f}" if isinstance(x, float) else f"{x:>10}" for x in (a, b)]
         print(f"  {label:<46}{cell[0]}{cell[1]}   {target}")
+    fr = floor_running
+    print(
+        f"  floor + Running (a pod watch and a second status write, phase Running, as the operator "
+        f"makes): {fr['rate']:.2f} jobs/s = {fr['rate'] / floor['rate']:.2f} of the floor; create -> pod "
+        f"p99 {ms(fr['latencies'], 0.99)} ms; writes per job to Running "
+        f"{per_job(fr['requests'], n, WRITE_VERBS):.2f}; operator / floor + Running = "
+        f"{ours['rate'] / fr['rate']:.2f}"
+    )
     print("\n".join(breakdown({"floor": (floor["requests"], n), "operator": (ours["requests"], n)})))
     print(
         f"  operator in the burst: applying the {n} jobs took {ours['applied_s']:.2f} s; "
