@@ -429,6 +429,22 @@ def floor_controller(
     pool.shutdown()
 
 
+def floor_burst(api: client.ApiClient, core: client.CoreV1Api, n: int, report_running: bool) -> dict:
+    """job_burst() against floor_controller() in a fresh namespace; "to Running" is its
+    pods Running, or with report_running, its jobs' status.phase Running."""
+    with namespace(core) as ns:
+        ready, stop = threading.Event(), threading.Event()
+        threading.Thread(
+            target=floor_controller, args=(Kube(api), ns, ready, stop, report_running), daemon=True
+        ).start()
+        if not ready.wait(30):
+            raise RuntimeError("the floor controller could not list FineTuneJobs")
+        try:
+            return job_burst(api, ns, n, running="jobs" if report_running else "pods")
+        finally:
+            stop.set()
+
+
 # -- the operator ---------------------------------------------------------------------------
 
 
@@ -656,16 +672,12 @@ def lifecycle_phase(api: client.ApiClient, op: OperatorProcess, ns: str, n: int)
 def log_phase(name: str, figures: dict) -> None:
     """A phase's raw figures on stderr as it ends, so that a later phase's failure loses
     nothing measured (latencies summarized; request counts by verb and resource)."""
-    shown = {
-        k: (
-            {"p50": percentile(v, 0.5), "p99": percentile(v, 0.99)}
-            if k == "latencies"
-            else {" ".join(kv): c for kv, c in v.items()}
-            if k == "requests"
-            else v
-        )
-        for k, v in figures.items()
-    }
+    shown = dict(figures)
+    if "latencies" in shown:
+        shown["latencies"] = {
+            q: percentile(figures["latencies"], x) for q, x in (("p50", 0.5), ("p99", 0.99))
+        }
+    shown["requests"] = {" ".join(kv): c for kv, c in figures["requests"].items()}
     print(f"[{name}] {json.dumps(shown, default=str)}", file=sys.stderr, flush=True)
 
 
@@ -705,25 +717,10 @@ def main() -> None:
 
         raw_burst(core, n)  # warm-up, not counted: a fresh cluster's first burst is slower
         raw_rates = [raw_burst(core, n)]
-        # -- the floor: a minimal controller ---------------------------------------------
-        with namespace(core) as ns:
-            ready, stop = threading.Event(), threading.Event()
-            threading.Thread(target=floor_controller, args=(Kube(api), ns, ready, stop), daemon=True).start()
-            if not ready.wait(30):
-                raise RuntimeError("the floor controller could not list FineTuneJobs")
-            floor = job_burst(api, ns, n, running="pods")
-            stop.set()
+        # -- the floor: a minimal controller, then the same with a Running write -----------
+        floor = floor_burst(api, core, n, report_running=False)
         log_phase("floor", floor)
-        # -- the floor that also writes Running, as the operator does ----------------------
-        with namespace(core) as ns:
-            ready, stop = threading.Event(), threading.Event()
-            threading.Thread(
-                target=floor_controller, args=(Kube(api), ns, ready, stop, True), daemon=True
-            ).start()
-            if not ready.wait(30):
-                raise RuntimeError("the floor controller could not list FineTuneJobs")
-            floor_running = job_burst(api, ns, n, running="jobs")
-            stop.set()
+        floor_running = floor_burst(api, core, n, report_running=True)
         log_phase("floor+Running", floor_running)
         # -- the operator, as shipped ----------------------------------------------------
         op = start_operator(cluster, workdir, "burst", SHIPPED_PROGRESS_INTERVAL_S)
