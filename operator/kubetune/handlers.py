@@ -129,7 +129,8 @@ class Controller:
         if not job:
             return
         key = (meta["namespace"], job)
-        cached = self.pods.get(key, {}).get(meta["name"]) if kind == "DELETED" else None  # (a decode)
+        # the cached pod (decoded on read) matters only to a deletion
+        cached = self.pods.get(key, {}).get(meta["name"]) if kind == "DELETED" else None
         if kind == "DELETED" and cached is not None and cached["metadata"].get("uid") != meta.get("uid"):
             # an earlier pod of this name (a standby deleted and made again): the cached
             # one is its successor and stays
@@ -561,9 +562,7 @@ class Controller:
     def _poll_round(self, poller, watch, interval_s: float, loop) -> None:
         now = time.monotonic()
         targets, attempts = [], {}
-        for key, job in list(self.jobs.items()):
-            if (job.get("status") or {}).get("phase") != "Running":
-                continue
+        for key, job in self.cache.jobs_in_phase("Running"):
             owned = self._owned(job, list(self.pods.get(key, {}).values()))
             pod_ids = []
             for pod in running_workers(owned, job["status"].get("attempt")):

@@ -392,6 +392,21 @@ def test_every_read_of_the_cache_is_a_fresh_copy_and_a_write_meanwhile_breaks_no
     assert sorted(pods) == ["a", "b"] and len(pods) == 2 and "b" in pods
 
 
+def test_jobs_in_a_phase_are_found_by_their_stored_phase():
+    cache = JobCache(holder=lambda key: None)
+    for name, phase in (("run", "Running"), ("done", "Succeeded"), ("new", None)):
+        job = obj(name, 1)
+        if phase:
+            job["status"] = {"phase": phase}
+        cache.put_job(("ns", name), job)
+    assert cache.jobs_in_phase("Running") == [
+        (("ns", "run"), {**obj("run", 1), "status": {"phase": "Running"}})
+    ]
+    cache.put_job(("ns", "run"), {**obj("run", 2), "status": {"phase": "Succeeded"}})
+    assert sorted(k[1] for k, _ in cache.jobs_in_phase("Succeeded")) == ["done", "run"]
+    assert cache.jobs_in_phase("Running") == []
+
+
 def test_a_worker_does_not_bring_back_a_job_deleted_while_it_reconciled():
     held = {}
     cache = JobCache(holder=held.get)

@@ -137,13 +137,12 @@ class Ctx:
     def transition(
         self, phase: str, reason: str, message: str, event_type: str = "Normal", *, event: bool = True
     ) -> None:
-        """A new phase or reason, with an Event unless `event` is False: a first attempt's
-        way to Running (Created, Running) posts none, since its status keeps both with
-        their times (startTime, attemptStartTime, the Running condition) and nothing but
-        the end overwrites them; an Event is a write per job, and at a
-        burst of thousands of jobs the API server's busiest moment (issue 18: writes per
-        job to Running <= the floor controller's + 1). Everything a status later
-        overwrites (a retry, a preemption, a later attempt's start, the end) has its Event."""
+        """A new phase or reason, with an Event unless `event` is False. A first attempt's
+        way to Running (Created, Running) posts none: its status keeps both with their
+        times (startTime, attemptStartTime, the Running condition), and an Event is one
+        more write per job at a burst, the API server's busiest moment. Everything the
+        status later overwrites (a retry, a preemption, a later attempt's start, the end)
+        has its Event."""
         if event and (self.st.get("phase") != phase or self.st.get("reason") != reason):
             self.plan.events.append((event_type, reason, message))
         self.st["phase"] = phase
