@@ -1,4 +1,4 @@
-"""The operator: kopf watches FineTuneJobs, a plain watch follows their pods, and both
+"""The operator: watches of FineTuneJobs, their pods and the nodes (list, then watch)
 feed a deduplicating work queue (the machinery: runtime.py); a reconcile reads the cached job
 and pods, asks kubetune.decision.decide() what to do and applies the plan: create
 (idempotent), delete, one status patch, then events."""
@@ -42,11 +42,13 @@ from kubetune.manifests import (
 from kubetune.notices import Notice, notice, pods_on
 from kubetune.policy import Policy, violations
 from kubetune.runtime import (
+    Handoff,
     JobCache,
     ProgressPoller,
     TokenBucket,
     WorkQueue,
     resource_version,
+    watch_collection,
     watch_nodes,
     watch_pods,
     worker,
@@ -613,21 +615,6 @@ def api_message(e: ApiException) -> str:
         return str(e.reason)
 
 
-class NoDiffBase(kopf.DiffBaseStorage):
-    """kopf keeps each object's last handled spec to diff it for change handlers; this
-    operator has none (a reconcile compares the spec with the status), so every event's
-    deep copy of the whole body, a third of kopf's CPU in a burst, is skipped."""
-
-    def build(self, *, body, extra_fields=None):
-        return {}
-
-    def fetch(self, *, body):
-        return None
-
-    def store(self, *, body, patch, essence) -> None:
-        pass
-
-
 CONTROLLER: Controller | None = None
 STOPPING = threading.Event()
 
@@ -661,44 +648,48 @@ def register(
         global CONTROLLER
         settings.posting.enabled = False  # our own Events say what happened; kopf's would be noise
         settings.scanning.disabled = True
-        settings.watching.server_timeout = 300
-        settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
-        settings.persistence.diffbase_storage = NoDiffBase()
         CONTROLLER = Controller(Kube.from_environment(pool_size=workers * 2), workers)
         loop = asyncio.get_running_loop()
         CONTROLLER.task = loop.create_task(CONTROLLER.run_workers())
+        handoff = Handoff(loop, STOPPING)
 
-        # Trainer pods are watched directly, not through kopf: the operator sees every
-        # change of every pod, and kopf's per-event bookkeeping (diff bases, deep
-        # copies) would cost more than the reconciles themselves.
-        def emit(kind, pod):
-            loop.call_soon_threadsafe(CONTROLLER.pod_event, kind, pod)
+        def watch(name: str, target, *args) -> None:
+            threading.Thread(target=target, args=args, daemon=True, name=name).start()
 
-        threading.Thread(
-            target=CONTROLLER.poll_progress,
-            args=(progress_interval_s, STOPPING, loop),
-            daemon=True,
-            name="poll-progress",
-        ).start()
-
-        def emit_node(kind, node):
-            loop.call_soon_threadsafe(CONTROLLER.node_event, kind, node)
-
-        threading.Thread(
-            target=watch_nodes, args=(CONTROLLER.kube, emit_node, STOPPING), daemon=True, name="watch-nodes"
-        ).start()
+        # FineTuneJobs and their pods are watched directly (list, then watch), not through
+        # kopf: kopf runs a task per object with its own queue and bookkeeping, which at
+        # thousands of jobs cost more memory and CPU than the reconciles; the work queue
+        # here already does what those tasks are for (one reconcile per job at a time).
         for ns in namespaces or [None]:
-            threading.Thread(
-                target=watch_pods,
-                args=(CONTROLLER.kube, ns, JOB_LABEL, emit, STOPPING),
-                daemon=True,
-                name=f"watch-pods-{ns or 'all'}",
-            ).start()
+            watch(
+                f"watch-jobs-{ns or 'all'}",
+                watch_collection,
+                CONTROLLER.kube,
+                GROUP,
+                VERSION,
+                PLURAL,
+                ns,
+                lambda kind, job: handoff(CONTROLLER.job_event, kind, job),
+                STOPPING,
+            )
+            watch(
+                f"watch-pods-{ns or 'all'}",
+                watch_pods,
+                CONTROLLER.kube,
+                ns,
+                JOB_LABEL,
+                lambda kind, pod: handoff(CONTROLLER.pod_event, kind, pod),
+                STOPPING,
+            )
+        watch(
+            "watch-nodes",
+            watch_nodes,
+            CONTROLLER.kube,
+            lambda kind, node: handoff(CONTROLLER.node_event, kind, node),
+            STOPPING,
+        )
+        watch("poll-progress", CONTROLLER.poll_progress, progress_interval_s, STOPPING, loop)
 
     @kopf.on.cleanup()
     async def _cleanup(**_):
         STOPPING.set()
-
-    @kopf.on.event(GROUP, VERSION, PLURAL)
-    async def _job(event, **_):
-        CONTROLLER.job_event(event["type"] or "ADDED", event["object"])

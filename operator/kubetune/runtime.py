@@ -368,6 +368,32 @@ class PollBackoff:
             del self.unanswered[pod]
 
 
+class Handoff:
+    """How the watch threads hand their events to the event loop, which alone applies them
+    to the cache: at most `limit` wait there at once. Past that a watch thread blocks, and
+    the API server holds the rest of its stream: unbounded, a mass deletion queued every
+    deleted object's last state at once, faster than the loop applied them. Each object
+    is slim() on the watch thread, so what waits is small."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, stopping: threading.Event, limit: int = 256) -> None:
+        self.loop, self.stopping = loop, stopping
+        self.slots = threading.BoundedSemaphore(limit)
+
+    def __call__(self, apply, kind: str, obj: dict) -> None:
+        """On a watch thread: queue apply(kind, obj) for the loop, waiting for a slot."""
+        while not self.slots.acquire(timeout=1.0):
+            if self.stopping.is_set():
+                return
+        try:
+            self.loop.call_soon_threadsafe(self._apply, apply, kind, slim(obj))
+        except RuntimeError:  # the loop is closed: the operator is stopping
+            self.slots.release()
+
+    def _apply(self, apply, kind: str, obj: dict) -> None:
+        self.slots.release()
+        apply(kind, obj)
+
+
 def watch_pods(kube: Kube, namespace: str | None, label_selector: str, emit, stopping) -> None:
     """List, then watch, the pods matching label_selector, calling emit(type, pod) for
     each change, forever (until stopping is set). Raw JSON lines, no model objects: the
@@ -375,6 +401,14 @@ def watch_pods(kube: Kube, namespace: str | None, label_selector: str, emit, sto
     relist after an expired watch emits DELETED for pods that vanished meanwhile."""
     base = f"/api/v1/namespaces/{namespace}/pods" if namespace else "/api/v1/pods"
     watch_objects(kube, base, {"labelSelector": label_selector}, emit, stopping, "pod")
+
+
+def watch_collection(
+    kube: Kube, group: str, version: str, plural: str, namespace: str | None, emit, stopping
+) -> None:
+    """A custom resource's objects, as watch_pods watches pods."""
+    where = f"namespaces/{namespace}/" if namespace else ""
+    watch_objects(kube, f"/apis/{group}/{version}/{where}{plural}", {}, emit, stopping, plural)
 
 
 def watch_nodes(kube: Kube, emit, stopping) -> None:

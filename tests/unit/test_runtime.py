@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import threading
+import time
 
 import pytest
 
@@ -15,11 +16,13 @@ from kubetune.handlers import Controller
 from kubetune.manifests import JOB_LABEL, owner_reference
 from kubetune.runtime import (
     LAST_APPLIED,
+    Handoff,
     JobCache,
     PollBackoff,
     TokenBucket,
     WorkQueue,
     slim,
+    watch_collection,
     watch_objects,
     worker,
 )
@@ -488,3 +491,68 @@ def test_a_relist_after_an_expired_watch_reports_what_vanished_meanwhile():
         ("ADDED", "c"),
     ]
     assert seen[2][1]["metadata"]["labels"] == {JOB_LABEL: "j"}
+
+
+def test_a_job_watch_lists_and_watches_the_namespace_or_the_cluster():
+    paths = []
+
+    class Recording(ScriptedKube):
+        def call(self, method, path, query=None):
+            paths.append(path)
+            return super().call(method, path, query)
+
+    for ns in ("team-a", None):
+        stopping = threading.Event()
+        kube = Recording(listings=[[]], watches=[[]], stopping=stopping)
+        watch_collection(kube, "kubetune.dev", "v1alpha1", "finetunejobs", ns, lambda *_: None, stopping)
+    assert paths == [
+        "/apis/kubetune.dev/v1alpha1/namespaces/team-a/finetunejobs",
+        "/apis/kubetune.dev/v1alpha1/finetunejobs",
+    ]
+
+
+def test_the_handoff_holds_at_most_its_limit_and_keeps_the_order():
+    """Watch threads block while `limit` events wait for the loop; each arrives slim, in
+    the order sent, and a blocked thread gives up when the operator stops."""
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        stopping = threading.Event()
+        handoff = Handoff(loop, stopping, limit=3)
+        applied = []
+        sent = []
+
+        def watch_thread():
+            for i in range(10):
+                obj = {"metadata": {"name": str(i), "managedFields": [{"manager": "kubectl"}]}}
+                handoff(lambda kind, o: applied.append((kind, o)), "ADDED", obj)
+                sent.append(i)
+
+        t = threading.Thread(target=watch_thread)
+        t.start()
+        # the loop is held here (no await): the thread hands off 3, then waits for a slot
+        _until(lambda: len(sent) == 3)
+        time.sleep(0.2)  # a negative: in this while, no fourth gets through
+        assert len(sent) == 3 and applied == []
+        await until(lambda: len(applied) == 10)
+        assert [o["metadata"]["name"] for _, o in applied] == [str(i) for i in range(10)]
+        assert all("managedFields" not in o["metadata"] for _, o in applied)
+        t.join(5)
+
+        # a thread waiting for a slot returns once stopping is set
+        blocked = Handoff(loop, stopping, limit=1)
+        blocked.slots.acquire()
+        waiter = threading.Thread(target=blocked, args=(applied.append, "ADDED", {"metadata": {}}))
+        waiter.start()
+        stopping.set()
+        await asyncio.to_thread(waiter.join, 5)
+        assert not waiter.is_alive() and len(applied) == 10
+
+    asyncio.run(main())
+
+
+def _until(condition, timeout_s: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.01)
