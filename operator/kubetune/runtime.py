@@ -416,23 +416,25 @@ def watch_nodes(kube: Kube, emit, stopping) -> None:
     watch_objects(kube, "/api/v1/nodes", {}, emit, stopping, "node")
 
 
+LIST_PAGE = 500  # objects per page of a list (client-go's reflector asks for pages of 500)
+
+
 def watch_objects(kube: Kube, base: str, query: dict, emit, stopping, what: str) -> None:
+    """client-go's reflector, on raw JSON: list (in pages), then watch from the list's
+    resourceVersion; a watch the server ends (timeoutSeconds) or a dropped connection is
+    watched again from the last resourceVersion seen (bookmarks keep it fresh), and only
+    an expired one (410 Gone) is listed again. A relist of every pod every few minutes
+    was the operator's largest allocation at thousands of jobs, and needless API load."""
     known: dict[tuple[str, str], dict] = {}  # object -> its labels
+    rv: str | None = None  # where the next watch starts; None: list first
 
     def key_of(obj: dict) -> tuple[str, str]:
         return (obj["metadata"].get("namespace") or "", obj["metadata"]["name"])
 
     while not stopping.is_set():
         try:
-            listing = kube.call("GET", base, query=dict(query))
-            current = {key_of(p): p for p in listing["items"]}
-            for key in set(known) - set(current):
-                meta = {"name": key[1], "labels": known[key], **({"namespace": key[0]} if key[0] else {})}
-                emit("DELETED", {"metadata": meta})
-            for obj in current.values():
-                emit("ADDED", obj)
-            known = {k: p["metadata"].get("labels") or {} for k, p in current.items()}
-            rv = listing["metadata"]["resourceVersion"]
+            if rv is None:
+                rv, known = relist(kube, base, query, emit, known, key_of)
             for event in kube.stream(
                 base,
                 {
@@ -445,7 +447,9 @@ def watch_objects(kube: Kube, base: str, query: dict, emit, stopping, what: str)
             ):
                 kind, obj = event["type"], event["object"]
                 if kind == "ERROR":
-                    break  # 410 Gone: the resourceVersion expired; list again
+                    rv = None  # 410 Gone: the resourceVersion expired; list again
+                    break
+                rv = (obj.get("metadata") or {}).get("resourceVersion") or rv
                 if kind == "BOOKMARK":
                     continue
                 if kind == "DELETED":
@@ -453,6 +457,31 @@ def watch_objects(kube: Kube, base: str, query: dict, emit, stopping, what: str)
                 else:
                     known[key_of(obj)] = obj["metadata"].get("labels") or {}
                 emit(kind, obj)
-        except Exception as e:  # dropped connection, API server restart: list again
+        except Exception as e:  # dropped connection, API server restart: watch again
+            if getattr(e, "status", None) == 410:
+                rv = None
             log.warning("%s watch restarting: %s", what, e)
             stopping.wait(1.0)
+
+
+def relist(kube: Kube, base: str, query: dict, emit, known: dict, key_of) -> tuple[str, dict]:
+    """List in pages, emitting ADDED for each object as its page arrives, then DELETED
+    (with its labels) for each known object the list no longer holds: what vanished while
+    no watch ran. Returns the list's resourceVersion and the objects' labels now."""
+    current: dict[tuple[str, str], dict] = {}
+    page_query = {**query, "limit": str(LIST_PAGE)}
+    list_rv = None
+    while True:
+        page = kube.call("GET", base, query=dict(page_query))
+        list_rv = list_rv or page["metadata"]["resourceVersion"]  # every page is of one snapshot
+        for obj in page["items"]:
+            current[key_of(obj)] = obj["metadata"].get("labels") or {}
+            emit("ADDED", obj)
+        token = (page["metadata"] or {}).get("continue")
+        if not token:
+            break
+        page_query["continue"] = token
+    for key in set(known) - set(current):
+        meta = {"name": key[1], "labels": known[key], **({"namespace": key[0]} if key[0] else {})}
+        emit("DELETED", {"metadata": meta})
+    return list_rv, current

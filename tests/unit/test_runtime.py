@@ -16,6 +16,7 @@ from kubetune.handlers import Controller
 from kubetune.manifests import JOB_LABEL, owner_reference
 from kubetune.runtime import (
     LAST_APPLIED,
+    LIST_PAGE,
     Handoff,
     JobCache,
     PollBackoff,
@@ -486,11 +487,65 @@ def test_a_relist_after_an_expired_watch_reports_what_vanished_meanwhile():
     assert [(kind, o["metadata"]["name"]) for kind, o in seen] == [
         ("ADDED", "a"),
         ("ADDED", "b"),
-        ("DELETED", "a"),  # gone while no watch ran: said, with its labels
         ("ADDED", "b"),
         ("ADDED", "c"),
+        ("DELETED", "a"),  # gone while no watch ran: said, with its labels
     ]
-    assert seen[2][1]["metadata"]["labels"] == {JOB_LABEL: "j"}
+    assert seen[4][1]["metadata"]["labels"] == {JOB_LABEL: "j"}
+
+
+def test_a_watch_the_server_ends_is_resumed_from_the_last_version_without_a_list():
+    """As client-go's reflector: a list in pages of LIST_PAGE, then watches, each from the
+    last resourceVersion seen (a bookmark's too); only an expired one (ERROR) lists again."""
+
+    def pod(name: str, rv: str) -> dict:
+        return {"metadata": {"namespace": "ns", "name": name, "resourceVersion": rv}}
+
+    stopping = threading.Event()
+    calls = []
+
+    class Paged:
+        pages = [
+            {"items": [pod("a", "3")], "metadata": {"resourceVersion": "10", "continue": "t1"}},
+            {"items": [pod("b", "5")], "metadata": {"resourceVersion": "10"}},
+            {"items": [pod("b", "5")], "metadata": {"resourceVersion": "40"}},
+        ]
+        watches = [
+            [{"type": "MODIFIED", "object": pod("a", "11")}],  # ended by the server
+            [{"type": "BOOKMARK", "object": {"metadata": {"resourceVersion": "20"}}}],
+            [{"type": "ERROR", "object": {"code": 410}}],  # expired
+            [],
+        ]
+
+        def call(self, method, path, query=None):
+            calls.append(("list", query))
+            return self.pages.pop(0)
+
+        def stream(self, path, query):
+            calls.append(("watch", query["resourceVersion"]))
+            if len(self.watches) == 1:
+                stopping.set()
+            yield from self.watches.pop(0)
+
+    seen = []
+    watch_objects(
+        Paged(),
+        "/api/v1/pods",
+        {},
+        lambda kind, o: seen.append((kind, o["metadata"]["name"])),
+        stopping,
+        "pod",
+    )
+    assert calls == [
+        ("list", {"limit": str(LIST_PAGE)}),
+        ("list", {"limit": str(LIST_PAGE), "continue": "t1"}),
+        ("watch", "10"),  # the list's version
+        ("watch", "11"),  # after the last event
+        ("watch", "20"),  # after the bookmark
+        ("list", {"limit": str(LIST_PAGE)}),  # 410 Gone: list again
+        ("watch", "40"),
+    ]
+    assert seen == [("ADDED", "a"), ("ADDED", "b"), ("MODIFIED", "a"), ("ADDED", "b"), ("DELETED", "a")]
 
 
 def test_a_job_watch_lists_and_watches_the_namespace_or_the_cluster():
