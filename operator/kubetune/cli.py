@@ -14,7 +14,9 @@ def _run(args: argparse.Namespace) -> int:
     import kopf
 
     from kubetune import handlers, leader, metrics
+    from kubetune.runtime import Allocator
 
+    Allocator().limit_arenas()  # before any thread starts (the metrics server's first)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s %(message)s",

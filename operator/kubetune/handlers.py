@@ -42,6 +42,7 @@ from kubetune.manifests import (
 from kubetune.notices import Notice, notice, pods_on
 from kubetune.policy import Policy, violations
 from kubetune.runtime import (
+    Allocator,
     Handoff,
     JobCache,
     ProgressPoller,
@@ -653,7 +654,7 @@ def register(
         CONTROLLER.task = loop.create_task(CONTROLLER.run_workers())
         handoff = Handoff(loop, STOPPING)
 
-        def watch(name: str, target, *args) -> None:
+        def start_thread(name: str, target, *args) -> None:
             threading.Thread(target=target, args=args, daemon=True, name=name).start()
 
         # FineTuneJobs and their pods are watched directly (list, then watch), not through
@@ -661,7 +662,7 @@ def register(
         # thousands of jobs cost more memory and CPU than the reconciles; the work queue
         # here already does what those tasks are for (one reconcile per job at a time).
         for ns in namespaces or [None]:
-            watch(
+            start_thread(
                 f"watch-jobs-{ns or 'all'}",
                 watch_collection,
                 CONTROLLER.kube,
@@ -672,7 +673,7 @@ def register(
                 lambda kind, job: handoff(CONTROLLER.job_event, kind, job),
                 STOPPING,
             )
-            watch(
+            start_thread(
                 f"watch-pods-{ns or 'all'}",
                 watch_pods,
                 CONTROLLER.kube,
@@ -681,14 +682,15 @@ def register(
                 lambda kind, pod: handoff(CONTROLLER.pod_event, kind, pod),
                 STOPPING,
             )
-        watch(
+        start_thread(
             "watch-nodes",
             watch_nodes,
             CONTROLLER.kube,
             lambda kind, node: handoff(CONTROLLER.node_event, kind, node),
             STOPPING,
         )
-        watch("poll-progress", CONTROLLER.poll_progress, progress_interval_s, STOPPING, loop)
+        start_thread("poll-progress", CONTROLLER.poll_progress, progress_interval_s, STOPPING, loop)
+        start_thread("trim-memory", Allocator().trim_every, STOPPING)
 
     @kopf.on.cleanup()
     async def _cleanup(**_):

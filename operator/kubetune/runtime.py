@@ -7,6 +7,8 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import ctypes
+import ctypes.util
 import json
 import logging
 import threading
@@ -43,6 +45,40 @@ def slim(obj: dict) -> dict:
     if LAST_APPLIED in annotations:
         kept["annotations"] = {k: v for k, v in annotations.items() if k != LAST_APPLIED}
     return {**obj, "metadata": kept}
+
+
+class Allocator:
+    """The C allocator's side of the operator's memory (glibc; elsewhere each call does
+    nothing). Python returns what it frees to malloc, and glibc keeps it: a busy hour at
+    thousands of jobs left RSS at its peak long after the objects were gone (at 2,000
+    jobs created, completed and deleted, the live Python objects were back under 4 MiB
+    while RSS stayed 67 MiB over its start; malloc_trim gave 30 MiB of it back). So the
+    operator keeps two malloc arenas (glibc makes up to 8 per core, one per busy thread,
+    each keeping its own free memory) and hands free pages back every TRIM_S."""
+
+    M_ARENA_MAX = -8  # mallopt's parameter number (malloc.h)
+    ARENAS = 2
+    TRIM_S = 30.0
+
+    def __init__(self) -> None:
+        try:
+            libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+            self._mallopt, self._trim = libc.mallopt, libc.malloc_trim
+        except (OSError, AttributeError):  # not glibc (musl, macOS): nothing to tune
+            self._mallopt = self._trim = None
+
+    def limit_arenas(self) -> bool:
+        """Before any thread starts (arenas are made as threads first allocate)."""
+        return bool(self._mallopt and self._mallopt(self.M_ARENA_MAX, self.ARENAS))
+
+    def trim(self) -> bool:
+        """Hand the free pages of every arena back to the kernel; True if any was."""
+        return bool(self._trim and self._trim(0))
+
+    def trim_every(self, stopping: threading.Event) -> None:
+        """A thread's loop until stopping is set."""
+        while not stopping.wait(self.TRIM_S):
+            self.trim()
 
 
 class TokenBucket:

@@ -7,6 +7,9 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import os
+import subprocess
+import sys
 import threading
 import time
 
@@ -504,28 +507,28 @@ def test_a_watch_the_server_ends_is_resumed_from_the_last_version_without_a_list
     stopping = threading.Event()
     calls = []
 
-    class Paged:
-        pages = [
-            {"items": [pod("a", "3")], "metadata": {"resourceVersion": "10", "continue": "t1"}},
-            {"items": [pod("b", "5")], "metadata": {"resourceVersion": "10"}},
-            {"items": [pod("b", "5")], "metadata": {"resourceVersion": "40"}},
-        ]
-        watches = [
-            [{"type": "MODIFIED", "object": pod("a", "11")}],  # ended by the server
-            [{"type": "BOOKMARK", "object": {"metadata": {"resourceVersion": "20"}}}],
-            [{"type": "ERROR", "object": {"code": 410}}],  # expired
-            [],
-        ]
+    pages = [
+        {"items": [pod("a", "3")], "metadata": {"resourceVersion": "10", "continue": "t1"}},
+        {"items": [pod("b", "5")], "metadata": {"resourceVersion": "10"}},
+        {"items": [pod("b", "5")], "metadata": {"resourceVersion": "40"}},
+    ]
+    watches = [
+        [{"type": "MODIFIED", "object": pod("a", "11")}],  # ended by the server
+        [{"type": "BOOKMARK", "object": {"metadata": {"resourceVersion": "20"}}}],
+        [{"type": "ERROR", "object": {"code": 410}}],  # expired
+        [],
+    ]
 
+    class Paged:
         def call(self, method, path, query=None):
             calls.append(("list", query))
-            return self.pages.pop(0)
+            return pages.pop(0)
 
         def stream(self, path, query):
             calls.append(("watch", query["resourceVersion"]))
-            if len(self.watches) == 1:
+            if len(watches) == 1:
                 stopping.set()
-            yield from self.watches.pop(0)
+            yield from watches.pop(0)
 
     seen = []
     watch_objects(
@@ -611,3 +614,30 @@ def _until(condition, timeout_s: float = 10.0) -> None:
     while not condition():
         assert time.monotonic() < deadline, "condition not met in time"
         time.sleep(0.01)
+
+
+def test_the_allocator_hands_freed_heap_memory_back():
+    """What Python frees stays in glibc's heap (the last block pins its top) until
+    trim() hands it back. In a child process: this one's RSS is the test runner's."""
+    script = """
+import sys
+from kubetune.runtime import Allocator
+
+def rss_mib():
+    for line in open("/proc/self/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+
+allocator = Allocator()
+assert allocator.limit_arenas()
+blocks = [bytes(100_000) + bytes([i % 256]) for i in range(1500)]  # under malloc's mmap threshold
+blocks = blocks[-1:]  # the last one, at the heap's top, stays
+held = rss_mib()
+assert allocator.trim()
+print(held, rss_mib())
+"""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=60)
+    assert out.returncode == 0, out.stderr
+    held, trimmed = map(float, out.stdout.split())
+    assert held - trimmed > 100, f"RSS {held:.0f} MiB before trim, {trimmed:.0f} after"
