@@ -47,6 +47,9 @@ Phases, in this order, on one dev cluster (one roomy kwok node, no MinIO):
           queue at 10/s whose entries hold their job's body: thousands of jobs leave
           minutes of them) and its RSS stopped moving (polled); CPU seconds per job over
           the whole phase, that drain included; writes per job from create to deleted.
+          Then again (--lifecycle-rounds, default 2) on the same operator in a fresh
+          namespace: RSS after the second round beside the first's tells memory kept
+          once (threads, pools and code paths first used under load) from a leak.
 
 Counting requests: kube-apiserver's own apiserver_request_total, scraped (GET /metrics)
 before and after a span, summed by verb and resource (resource[/subresource][.group]:
@@ -700,6 +703,12 @@ def main() -> None:
     ap.add_argument("--jobs", type=int, default=500, help="jobs in the floor and operator bursts")
     ap.add_argument("--progress-jobs", type=int, default=5, help="jobs that report progress, then complete")
     ap.add_argument("--lifecycle-jobs", type=int, default=5000, help="jobs created, completed and deleted")
+    ap.add_argument(
+        "--lifecycle-rounds",
+        type=int,
+        default=2,
+        help="lifecycle rounds on one operator (a second shows whether what the first left grows)",
+    )
     ap.add_argument("--skip-lifecycle", action="store_true", help="no lifecycle phase (rss_mib=-)")
     args = ap.parse_args()
     n, lifecycle_n = args.jobs, 0 if args.skip_lifecycle else args.lifecycle_jobs
@@ -746,16 +755,19 @@ def main() -> None:
                 op.stop()
             log_phase("progress", progress)
         # -- create, complete, delete at scale -----------------------------------------------
-        life = None
+        rounds: list[dict] = []
         if lifecycle_n:
             op = start_operator(cluster, workdir, "lifecycle", SHIPPED_PROGRESS_INTERVAL_S)
             try:
-                with namespace(core) as warm_ns, namespace(core) as ns:
+                with namespace(core) as warm_ns:
                     wait_until_reconciling(custom, warm_ns)
-                    life = lifecycle_phase(api, op, ns, lifecycle_n)
+                    for r in range(args.lifecycle_rounds):
+                        with namespace(core) as ns:
+                            rounds.append(lifecycle_phase(api, op, ns, lifecycle_n))
+                        log_phase(f"lifecycle round {r + 1}", rounds[-1])
             finally:
                 op.stop()
-            log_phase("lifecycle", life)
+        life = rounds[0] if rounds else None
         raw_rates.append(raw_burst(core, n))  # before and after: this machine's load drifts
     raw_rate = statistics.mean(raw_rates)
 
@@ -842,6 +854,13 @@ def main() -> None:
             f"{per_job(life['requests'], m, WRITE_VERBS):.2f}"
         )
         print("\n".join(breakdown({"operator": (life["requests"], m)})))
+        for r, again in enumerate(rounds[1:], start=2):
+            print(
+                f"  round {r} on the same operator: RSS at its start {again['rss_start']:.0f} MiB, all "
+                f"Succeeded {again['rss_succeeded']:.0f}, after deletion {again['rss_after']:.0f} "
+                f"({again['rss_after'] / life['rss_after'] * 100 - 100:+.0f} % of round 1's after: "
+                f"what round 1 left is kept once, or grows); CPU {again['cpu'] / m * 1000:.2f} ms per job"
+            )
     print(f"ratio={ratio:.2f} writes_per_job={ours_w:.2f} rss_mib={rss_peak}")
 
 
