@@ -8,7 +8,6 @@ import asyncio
 import concurrent.futures
 import contextlib
 import ctypes
-import ctypes.util
 import json
 import logging
 import threading
@@ -62,7 +61,7 @@ class Allocator:
 
     def __init__(self) -> None:
         try:
-            libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+            libc = ctypes.CDLL(None)  # the process's own symbols: libc's, no library search
             self._mallopt, self._trim = libc.mallopt, libc.malloc_trim
         except (OSError, AttributeError):  # not glibc (musl, macOS): nothing to tune
             self._mallopt = self._trim = None

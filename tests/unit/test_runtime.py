@@ -30,6 +30,7 @@ from kubetune.runtime import (
     watch_objects,
     worker,
 )
+from tests.helpers import wait_for
 
 
 async def until(condition, timeout_s: float = 10.0) -> None:
@@ -589,7 +590,7 @@ def test_the_handoff_holds_at_most_its_limit_and_keeps_the_order():
         t = threading.Thread(target=watch_thread)
         t.start()
         # the loop is held here (no await): the thread hands off 3, then waits for a slot
-        _until(lambda: len(sent) == 3)
+        wait_for(lambda: len(sent) == 3, 10, "three events handed off", interval_s=0.01)
         time.sleep(0.2)  # a negative: in this while, no fourth gets through
         assert len(sent) == 3 and applied == []
         await until(lambda: len(applied) == 10)
@@ -607,13 +608,6 @@ def test_the_handoff_holds_at_most_its_limit_and_keeps_the_order():
         assert not waiter.is_alive() and len(applied) == 10
 
     asyncio.run(main())
-
-
-def _until(condition, timeout_s: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        assert time.monotonic() < deadline, "condition not met in time"
-        time.sleep(0.01)
 
 
 def test_the_allocator_hands_freed_heap_memory_back():
