@@ -133,6 +133,7 @@ def start_trainer(
     name: str,
     extra_env: dict | None = None,
     module: str = "kubetune_trainer",
+    python: str = sys.executable,
 ) -> TrainerRun:
     workdir.mkdir(parents=True, exist_ok=True)
     cfg_path = workdir / f"{name}.json"
@@ -154,7 +155,7 @@ def start_trainer(
     with open(log, "wb") as out:
         proc = subprocess.Popen(
             [
-                sys.executable,
+                python,
                 "-m",
                 module,
                 str(cfg_path),

@@ -62,6 +62,16 @@ def loadable_base(cfg) -> str:
     return f"<a local copy of {uri}>"
 
 
+# what ipex-llm's LoraConfig adds to adapter_config.json that stock peft does not know
+# (it warns, then ignores them)
+IPEX_LLM_ONLY_KEYS = ("training_mode",)
+
+
+def portable_adapter_config(config: dict) -> dict:
+    """adapter_config.json as stock peft writes it."""
+    return {k: v for k, v in config.items() if k not in IPEX_LLM_ONLY_KEYS}
+
+
 def model_card(cfg, metrics: dict) -> str:
     base = cfg.model.name or cfg.model.uri
     lines = [
@@ -113,7 +123,15 @@ def model_card(cfg, metrics: dict) -> str:
         'model = PeftModel.from_pretrained(base, "<this folder>")',
         "```",
     ]
-    if cfg.method == "qlora":
+    if cfg.method == "qlora" and metrics.get("low_bit"):  # ipex-llm
+        lines += [
+            "",
+            f"Trained on the base quantized to 4 bits by ipex-llm ({metrics['low_bit']}): it reproduces "
+            "the training-time outputs on that base (`ipex_llm.transformers.AutoModelForCausalLM"
+            f'.from_pretrained(..., load_in_low_bit="{metrics["low_bit"]}")`) or on its weights dequantized; '
+            "on the unquantized base it differs by that quantization's error.",
+        ]
+    elif cfg.method == "qlora":
         lines += [
             "",
             "Trained on the base quantized to 4 bits "
@@ -173,6 +191,11 @@ def export(
     out = workdir / "output"
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(str(out), state_dict=weights)
+    if backend == "ipex-llm":
+        config_file = out / "adapter_config.json"
+        config_file.write_text(
+            json.dumps(portable_adapter_config(json.loads(config_file.read_text())), indent=2)
+        )
     tokenizer.save_pretrained(str(out))
     history = result.metrics.get("history", [])
     tail = history[-10:]
@@ -184,6 +207,7 @@ def export(
         "exact_match": result.metrics.get("exact_match"),
         "train_seconds_this_attempt": result.metrics.get("train_seconds"),
         "compute_dtype": result.metrics.get("compute_dtype"),
+        "low_bit": result.metrics.get("low_bit"),
         "history": history,
     }
     (out / "metrics.json").write_text(json.dumps(metrics))

@@ -4,7 +4,8 @@ and data code (and the operator, which shares the config) never need torch.
 Backends:
   cuda-bnb  NVIDIA GPUs, bitsandbytes 4-bit
   xpu-bnb   Intel GPUs through stock PyTorch XPU, bitsandbytes 4-bit (>= 0.48)
-  ipex-llm  the seed notebooks' Intel stack (bigdl-llm / ipex-llm + IPEX), own image
+  ipex-llm  the seed notebooks' Intel stack (bigdl-llm / ipex-llm + IPEX), own venv and
+            image; on an Intel GPU where one is present, else on CPU (ipex-llm's CPU kernels)
   cpu       bitsandbytes NF4 on CPU; float32 compute, or bfloat16 where the CPU has native
             bf16 matmuls (AMX / AVX-512 BF16) and a probe shows them faster (without
             them bf16 is ~25x slower)"""
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import logging
 import os
 import time
@@ -41,12 +43,38 @@ def pick_backend(environ=os.environ) -> str:
     return "cpu"
 
 
-def device_for(backend: str, local_rank: int = 0) -> str:
-    return {
-        "cuda-bnb": f"cuda:{local_rank}",
-        "xpu-bnb": f"xpu:{local_rank}",
-        "ipex-llm": f"xpu:{local_rank}",
-    }.get(backend, "cpu")
+def device_for(backend: str, local_rank: int = 0, xpu_available: bool = True) -> str:
+    """ipex-llm: the Intel GPU, or the CPU where there is none (its low-bit kernels have
+    CPU versions); the bitsandbytes backends are picked by their device."""
+    if backend == "ipex-llm":
+        return f"xpu:{local_rank}" if xpu_available else "cpu"
+    return {"cuda-bnb": f"cuda:{local_rank}", "xpu-bnb": f"xpu:{local_rank}"}.get(backend, "cpu")
+
+
+def xpu_available() -> bool:
+    import torch
+
+    return hasattr(torch, "xpu") and torch.xpu.is_available()
+
+
+def on_cpu(backend: str) -> bool:
+    """Whether this backend computes on the CPU here."""
+    if backend == "cpu":
+        return True
+    return backend == "ipex-llm" and not xpu_available()
+
+
+# ipex-llm 2.2 has NF4 and FP4 kernels only for Intel GPUs: on CPU its loader refuses them
+# ("NF3, NF4, FP4 and FP8 quantization are currently not supported on CPU"). Its CPU 4-bit
+# format is sym_int4: 4 bits a weight with a scale per block of 32, as NF4 has per block of
+# 64, but evenly spaced levels instead of NormalFloat's. (asym_int4 and sym_int8 train to
+# NaN losses with its QLoRA layers on CPU; measured on the tiny Llama.)
+IPEX_LLM_CPU_LOW_BIT = "sym_int4"
+
+
+def ipex_llm_low_bit(quant_type: str, on_xpu: bool) -> str:
+    """ipex-llm's load_in_low_bit for quantization.type on this device."""
+    return quant_type if on_xpu else IPEX_LLM_CPU_LOW_BIT
 
 
 def compute_dtype_name(
@@ -136,12 +164,49 @@ def model_dir(model_cfg, cache: Path) -> str:
     return str(dest)
 
 
+def transformers4_config_overrides(config: dict) -> dict:
+    """A model folder saved by transformers 5 keeps rope_theta (and any rope scaling) in
+    rope_parameters, which transformers 4 (the ipex-llm stack's) does not read: it would
+    run its default theta (10,000; SmolLM2's is 100,000) without a word. The keyword
+    arguments that give them back to a transformers 4 config; {} for a v4 folder."""
+    rope = config.get("rope_parameters")
+    if not isinstance(rope, dict) or "rope_theta" in config:
+        return {}
+    out = {}
+    if "rope_theta" in rope:
+        out["rope_theta"] = rope["rope_theta"]
+    if rope.get("rope_type", "default") != "default":
+        out["rope_scaling"] = {k: v for k, v in rope.items() if k != "rope_theta"}
+    return out
+
+
+def transformers_major() -> int:
+    import transformers
+
+    return int(transformers.__version__.split(".")[0])
+
+
+def _local_json(path: str, name: str) -> dict:
+    try:
+        return json.loads((Path(path) / name).read_text())
+    except (OSError, ValueError):
+        return {}
+
+
 def load_tokenizer(path: str, model_cfg):
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(
-        path, revision=model_cfg.revision, trust_remote_code=model_cfg.trust_remote_code
-    )
+    kwargs = {"revision": model_cfg.revision, "trust_remote_code": model_cfg.trust_remote_code}
+    if (
+        transformers_major() < 5
+        and _local_json(path, "tokenizer_config.json").get("tokenizer_class") == "TokenizersBackend"
+    ):
+        # transformers 5's name for a tokenizer.json tokenizer; transformers 4 calls it so
+        from transformers import PreTrainedTokenizerFast
+
+        tok = PreTrainedTokenizerFast.from_pretrained(path, **kwargs)
+    else:
+        tok = AutoTokenizer.from_pretrained(path, **kwargs)
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     return tok
@@ -158,6 +223,15 @@ def resolve_compute_dtype(cfg, backend: str, local_rank: int = 0, agree=None, re
         return getattr(torch, resumed)
     capability = torch.cuda.get_device_capability(local_rank) if backend == "cuda-bnb" else None
     bf16 = False
+    if backend == "ipex-llm" and not xpu_available():
+        # ipex-llm's QLoRA layers on CPU train in float32 only (a bfloat16 base fails in
+        # its low-bit matmul), so auto means float32 here whatever the CPU has
+        if choice not in ("auto", "float32"):
+            raise ValueError(
+                f"quantization.computeDtype {choice}: backend ipex-llm on CPU computes in float32 "
+                "only; use auto or float32 (or an Intel GPU)"
+            )
+        return torch.float32
     if choice == "auto" and backend == "cpu":
         bf16 = cpu_bf16_faster()
         if agree is not None:
@@ -234,7 +308,7 @@ def dense_4bit_layers(model):
 def load_model(cfg, backend: str, path: str, local_rank: int = 0, dtype=None):
     """The base model, quantized for qlora, with fresh LoRA adapters on top."""
 
-    device = device_for(backend, local_rank)
+    device = device_for(backend, local_rank, xpu_available() if backend == "ipex-llm" else True)
     if dtype is None:
         dtype = resolve_compute_dtype(cfg, backend, local_rank)
     common = {"revision": cfg.model.revision, "trust_remote_code": cfg.model.trust_remote_code}
@@ -289,24 +363,56 @@ def shard_model(model) -> None:
 
 
 def _load_ipex_llm(cfg, path, dtype, device, common):
-    """The seed notebooks' stack, imported only in its own image."""
+    """The seed notebooks' stack (its own venv and image: requirements/ipex-llm.lock).
+
+    As the seed did, intel_extension_for_pytorch is imported first (on an Intel GPU it
+    registers the device and its kernels). The seed trained through HF's Trainer, whose
+    ipex.optimize call ipex-llm replaces with a no-op (ipex_llm.transformers.training_patch,
+    patch_prepare_ipex), so the seed's training never ran ipex.optimize, and neither does
+    this: the low-bit layers and their kernels are ipex-llm's own."""
+    if cfg.method != "qlora":
+        raise ValueError("backend ipex-llm trains method qlora only (its low-bit base)")
+    if cfg.output.merged_model:
+        raise ValueError("output.mergedModel: backend ipex-llm exports the adapter only")
     try:
+        import intel_extension_for_pytorch  # noqa: F401  (see above)
         from ipex_llm.transformers import AutoModelForCausalLM
         from ipex_llm.transformers.qlora import LoraConfig, get_peft_model, prepare_model_for_kbit_training
-    except ImportError as e:  # pragma: no cover - only in the ipex-llm image
+    except ImportError as e:
         raise RuntimeError(
-            "backend ipex-llm needs the ipex-llm image (trainer_image/Dockerfile.ipex-llm)"
+            f"backend ipex-llm cannot import its stack ({type(e).__name__}: {e}): it runs in the "
+            "ipex-llm image (trainer_image/Dockerfile.ipex-llm) or venv (hack/ensure-env.sh --stack ipex-llm)"
         ) from e
+    low_bit = ipex_llm_low_bit(cfg.quantization.type, device.startswith("xpu"))
+    if low_bit != cfg.quantization.type:
+        log.warning(
+            "ipex-llm has no %s kernels on CPU: the base is quantized to %s (4-bit integer) instead",
+            cfg.quantization.type,
+            low_bit,
+        )
+    if transformers_major() < 5:
+        common = {**common, **transformers4_config_overrides(_local_json(path, "config.json"))}
     model = AutoModelForCausalLM.from_pretrained(
-        path, load_in_low_bit=cfg.quantization.type, optimize_model=False, torch_dtype=dtype, **common
+        path,
+        load_in_low_bit=low_bit,
+        optimize_model=False,  # ipex-llm's inference rewrites of the attention: not for training
+        torch_dtype=dtype,
+        modules_to_not_convert=["lm_head"],  # as the seed: the output layer stays unquantized
+        **common,
     )
     model = model.to(device)
     model = prepare_model_for_kbit_training(
         model, use_gradient_checkpointing=cfg.training.gradient_checkpointing
     )
+    # On CPU an ipex-llm low-bit layer dequantizes its weights and multiplies in float32
+    # only when its input needs grad; otherwise it runs ggml's int4 x int8 kernel, which
+    # rounds the input to 8 bits. Without this the first block's projections (whose
+    # inputs come from the frozen embeddings) trained on rounded inputs, and no stock
+    # stack could reproduce the training-time outputs (measured: logits off by 2e-3).
+    model.enable_input_require_grads()
     model.config.use_cache = False
     targets = lora_targets(cfg.lora.target_modules)
-    if targets == "all-linear":  # ipex-llm's peft predates all-linear
+    if targets == "all-linear":  # ipex-llm's QLoRA layers replace named modules only
         targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     lora = LoraConfig(
         r=cfg.lora.r,

@@ -350,6 +350,12 @@ class Trainer:
             cfg, self.backend, self.dist.local_rank, agree, resumed=self._resumed_dtype()
         )
         self.model = load_model(cfg, self.backend, path, self.dist.local_rank, self.compute_dtype)
+        # the 4-bit format ipex-llm quantized the base to (the model card names it)
+        self.low_bit = None
+        if self.backend == "ipex-llm":
+            from kubetune_trainer.model import ipex_llm_low_bit, on_cpu
+
+            self.low_bit = ipex_llm_low_bit(cfg.quantization.type, on_xpu=not on_cpu(self.backend))
         if cfg.lora.init_from and not self.restored:
             self._warm_start()
         self.device = next(p.device for p in self.model.parameters() if p.requires_grad)
@@ -736,6 +742,7 @@ class Trainer:
                 "history": history,
                 "train_seconds": train_seconds,
                 "compute_dtype": str(self.compute_dtype).removeprefix("torch."),
+                "low_bit": getattr(self, "low_bit", None),
             },
         )
         if after is not None:
