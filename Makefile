@@ -7,7 +7,7 @@ export PYTHONPATH := $(CURDIR)/operator:$(CURDIR)/trainer_image:$(CURDIR)/devtoo
 export PATH := $(VENV)/bin:$(PATH)
 PYTEST_ARGS ?=
 
-.PHONY: deps tools lock images prereqs lint generate test unit demo dev-up dev-down clean bench-startup bench-operator bench-trainer bench-data bench-gpu bench-recovery bench-goodput
+.PHONY: deps tools lock images ipex-llm prereqs lint generate test unit demo dev-up dev-down clean bench-startup bench-operator bench-trainer bench-data bench-gpu bench-recovery bench-goodput
 
 deps:
 	@hack/ensure-env.sh >/dev/null
@@ -30,6 +30,7 @@ lock: deps
 	$(UV_COMPILE) pyproject.toml --extra operator -c requirements/dev.lock -o requirements/operator.lock
 	$(UV_COMPILE) pyproject.toml --extra trainer -c requirements/dev.lock -o requirements/trainer.lock
 	$(UV_COMPILE) --no-deps --no-annotate requirements/test-model.in -o requirements/test-model.lock
+	$(UV_COMPILE) requirements/ipex-llm.in -o requirements/ipex-llm.lock
 
 lint: deps
 	$(PY) -m ruff check .
@@ -48,7 +49,12 @@ prereqs: deps
 	@hack/build-tools.sh & tools=$$!; hack/images.sh >/dev/null & images=$$!; \
 	  wait $$tools; t=$$?; wait $$images; i=$$?; exit $$((t || i))
 
-test: prereqs lint
+# The opt-in ipex-llm stack's venv and trainer image (~7 GB each), which only its own tests
+# and examples need: `make test` builds them, `make demo` does not.
+ipex-llm: deps
+	@hack/ensure-env.sh --stack ipex-llm >/dev/null && hack/images.sh --ipex-llm >/dev/null
+
+test: prereqs ipex-llm lint
 	@$(PY) -m pytest $(PYTEST_ARGS); rc=$$?; \
 	  if [ $$rc -eq 5 ]; then echo "pytest collected no tests: the suite is missing or broken" >&2; fi; \
 	  exit $$rc

@@ -17,10 +17,14 @@ data (examples/data/text-to-sql, shaped like sql-create-context), same micro-bat
       computed only where a label follows), 4 x the LM head's. Attention's own products
       are left out, so mfu is a lower bound (`mfu_linear`: the frozen linears alone). The tiny
       model's figure is printed too: a 256-wide model is all overhead, not a CPU's limit.
+  backends: the ipex-llm backend (the seed notebooks' stack, in its own venv: ipex-llm's
+      QLoRA with its sym_int4 CPU kernels) beside the bitsandbytes CPU backend (NF4), same
+      tiny model, data, LoRA and batch, both float32, each in a process of its own
+      (benchmarks/backend_row.py): tokens/s and peak RSS.
 The first steps of every run are warm-up and not timed. Last line: ratio=<(a)>, with
-(d) and mfu. Targets: (a) >= 1.5, (b) >= 0.95, (d) >= 1.2, mfu >= 0.4.
+(d), mfu and the backend rows. Targets: (a) >= 1.5, (b) >= 0.95, (d) >= 1.2, mfu >= 0.4.
 
-    python benchmarks/trainer_throughput.py [--steps 40] [--default-steps 15]
+    python benchmarks/trainer_throughput.py [--steps 40] [--default-steps 15] [--backends-only]
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
 import sys
 import tempfile
 import time
@@ -130,6 +135,47 @@ def kubetune_run(
         "labelled_per_s": labelled_per_step * (len(log) - WARMUP) / elapsed,
         "lora_params": lora_params,
     }
+
+
+def backend_rows(model: Path, steps: int) -> dict[str, dict]:
+    """The bitsandbytes CPU backend (this venv) and the ipex-llm one (its venv, made if
+    missing), each in its own process, on the same config."""
+    ipex_venv = subprocess.run(
+        [str(ROOT / "hack" / "ensure-env.sh"), "--stack", "ipex-llm"],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
+    rows = {}
+    with tempfile.TemporaryDirectory() as d:
+        raw = config(model, Path(d), steps, packing=True, every=10_000)
+        raw["quantization"] = {"computeDtype": "float32"}  # ipex-llm on CPU: float32 only
+        cfg = Path(d) / "config.json"
+        cfg.write_text(json.dumps(raw))
+        for backend, python in (("cpu", sys.executable), ("ipex-llm", f"{ipex_venv}/bin/python")):
+            out = subprocess.run(
+                [python, str(ROOT / "benchmarks" / "backend_row.py"), str(cfg), backend, str(WARMUP)],
+                capture_output=True,
+                text=True,
+                env={**os.environ, "PYTHONPATH": ""},
+            )
+            if out.returncode != 0:
+                raise RuntimeError(f"{backend} run failed:\n{out.stderr[-3000:]}")
+            rows[backend] = json.loads(out.stdout.strip().splitlines()[-1])
+    return rows
+
+
+def print_backend_rows(rows: dict[str, dict], steps: int) -> str:
+    for r in rows.values():
+        print(
+            f"backend {r['backend']:8s} ({r['versions']}, {r['compute_dtype']}): {r['tokens_per_s']:.0f} tokens/s, "
+            f"{r['s_per_step'] * 1000:.0f} ms a step, peak RSS {r['peak_rss_mib']:.0f} MiB ({steps} steps)"
+        )
+    ipex, bnb = rows["ipex-llm"], rows["cpu"]
+    return (
+        f"ipex_llm_tokens_per_s={ipex['tokens_per_s']:.0f} cpu_tokens_per_s={bnb['tokens_per_s']:.0f} "
+        f"ipex_llm_rss_mib={ipex['peak_rss_mib']:.0f} cpu_rss_mib={bnb['peak_rss_mib']:.0f}"
+    )
 
 
 def linear_params(model: Path) -> int:
@@ -235,10 +281,16 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--default-steps", type=int, default=15, help="steps of the embedded default (mfu)")
+    ap.add_argument("--backends-only", action="store_true", help="only the cpu and ipex-llm backend rows")
     args = ap.parse_args()
     import torch
 
     torch.set_num_threads(os.cpu_count() or 1)
+    if args.backends_only:
+        with tempfile.TemporaryDirectory() as d:
+            rows = backend_rows(make_model(Path(d) / "tiny"), args.steps)
+        print(print_backend_rows(rows, args.steps))
+        return
     with tempfile.TemporaryDirectory() as d:
         model = make_model(Path(d) / "tiny")
         trl = trl_run(model, args.steps)
@@ -246,6 +298,7 @@ def main() -> None:
         packed = kubetune_run(model, args.steps, packing=True, every=10_000)
         unpacked = kubetune_run(model, args.steps, packing=False, every=10_000)
         ckpt_every_step = kubetune_run(model, args.steps, packing=True, every=1)
+        rows = backend_rows(model, args.steps)
         flops_per_token = 4 * linear_params(model)
     from kubetune_dev.local_models import cached_smollm2
 
@@ -297,7 +350,8 @@ def main() -> None:
     print(
         f"ratio (a) target >= 1.5: {'met' if ratio_a >= 1.5 else 'MISSED'}; ratio (b) target >= 0.95: {'met' if ratio_b >= 0.95 else 'MISSED'}"
     )
-    print(f"ratio={ratio_a:.2f} ratio_d={ratio_d:.2f} mfu={mfu:.2f} mfu_linear={mfu_linear:.2f}")
+    backends = print_backend_rows(rows, args.steps)
+    print(f"ratio={ratio_a:.2f} ratio_d={ratio_d:.2f} mfu={mfu:.2f} mfu_linear={mfu_linear:.2f} {backends}")
 
 
 if __name__ == "__main__":

@@ -7,6 +7,10 @@
 #
 #   hack/images.sh           build and push what is missing; print the images file
 #   hack/images.sh --print   print the images file's path, build nothing
+#   hack/images.sh --ipex-llm [--print]
+#                            the same for the opt-in ipex-llm trainer image alone
+#                            (trainer_image/Dockerfile.ipex-llm, ~7 GB unpacked), in its own
+#                            images file: only its tests and examples need it
 #
 # The images file (JSON) names each image by repository and digest in the registry storage
 # ($CACHE/registry), which the dev cluster serves on loopback for its nodes to pull from.
@@ -33,13 +37,21 @@ key() {
     trainer) files=(trainer_image/Dockerfile.cuda requirements/trainer.lock pyproject.toml README.md
       trainer_image/kubetune_trainer) ;;
     pause) files=(hack/pause) ;;
+    trainer-ipex-llm) files=(trainer_image/Dockerfile.ipex-llm requirements/ipex-llm.lock pyproject.toml
+      README.md trainer_image/kubetune_trainer) ;;
   esac
   (cd "$ROOT" && find "${files[@]}" -type f ! -name '*.pyc' ! -path '*/__pycache__/*' \
     -print0 | sort -z |
     xargs -0 sha256sum; echo "$STANDIN_PACKAGES") | sha256sum | cut -c1-16
 }
 
-IMAGES_FILE="$CACHE/images/images-$(key operator)-$(key trainer)-$(key pause).json"
+IPEX_LLM=false
+if [[ "${1:-}" == "--ipex-llm" ]]; then IPEX_LLM=true; shift; fi
+if $IPEX_LLM; then
+  IMAGES_FILE="$CACHE/images/ipex-llm-$(key trainer-ipex-llm).json"
+else
+  IMAGES_FILE="$CACHE/images/images-$(key operator)-$(key trainer)-$(key pause).json"
+fi
 if [[ "${1:-}" == "--print" ]]; then echo "$IMAGES_FILE"; exit 0; fi
 if [[ -f "$IMAGES_FILE" ]]; then echo "$IMAGES_FILE"; exit 0; fi
 
@@ -111,10 +123,12 @@ fi
 # A cold trainer build needs room: its ~6 GB layer, a copy of it while podman commits it,
 # the compressed copy in the registry and the nodes' unpacked store.
 # (an earlier trainer image means its big layer is cached: a rebuild adds a small one)
-if [[ -z $(podman images -q localhost/kubetune/trainer) ]]; then
+big=trainer
+$IPEX_LLM && big=trainer-ipex-llm
+if [[ -z $(podman images -q "localhost/kubetune/$big") ]]; then
   avail_gb=$(($(df --output=avail -k "$CACHE" | tail -1) / 1024 / 1024))
   if ((avail_gb < 25)); then
-    log "only ${avail_gb} GB free under $CACHE: building the trainer image needs about 25 GB"
+    log "only ${avail_gb} GB free under $CACHE: building the $big image needs about 25 GB"
     exit 1
   fi
 fi
@@ -136,13 +150,17 @@ build() { # NAME DOCKERFILE [CONTEXT]
   fi
   echo "$tag"
 }
-operator_tag=$(build operator operator/Dockerfile)
-trainer_tag=$(build trainer trainer_image/Dockerfile.cuda)
-# the sandbox image of the dev cluster's containerd: our static pause binary
-pause_context=$(mktemp -d)
-(cd "$ROOT/hack/pause" && GOTOOLCHAIN=local CGO_ENABLED=0 go build -trimpath -ldflags "-s -w" -o "$pause_context/pause" .)
-pause_tag=$(build pause hack/pause/Containerfile "$pause_context")
-rm -rf "$pause_context"
+if $IPEX_LLM; then
+  ipex_llm_tag=$(build trainer-ipex-llm trainer_image/Dockerfile.ipex-llm)
+else
+  operator_tag=$(build operator operator/Dockerfile)
+  trainer_tag=$(build trainer trainer_image/Dockerfile.cuda)
+  # the sandbox image of the dev cluster's containerd: our static pause binary
+  pause_context=$(mktemp -d)
+  (cd "$ROOT/hack/pause" && GOTOOLCHAIN=local CGO_ENABLED=0 go build -trimpath -ldflags "-s -w" -o "$pause_context/pause" .)
+  pause_tag=$(build pause hack/pause/Containerfile "$pause_context")
+  rm -rf "$pause_context"
+fi
 
 # Push into the registry's storage through a registry on loopback for the duration.
 port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
@@ -177,6 +195,20 @@ push() { # TAG REPOSITORY -> digest
   cat "$digestfile"
   rm -f "$digestfile"
 }
+if $IPEX_LLM; then
+  ipex_llm_digest=$(push "$ipex_llm_tag" kubetune/trainer-ipex-llm)
+  python3 - "$IMAGES_FILE" <<EOF
+import json, sys
+json.dump({
+    "registry_storage": "$CACHE/registry",
+    "trainer-ipex-llm": {"repository": "kubetune/trainer-ipex-llm", "tag": "${ipex_llm_tag##*:}", "digest": "$ipex_llm_digest"},
+}, open(sys.argv[1] + ".tmp", "w"), indent=2)
+EOF
+  mv "$IMAGES_FILE.tmp" "$IMAGES_FILE"
+  log "ipex-llm image ready in $((SECONDS - start)) s: $IMAGES_FILE"
+  echo "$IMAGES_FILE"
+  exit 0
+fi
 operator_digest=$(push "$operator_tag" kubetune/operator)
 trainer_digest=$(push "$trainer_tag" kubetune/trainer-cuda)
 pause_digest=$(push "$pause_tag" kubetune/pause)

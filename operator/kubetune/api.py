@@ -70,7 +70,8 @@ class Resources(ApiModel):
     intel_stack: Literal["xpu", "ipex-llm"] = Field(
         "xpu",
         description="Intel software stack: xpu (stock PyTorch XPU with bitsandbytes 4-bit, maintained) or "
-        "ipex-llm (bigdl-llm/ipex-llm with intel-extension-for-pytorch, as the seed notebooks ran it; own image).",
+        "ipex-llm (bigdl-llm/ipex-llm with intel-extension-for-pytorch, as the seed notebooks ran it; own image). "
+        "With accelerator cpu, ipex-llm runs that stack on the CPU (4-bit sym_int4: it has no NF4 on CPU).",
     )
     gpus_per_worker: int | None = Field(
         None, ge=0, le=16, description="GPUs per worker pod (default 1 on GPUs; must be 0 or unset on cpu)."

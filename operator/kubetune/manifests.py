@@ -36,15 +36,23 @@ def pod_group_name(job: str, attempt: int) -> str:
     return f"{job}-a{attempt}"
 
 
+def image_backend(res) -> str:
+    """Which trainer image a job's pods run: its accelerator's, and on Intel GPUs or CPUs
+    the ipex-llm one where resources.intelStack asks for it (on CPU: the seed's stack on
+    a Xeon, ipex-llm's CPU kernels)."""
+    if res.accelerator == Accelerator.nvidia.value:
+        return "cuda"
+    if res.intel_stack == "ipex-llm":
+        return "ipex-llm"
+    return "cpu" if res.accelerator == Accelerator.cpu.value else res.intel_stack
+
+
 def trainer_image(spec: FineTuneJobSpec, environ=os.environ) -> str:
     """podOverrides.image, else the image of the job's backend as the operator was
     configured (KUBETUNE_TRAINER_IMAGE_<BACKEND>), else the default of this version."""
     if spec.pod_overrides.image:
         return spec.pod_overrides.image
-    res = spec.resources
-    backend = {Accelerator.nvidia.value: "cuda", Accelerator.cpu.value: "cpu"}.get(
-        res.accelerator, res.intel_stack
-    )
+    backend = image_backend(spec.resources)
     return environ.get(TRAINER_IMAGE_ENV + backend.upper().replace("-", "_")) or TRAINER_IMAGES[backend]
 
 
@@ -157,8 +165,10 @@ def trainer_env(spec: FineTuneJobSpec, job: str, attempt: int, rank: int, uid: s
     if spec.model.uri:
         env.append({"name": "HF_HUB_OFFLINE", "value": "1"})
     if spec.resources.accelerator == Accelerator.cpu.value:
-        # the image's own backend is its accelerator's; a CPU pool runs the cpu one
-        env.append({"name": "KUBETUNE_BACKEND", "value": "cpu"})
+        # the image's own backend is its accelerator's; a CPU pool runs the cpu one, or
+        # ipex-llm's CPU path in the ipex-llm image
+        backend = "ipex-llm" if spec.resources.intel_stack == "ipex-llm" else "cpu"
+        env.append({"name": "KUBETUNE_BACKEND", "value": backend})
     return env
 
 

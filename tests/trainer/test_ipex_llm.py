@@ -172,3 +172,25 @@ def test_the_exported_adapter_loads_with_stock_peft_and_gives_training_logits(
     assert err <= STOCK_TOLERANCE, f"stock peft on the dequantized base differs from training by {err}"
     # the adapter did change the outputs, and the 4-bit base is not the original one
     assert quantization_err > err
+
+
+def test_smollm2_real_weights_train_through_ipex_llm_qlora(ipex_python, minio, sql_bucket, tmp_path):
+    """Real weights (SmolLM2-135M-Instruct, a folder written by transformers 5) in the
+    ipex-llm stack's transformers 4: the loss starts where a pretrained model's does, not
+    where a misread one's would, and falls."""
+    from kubetune_dev.local_models import cached_smollm2
+
+    cfg = tiny_config(cached_smollm2(), "ipex-smollm2", maxSteps=8, loggingSteps=2)
+    cfg["dataset"].pop("validation")
+    cfg["lora"] = {"r": 8, "alpha": 16, "dropout": 0.0, "targetModules": ["q_proj", "k_proj", "v_proj"]}
+    run = run_trainer(cfg, tmp_path, minio, "smollm2", extra_env=IPEX, python=ipex_python, timeout=600)
+    log = run.log_text()
+    assert "quantized to sym_int4" in log and "backend ipex-llm" in log, log[-3000:]
+    losses = [
+        json.loads(line.split("kubetune.train: ", 1)[1])["loss"]
+        for line in log.splitlines()
+        if '"event": "train"' in line
+    ]
+    # a random 49k-vocabulary model starts at ln(49152) = 10.8; SmolLM2 on this data near 2
+    assert losses[0] < 4, losses
+    assert losses[-1] < losses[0], losses

@@ -31,7 +31,9 @@ from tests.unit.dockerfiles import (
 )
 
 # Dockerfile.<flavor> -> the KUBETUNE_BACKEND it must set
-BACKEND_OF = {"cuda": "cuda-bnb", "xpu": "xpu-bnb", "ipex-llm": "ipex-llm"}
+BACKEND_OF = {"cuda": "cuda-bnb", "xpu": "xpu-bnb", "ipex-llm": "ipex-llm", "ipex-llm-xpu": "ipex-llm"}
+# the flavors installed from a lock (hashes required), then the trainer without its deps
+FROM_LOCK = {"cuda": "requirements/trainer.lock", "ipex-llm": "requirements/ipex-llm.lock"}
 # the flavors that take torch from the PyTorch index: the index and the local version
 # (cuda installs PyPI's torch from requirements/trainer.lock: tests/unit/test_lock.py)
 TORCH_BUILD = {"xpu": ("https://download.pytorch.org/whl/xpu", "xpu")}
@@ -120,7 +122,7 @@ def test_installs_the_trainer(dockerfile: Dockerfile):
     )
 
     installs = [tokens for _, tokens in dockerfile.pip_installs()]
-    if dockerfile.flavor == "ipex-llm":
+    if dockerfile.flavor == "ipex-llm-xpu":
         # the seed-compatible stack: ipex-llm with its own torch, the trainer without its deps
         assert any(
             any(t.startswith("ipex-llm[xpu]==") for t in tokens) and IPEX_INDEX in tokens
@@ -130,8 +132,12 @@ def test_installs_the_trainer(dockerfile: Dockerfile):
             f"the trainer ({project}) is not installed with --no-deps"
         )
         return
-    if dockerfile.flavor == "cuda":
+    if dockerfile.flavor in FROM_LOCK:
         # every dependency from the lock (hashes required), then the trainer without deps
+        lock = FROM_LOCK[dockerfile.flavor]
+        assert any(norm(copy_parts(i)[1][0]) == lock for i in dockerfile.all("COPY", dockerfile.final)), (
+            f"{lock} is not what the image installs"
+        )
         assert any("--require-hashes" in tokens for tokens in installs), installs
         assert any(project in map(norm, tokens) and "--no-deps" in tokens for tokens in installs), (
             f"the trainer ({project}) is not installed with --no-deps"

@@ -75,7 +75,11 @@ def test_the_venv_is_exactly_the_lock():
 
 @pytest.mark.parametrize(
     ("dockerfile", "lock"),
-    [("operator/Dockerfile", "operator.lock"), ("trainer_image/Dockerfile.cuda", "trainer.lock")],
+    [
+        ("operator/Dockerfile", "operator.lock"),
+        ("trainer_image/Dockerfile.cuda", "trainer.lock"),
+        ("trainer_image/Dockerfile.ipex-llm", "ipex-llm.lock"),
+    ],
 )
 def test_the_dockerfiles_install_their_lock_with_hashes_and_nothing_else(dockerfile, lock):
     text = re.sub(r"\\\n", " ", (ROOT / dockerfile).read_text())
@@ -89,6 +93,18 @@ def test_the_dockerfiles_install_their_lock_with_hashes_and_nothing_else(dockerf
     for line in installs:
         assert "--no-deps" in line, f"{dockerfile}: {line.strip()} resolves versions outside the lock"
     assert "TORCH_VERSION" not in text and "download.pytorch.org" not in text
+
+
+def test_the_ipex_llm_lock_is_complete_and_pins_the_seeds_stack():
+    """Its own resolution (older torch/transformers than dev.lock): every package hashed,
+    and the stack the README's backend table names."""
+    lock = read_lock(LOCKS / "ipex-llm.lock")
+    assert all(hashes for _, hashes in lock.values()), "a pin without hashes"
+    for name in ("ipex-llm", "intel-extension-for-pytorch", "torch", "transformers", "peft"):
+        assert name in lock, f"ipex-llm.lock lacks {name}"
+    readme = (ROOT / "README.md").read_text()
+    for name in ("ipex-llm", "intel-extension-for-pytorch", "torch", "transformers", "peft"):
+        assert f"{name} {lock[name][0]}" in readme, f"README.md does not say {name} {lock[name][0]}"
 
 
 def test_the_xpu_image_pins_the_locks_torch():

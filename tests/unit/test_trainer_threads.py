@@ -42,6 +42,25 @@ def test_the_pod_gets_its_cpu_request_in_whole_cores_from_the_downward_api():
     assert env["KUBETUNE_BACKEND"]["value"] == "cpu"  # the CUDA image, on a CPU pool
 
 
+def test_intel_stack_ipex_llm_on_a_cpu_pool_runs_the_ipex_llm_image_and_backend():
+    from kubetune.manifests import TRAINER_IMAGES, trainer_image
+
+    job = spec("2", 1).model_copy(deep=True)
+    job.resources.intel_stack = "ipex-llm"
+    env = {
+        e["name"]: e
+        for e in build_pod("j", "uid", job, attempt=1, rank=0, preemptions=0)["spec"]["containers"][0]["env"]
+    }
+    assert env["KUBETUNE_BACKEND"]["value"] == "ipex-llm"
+    assert trainer_image(job, environ={}) == TRAINER_IMAGES["ipex-llm"]
+    assert (
+        trainer_image(job, environ={"KUBETUNE_TRAINER_IMAGE_IPEX_LLM": "r/ipex@sha256:1"})
+        == "r/ipex@sha256:1"
+    )
+    # the default stack on a CPU pool: the CUDA image's cpu backend, as before
+    assert trainer_image(spec("2", 1), environ={}) == TRAINER_IMAGES["cpu"]
+
+
 @pytest.mark.parametrize(
     ("cores", "procs", "expected"), [("1", 1, "1"), ("2", 1, "2"), ("8", 4, "2"), ("1", 4, "1")]
 )

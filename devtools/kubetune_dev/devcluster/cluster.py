@@ -49,21 +49,41 @@ class Images:
     pause: str
     registry_storage: Path
     stamp: str
+    # the opt-in ipex-llm trainer image, where this tree's is built (`make test` builds it;
+    # `hack/images.sh --ipex-llm`): None otherwise
+    trainer_ipex_llm: str | None = None
 
     @classmethod
     def load(cls) -> Images:
         """The images of this tree, built and pushed first when an input changed (a code
-        edit rebuilds only the small top layer of the image it touches)."""
+        edit rebuilds only the small top layer of the image it touches), and the ipex-llm
+        trainer image if it is built (never built here: it is 7 GB, and only its own tests
+        and examples need it)."""
         out = subprocess.run([str(REPO_ROOT / "hack" / "images.sh")], capture_output=True, text=True)
         if out.returncode != 0:
             raise RuntimeError(f"hack/images.sh failed:\n{out.stderr[-4000:]}")
         path = Path(out.stdout.strip().splitlines()[-1])
         data = json.loads(path.read_text())
+        ipex = subprocess.run(
+            [str(REPO_ROOT / "hack" / "images.sh"), "--ipex-llm", "--print"], capture_output=True, text=True
+        )
+        ipex_path = Path(ipex.stdout.strip()) if ipex.returncode == 0 and ipex.stdout.strip() else None
+        stamp = path.stem
+        if ipex_path and ipex_path.exists():
+            data.update(json.loads(ipex_path.read_text()))
+            stamp += "-" + ipex_path.stem
 
         def ref(k: str) -> str:
             return f"{kubelets.REGISTRY_HOST}/{data[k]['repository']}@{data[k]['digest']}"
 
-        return cls(ref("operator"), ref("trainer"), ref("pause"), Path(data["registry_storage"]), path.stem)
+        return cls(
+            ref("operator"),
+            ref("trainer"),
+            ref("pause"),
+            Path(data["registry_storage"]),
+            stamp,
+            ref("trainer-ipex-llm") if "trainer-ipex-llm" in data else None,
+        )
 
 
 def kubeconfig(server: str, certs: CertPaths) -> dict:
@@ -206,9 +226,15 @@ class DevCluster:
         CUDA trainer image, for NVIDIA and CPU jobs alike."""
         if not self.images:
             return {}
+        ipex = (
+            {"KUBETUNE_TRAINER_IMAGE_IPEX_LLM": self.images.trainer_ipex_llm}
+            if self.images.trainer_ipex_llm
+            else {}
+        )
         return {
             "KUBETUNE_TRAINER_IMAGE_CUDA": self.images.trainer,
             "KUBETUNE_TRAINER_IMAGE_CPU": self.images.trainer,
+            **ipex,
             # the objects are made as with the chart; the bridge CNI does not enforce them
             "KUBETUNE_NETWORK_POLICY": json.dumps(
                 {"namespace": "kubetune-system", "podLabels": {"app.kubernetes.io/name": "kubetune"}}
@@ -438,7 +464,8 @@ class DevCluster:
             seed = kubelets.seed_images(
                 cache_dir() / "node-images",
                 self.images.stamp,
-                [self.images.pause, self.images.trainer, self.images.operator],
+                [self.images.pause, self.images.trainer, self.images.operator]
+                + ([self.images.trainer_ipex_llm] if self.images.trainer_ipex_llm else []),
                 self.endpoints.registry,
                 self.log,
             )
