@@ -32,9 +32,11 @@ def main(config_path: str, backend: str, warmup: str) -> None:
     cfg = TrainingConfig.model_validate(json.loads(Path(config_path).read_text()))
     with tempfile.TemporaryDirectory() as d:
         trainer = Trainer(cfg, workdir=Path(d) / "work", environ={**os.environ, "KUBETUNE_BACKEND": backend})
-        trainer.run()
+        result = trainer.run()
         trainer.ckpts.close()
         log = trainer.step_log
+    if len(log) <= skip:
+        raise SystemExit(f"{backend}: {len(log)} steps logged ({result})")
     times = [t for t, _ in log]
     tokens = sum(n for _, n in log[skip:])
     elapsed = times[-1] - times[skip - 1]

@@ -148,11 +148,13 @@ def backend_rows(model: Path, steps: int) -> dict[str, dict]:
     ).stdout.strip()
     rows = {}
     with tempfile.TemporaryDirectory() as d:
-        raw = config(model, Path(d), steps, packing=True, every=10_000)
-        raw["quantization"] = {"computeDtype": "float32"}  # ipex-llm on CPU: float32 only
-        cfg = Path(d) / "config.json"
-        cfg.write_text(json.dumps(raw))
         for backend, python in (("cpu", sys.executable), ("ipex-llm", f"{ipex_venv}/bin/python")):
+            # each its own checkpoint folder: the run fingerprint does not include the
+            # backend, so a shared one would resume the other backend's last step
+            raw = config(model, Path(d) / backend, steps, packing=True, every=10_000)
+            raw["quantization"] = {"computeDtype": "float32"}  # ipex-llm on CPU: float32 only
+            cfg = Path(d) / f"{backend}.json"
+            cfg.write_text(json.dumps(raw))
             out = subprocess.run(
                 [python, str(ROOT / "benchmarks" / "backend_row.py"), str(cfg), backend, str(WARMUP)],
                 capture_output=True,

@@ -100,7 +100,37 @@ def test_ipex_llm_trains_on_cpu_in_4_bits_and_resumes_exactly_after_sigterm(
     diff = max_abs_diff(
         adapter_tensors(minio, cfg["output"]["uri"]), adapter_tensors(minio, "s3://runs/ipex-baseline/out/")
     )
+    print(f"resumed after SIGTERM at step {stopped}: adapter max |Δ| {diff:.2e} from the uninterrupted run's")
     assert diff <= RESUME_TOLERANCE, f"adapter differs from the uninterrupted run's by {diff}"
+
+
+def keys_under(s3, prefix: str) -> dict[str, set[str]]:
+    """folder (relative to prefix) -> file names, of everything under an s3://runs prefix."""
+    out: dict[str, set[str]] = {}
+    for page in s3.get_paginator("list_objects_v2").paginate(Bucket="runs", Prefix=prefix):
+        for obj in page.get("Contents", []):
+            folder, _, name = obj["Key"][len(prefix) :].rpartition("/")
+            out.setdefault(folder, set()).add(name)
+    return out
+
+
+def test_checkpoints_and_adapter_have_the_bitsandbytes_backends_layout(
+    ipex_baseline, tiny_model, minio, sql_bucket, tmp_path
+):
+    """The same files, folder for folder, and the same adapter tensors as the cpu backend's
+    (bitsandbytes NF4, the main venv) for the same job."""
+    run_trainer(tiny_config(tiny_model, "bnb-layout", maxSteps=10), tmp_path, minio, "bnb")
+    s3 = minio.client()
+    ipex_ckpt, bnb_ckpt = keys_under(s3, "ipex-baseline/ckpt/"), keys_under(s3, "bnb-layout/ckpt/")
+    steps = {folder: names for folder, names in ipex_ckpt.items() if folder.startswith("step-")}
+    assert steps and all(names == bnb_ckpt["step-00000010"] for names in steps.values()), (steps, bnb_ckpt)
+    # the output folder: the same files, but for the tokenizer's own, which differ between
+    # transformers 4 and 5 (4 also writes special_tokens_map.json)
+    ipex_out, bnb_out = keys_under(s3, "ipex-baseline/out/")[""], keys_under(s3, "bnb-layout/out/")[""]
+    assert ipex_out ^ bnb_out <= {"special_tokens_map.json"}, ipex_out ^ bnb_out
+    ipex = adapter_tensors(minio, "s3://runs/ipex-baseline/out/")
+    bnb = adapter_tensors(minio, "s3://runs/bnb-layout/out/")
+    assert {k: (v.shape, v.dtype) for k, v in ipex.items()} == {k: (v.shape, v.dtype) for k, v in bnb.items()}
 
 
 def test_the_exported_adapter_loads_with_stock_peft_and_gives_training_logits(

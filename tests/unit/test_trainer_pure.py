@@ -320,3 +320,45 @@ def test_the_run_fingerprint_of_a_spec_without_a_warm_start_is_the_one_earlier_v
     assert run_fingerprint(cfg) == "3c7603088555349a"
     warm = cfg.model_copy(update={"lora": cfg.lora.model_copy(update={"init_from": {"uri": "s3://a-b/x/"}})})
     assert run_fingerprint(warm) != "3c7603088555349a"
+
+
+def test_ipex_llm_runs_on_the_intel_gpu_where_there_is_one_else_on_the_cpu():
+    from kubetune_trainer.model import device_for
+
+    assert device_for("ipex-llm", 1, xpu_available=True) == "xpu:1"
+    assert device_for("ipex-llm", 1, xpu_available=False) == "cpu"
+    # the bitsandbytes backends keep their devices whatever the flag
+    assert device_for("xpu-bnb", 1, xpu_available=False) == "xpu:1"
+    assert device_for("cuda-bnb", 0) == "cuda:0"
+    assert device_for("cpu") == "cpu"
+
+
+def test_ipex_llm_quantizes_to_sym_int4_on_cpu_where_it_has_no_nf4_kernels():
+    from kubetune_trainer.model import ipex_llm_low_bit
+
+    assert ipex_llm_low_bit("nf4", on_xpu=True) == "nf4"
+    assert ipex_llm_low_bit("fp4", on_xpu=True) == "fp4"
+    assert ipex_llm_low_bit("nf4", on_xpu=False) == "sym_int4"
+    assert ipex_llm_low_bit("fp4", on_xpu=False) == "sym_int4"
+
+
+def test_a_transformers_5_config_gives_transformers_4_its_rope_settings():
+    from kubetune_trainer.model import transformers4_config_overrides
+
+    v5 = {"rope_parameters": {"rope_theta": 100000.0, "rope_type": "default"}}
+    assert transformers4_config_overrides(v5) == {"rope_theta": 100000.0}
+    scaled = {"rope_parameters": {"rope_theta": 5e5, "rope_type": "llama3", "factor": 8.0}}
+    assert transformers4_config_overrides(scaled) == {
+        "rope_theta": 5e5,
+        "rope_scaling": {"rope_type": "llama3", "factor": 8.0},
+    }
+    # a transformers 4 folder (rope_theta at the top) is read as it is
+    assert transformers4_config_overrides({"rope_theta": 1e4, "rope_parameters": {"rope_theta": 1e4}}) == {}
+    assert transformers4_config_overrides({"hidden_size": 64}) == {}
+
+
+def test_the_exported_adapter_config_drops_ipex_llms_own_key():
+    from kubetune_trainer.export import portable_adapter_config
+
+    config = {"peft_type": "LORA", "r": 8, "training_mode": "qlora", "target_modules": ["q_proj"]}
+    assert portable_adapter_config(config) == {"peft_type": "LORA", "r": 8, "target_modules": ["q_proj"]}
