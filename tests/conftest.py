@@ -18,7 +18,7 @@ def dev_cluster(tmp_path_factory):
     from kubetune_dev.devcluster.cluster import DevCluster
 
     workdir = Path(os.environ.get("KUBETUNE_TEST_WORKDIR") or tmp_path_factory.mktemp("dev-cluster"))
-    cluster = DevCluster(workdir)
+    cluster = DevCluster(workdir, ipex_llm=True)  # tests/e2e/test_ipex_llm_example.py
     cluster.start()
     STARTUP_TIMES["dev cluster (warm cache) start to ready"] = cluster.startup_s
     try:

@@ -294,6 +294,27 @@ class FineTuneJobSpec(TrainingConfig):
     )
 
     @model_validator(mode="after")
+    def _ipex_llm_on_cpu_trains_what_it_can(self) -> FineTuneJobSpec:
+        """What ipex-llm's CPU path cannot do, refused at admission rather than in the pod
+        after its 7 GB image is pulled (kubetune_trainer.model._load_ipex_llm)."""
+        res = self.resources
+        if res.accelerator != Accelerator.cpu.value or res.intel_stack != "ipex-llm":
+            return self
+        if self.method != "qlora":
+            raise ValueError("resources.intelStack ipex-llm trains method qlora only (its low-bit base)")
+        if self.output.merged_model:
+            raise ValueError("output.mergedModel: resources.intelStack ipex-llm exports the adapter only")
+        if self.quantization.compute_dtype not in ("auto", "float32"):
+            raise ValueError(
+                "quantization.computeDtype: ipex-llm on CPU computes in float32 only (use auto or float32)"
+            )
+        if self.workers > 1:
+            raise ValueError(
+                "resources.intelStack ipex-llm on cpu runs one worker (its multi-worker path is oneCCL on Intel GPUs)"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _outputs_outlive_the_pod(self) -> FineTuneJobSpec:
         for field, uri in (("checkpoint", self.checkpoint.uri), ("output", self.output.uri)):
             if uri.startswith("file:"):

@@ -23,12 +23,16 @@ PROGRESS_PORT = 9090
 TRAINER_IMAGES = {
     "cuda": f"ghcr.io/kubetune/trainer-cuda:{__version__}",
     "xpu": f"ghcr.io/kubetune/trainer-xpu:{__version__}",
+    # the seed notebooks' stack: its CPU build (PyPI's IPEX) and its Intel GPU build
     "ipex-llm": f"ghcr.io/kubetune/trainer-ipex-llm:{__version__}",
+    "ipex-llm-xpu": f"ghcr.io/kubetune/trainer-ipex-llm-xpu:{__version__}",
     # the CUDA image runs the cpu backend too (KUBETUNE_BACKEND=cpu in the pod): one image
     # for NVIDIA and CPU pools, the one the dev cluster runs
     "cpu": f"ghcr.io/kubetune/trainer-cuda:{__version__}",
 }
-TRAINER_IMAGE_ENV = "KUBETUNE_TRAINER_IMAGE_"  # + CUDA, XPU, IPEX_LLM, CPU
+TRAINER_IMAGE_ENV = "KUBETUNE_TRAINER_IMAGE_"  # + CUDA, XPU, IPEX_LLM, IPEX_LLM_XPU, CPU
+# set in ipex-llm pods on Intel GPUs: the trainer refuses to fall back to the CPU there
+REQUIRE_XPU_ENV = "KUBETUNE_REQUIRE_XPU"
 
 
 def pod_group_name(job: str, attempt: int) -> str:
@@ -38,13 +42,14 @@ def pod_group_name(job: str, attempt: int) -> str:
 
 def image_backend(res) -> str:
     """Which trainer image a job's pods run: its accelerator's, and on Intel GPUs or CPUs
-    the ipex-llm one where resources.intelStack asks for it (on CPU: the seed's stack on
-    a Xeon, ipex-llm's CPU kernels)."""
+    the ipex-llm one where resources.intelStack asks for it: its Intel GPU build on GPUs,
+    its CPU build (PyPI's IPEX, ipex-llm's CPU kernels) on a CPU pool."""
     if res.accelerator == Accelerator.nvidia.value:
         return "cuda"
+    on_cpu = res.accelerator == Accelerator.cpu.value
     if res.intel_stack == "ipex-llm":
-        return "ipex-llm"
-    return "cpu" if res.accelerator == Accelerator.cpu.value else res.intel_stack
+        return "ipex-llm" if on_cpu else "ipex-llm-xpu"
+    return "cpu" if on_cpu else res.intel_stack
 
 
 def trainer_image(spec: FineTuneJobSpec, environ=os.environ) -> str:
@@ -169,6 +174,8 @@ def trainer_env(spec: FineTuneJobSpec, job: str, attempt: int, rank: int, uid: s
         # ipex-llm's CPU path in the ipex-llm image
         backend = "ipex-llm" if spec.resources.intel_stack == "ipex-llm" else "cpu"
         env.append({"name": "KUBETUNE_BACKEND", "value": backend})
+    elif spec.resources.accelerator == Accelerator.intel.value and spec.resources.intel_stack == "ipex-llm":
+        env.append({"name": REQUIRE_XPU_ENV, "value": "1"})
     return env
 
 

@@ -71,6 +71,8 @@ def test_the_ipex_llm_example_trains_in_its_image_on_a_cpu_runner(operator, cust
         assert sorted(config["target_modules"]) == ["k_proj", "q_proj", "v_proj"]
         metrics = json.loads(s3.get_object(Bucket="runs", Key=prefix + "metrics.json")["Body"].read())
         assert metrics["steps"] == STEPS and metrics["low_bit"] == "sym_int4"
-        history = metrics["history"]
-        assert history[-1][1] < history[0][1], history
+        # every step's loss at a pretrained model's level (a misread or garbled 4-bit base
+        # starts near ln(49152) = 10.8); learning itself: tests/trainer/test_ipex_llm.py
+        losses = [loss for _, loss in metrics["history"]]
+        assert len(losses) == STEPS and all(0 < loss < 4 for loss in losses), losses
         assert status(custom, ns, name)["evaluation"]["evalLoss"] > 0

@@ -327,6 +327,7 @@ def test_deployment_defaults(tmp_path):
         "KUBETUNE_TRAINER_IMAGE_XPU": "ghcr.io/kubetune/trainer-xpu:0.1.0",
         "KUBETUNE_TRAINER_IMAGE_CPU": "ghcr.io/kubetune/trainer-cuda:0.1.0",
         "KUBETUNE_TRAINER_IMAGE_IPEX_LLM": "ghcr.io/kubetune/trainer-ipex-llm:0.1.0",
+        "KUBETUNE_TRAINER_IMAGE_IPEX_LLM_XPU": "ghcr.io/kubetune/trainer-ipex-llm-xpu:0.1.0",
         "KUBETUNE_POLICY": env["KUBETUNE_POLICY"],
         "KUBETUNE_NETWORK_POLICY": env["KUBETUNE_NETWORK_POLICY"],
     }

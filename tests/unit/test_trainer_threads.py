@@ -71,3 +71,50 @@ def test_a_pods_processes_share_its_cores(cores, procs, expected):
 
 def test_without_the_setting_torch_keeps_its_default():
     assert "OMP_NUM_THREADS" not in process_env({"KUBETUNE_PROCS_PER_WORKER": "2"}, local_rank=1)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"method": "lora"}, "qlora only"),
+        ({"output": {"uri": "s3://bkt/o/", "mergedModel": True}}, "adapter only"),
+        ({"quantization": {"computeDtype": "bfloat16"}}, "float32 only"),
+        ({"workers": 2}, "one worker"),
+    ],
+)
+def test_what_ipex_llm_on_cpu_cannot_do_is_refused_at_admission(change, message):
+    from pydantic import ValidationError
+
+    body = {
+        "model": {"name": "m"},
+        "dataset": {"uri": "s3://bkt/d/"},
+        "checkpoint": {"uri": "s3://bkt/c/"},
+        "output": {"uri": "s3://bkt/o/"},
+        "method": "qlora",
+        "resources": {"accelerator": "cpu", "intelStack": "ipex-llm"},
+    }
+    FineTuneJobSpec.model_validate(body)  # as it is: fine
+    with pytest.raises(ValidationError, match=message):
+        FineTuneJobSpec.model_validate({**body, **change})
+    # the same settings on the default CPU stack are fine
+    FineTuneJobSpec.model_validate({**body, **change, "resources": {"accelerator": "cpu"}})
+
+
+def test_ipex_llm_on_intel_gpus_runs_its_xpu_image_and_never_falls_back_to_the_cpu():
+    from kubetune.manifests import REQUIRE_XPU_ENV, TRAINER_IMAGES, trainer_image
+
+    job = FineTuneJobSpec.model_validate(
+        {
+            "model": {"name": "m"},
+            "dataset": {"uri": "s3://bkt/d/"},
+            "checkpoint": {"uri": "s3://bkt/c/"},
+            "output": {"uri": "s3://bkt/o/"},
+            "resources": {"accelerator": "intel", "intelStack": "ipex-llm"},
+        }
+    )
+    assert trainer_image(job, environ={}) == TRAINER_IMAGES["ipex-llm-xpu"]
+    env = {
+        e["name"]: e
+        for e in build_pod("j", "uid", job, attempt=1, rank=0, preemptions=0)["spec"]["containers"][0]["env"]
+    }
+    assert env[REQUIRE_XPU_ENV]["value"] == "1" and "KUBETUNE_BACKEND" not in env  # the image's own

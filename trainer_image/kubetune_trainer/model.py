@@ -219,10 +219,6 @@ def resolve_compute_dtype(cfg, backend: str, local_rank: int = 0, agree=None, re
     import torch
 
     choice = cfg.quantization.compute_dtype
-    if choice == "auto" and resumed in ("float32", "bfloat16", "float16"):
-        return getattr(torch, resumed)
-    capability = torch.cuda.get_device_capability(local_rank) if backend == "cuda-bnb" else None
-    bf16 = False
     if backend == "ipex-llm" and not xpu_available():
         # ipex-llm's QLoRA layers on CPU train in float32 only (a bfloat16 base fails in
         # its low-bit matmul), so auto means float32 here whatever the CPU has
@@ -232,6 +228,10 @@ def resolve_compute_dtype(cfg, backend: str, local_rank: int = 0, agree=None, re
                 "only; use auto or float32 (or an Intel GPU)"
             )
         return torch.float32
+    if choice == "auto" and resumed in ("float32", "bfloat16", "float16"):
+        return getattr(torch, resumed)
+    capability = torch.cuda.get_device_capability(local_rank) if backend == "cuda-bnb" else None
+    bf16 = False
     if choice == "auto" and backend == "cpu":
         bf16 = cpu_bf16_faster()
         if agree is not None:
@@ -308,7 +308,11 @@ def dense_4bit_layers(model):
 def load_model(cfg, backend: str, path: str, local_rank: int = 0, dtype=None):
     """The base model, quantized for qlora, with fresh LoRA adapters on top."""
 
-    device = device_for(backend, local_rank, xpu_available() if backend == "ipex-llm" else True)
+    has_xpu = xpu_available() if backend == "ipex-llm" else True
+    if not has_xpu and os.environ.get("KUBETUNE_REQUIRE_XPU") == "1":
+        # an Intel GPU pod (the operator sets it): never train on its CPU instead
+        raise RuntimeError("backend ipex-llm: this pod was given Intel GPUs but torch sees no XPU")
+    device = device_for(backend, local_rank, has_xpu)
     if dtype is None:
         dtype = resolve_compute_dtype(cfg, backend, local_rank)
     common = {"revision": cfg.model.revision, "trust_remote_code": cfg.model.trust_remote_code}

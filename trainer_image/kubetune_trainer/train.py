@@ -412,7 +412,14 @@ class Trainer:
         return self.dist.main or self.sharded
 
     def _init_process_group(self, torch) -> None:
-        backend = {"cuda-bnb": "nccl", "xpu-bnb": "xccl", "ipex-llm": "ccl"}.get(self.backend, "gloo")
+        from kubetune_trainer.model import on_cpu
+
+        # gloo on CPUs, ipex-llm's included (its oneCCL bindings are Intel GPU builds)
+        backend = (
+            "gloo"
+            if on_cpu(self.backend)
+            else {"cuda-bnb": "nccl", "xpu-bnb": "xccl", "ipex-llm": "ccl"}[self.backend]
+        )
         if self.backend == "cuda-bnb":
             torch.cuda.set_device(self.dist.local_rank)
         if backend == "ccl":  # the ipex-llm image's oneCCL: registers the backend on import

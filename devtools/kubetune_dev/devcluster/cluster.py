@@ -49,29 +49,25 @@ class Images:
     pause: str
     registry_storage: Path
     stamp: str
-    # the opt-in ipex-llm trainer image, where this tree's is built (`make test` builds it;
-    # `hack/images.sh --ipex-llm`): None otherwise
+    # the opt-in ipex-llm trainer image (~7 GB): only where asked for (DevCluster.ipex_llm)
     trainer_ipex_llm: str | None = None
 
     @classmethod
-    def load(cls) -> Images:
+    def load(cls, ipex_llm: bool = False) -> Images:
         """The images of this tree, built and pushed first when an input changed (a code
-        edit rebuilds only the small top layer of the image it touches), and the ipex-llm
-        trainer image if it is built (never built here: it is 7 GB, and only its own tests
-        and examples need it)."""
-        out = subprocess.run([str(REPO_ROOT / "hack" / "images.sh")], capture_output=True, text=True)
-        if out.returncode != 0:
-            raise RuntimeError(f"hack/images.sh failed:\n{out.stderr[-4000:]}")
-        path = Path(out.stdout.strip().splitlines()[-1])
-        data = json.loads(path.read_text())
-        ipex = subprocess.run(
-            [str(REPO_ROOT / "hack" / "images.sh"), "--ipex-llm", "--print"], capture_output=True, text=True
-        )
-        ipex_path = Path(ipex.stdout.strip()) if ipex.returncode == 0 and ipex.stdout.strip() else None
-        stamp = path.stem
-        if ipex_path and ipex_path.exists():
-            data.update(json.loads(ipex_path.read_text()))
-            stamp += "-" + ipex_path.stem
+        edit rebuilds only the small top layer of the image it touches); with ipex_llm,
+        the ipex-llm trainer image too (hack/images.sh --ipex-llm)."""
+        data, stamps = {}, []
+        for args in (["--ipex-llm"] if ipex_llm else []) + [[]]:
+            out = subprocess.run(
+                [str(REPO_ROOT / "hack" / "images.sh"), *args], capture_output=True, text=True
+            )
+            if out.returncode != 0:
+                raise RuntimeError(f"hack/images.sh {' '.join(args)} failed:\n{out.stderr[-4000:]}")
+            path = Path(out.stdout.strip().splitlines()[-1])
+            data.update(json.loads(path.read_text()))
+            stamps.append(path.stem)
+        stamp = "-".join(reversed(stamps))
 
         def ref(k: str) -> str:
             return f"{kubelets.REGISTRY_HOST}/{data[k]['repository']}@{data[k]['digest']}"
@@ -136,6 +132,9 @@ class DevCluster:
     _guard: subprocess.Popen | None = None
     certs: CertPaths | None = None
     kueue: object | None = None  # devcluster.kueue.Kueue, once start_kueue() ran
+    # the ipex-llm trainer image in the nodes' store and the operator's settings (7 GB:
+    # test sessions ask for it; `KUBETUNE_DEV_IPEX_LLM=1 make dev-up` for its example)
+    ipex_llm: bool = field(default_factory=lambda: os.environ.get("KUBETUNE_DEV_IPEX_LLM") == "1")
 
     # -- public ---------------------------------------------------------------------------
 
@@ -324,7 +323,7 @@ class DevCluster:
         # of the pod bridge (pods have no route to loopback, and no kube-proxy serves them
         # the kubernetes Service).
         if runners:
-            self.images = Images.load()
+            self.images = Images.load(ipex_llm=self.ipex_llm)
         # a network slot also without real nodes: kwok's fake pods and nodes get addresses
         # on its bridge, so nothing sent to them can leave the machine
         self._take_the_nodes(len(runners))
