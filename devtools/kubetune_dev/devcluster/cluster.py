@@ -58,7 +58,7 @@ class Images:
         edit rebuilds only the small top layer of the image it touches); with ipex_llm,
         the ipex-llm trainer image too (hack/images.sh --ipex-llm)."""
         data, stamps = {}, []
-        for args in (["--ipex-llm"] if ipex_llm else []) + [[]]:
+        for args in ([["--ipex-llm"]] if ipex_llm else []) + [[]]:
             out = subprocess.run(
                 [str(REPO_ROOT / "hack" / "images.sh"), *args], capture_output=True, text=True
             )
