@@ -195,33 +195,29 @@ push() { # TAG REPOSITORY -> digest
   cat "$digestfile"
   rm -f "$digestfile"
 }
+# What this run pushes (KEY REPOSITORY TAG), then the images file naming each by digest
 if $IPEX_LLM; then
-  ipex_llm_digest=$(push "$ipex_llm_tag" kubetune/trainer-ipex-llm)
-  python3 - "$IMAGES_FILE" <<EOF
-import json, sys
-json.dump({
-    "registry_storage": "$CACHE/registry",
-    "trainer-ipex-llm": {"repository": "kubetune/trainer-ipex-llm", "tag": "${ipex_llm_tag##*:}", "digest": "$ipex_llm_digest"},
-}, open(sys.argv[1] + ".tmp", "w"), indent=2)
-EOF
-  mv "$IMAGES_FILE.tmp" "$IMAGES_FILE"
-  log "ipex-llm image ready in $((SECONDS - start)) s: $IMAGES_FILE"
-  echo "$IMAGES_FILE"
-  exit 0
+  images=("trainer-ipex-llm kubetune/trainer-ipex-llm $ipex_llm_tag")
+  base=""
+else
+  images=("operator kubetune/operator $operator_tag" "trainer kubetune/trainer-cuda $trainer_tag"
+    "pause kubetune/pause $pause_tag")
+  base=$BASE_IMAGE
 fi
-operator_digest=$(push "$operator_tag" kubetune/operator)
-trainer_digest=$(push "$trainer_tag" kubetune/trainer-cuda)
-pause_digest=$(push "$pause_tag" kubetune/pause)
-
-python3 - "$IMAGES_FILE" <<EOF
+fields=()
+for entry in "${images[@]}"; do
+  read -r name repository tag <<<"$entry"
+  digest=$(push "$tag" "$repository")
+  fields+=("$name" "$repository" "${tag##*:}" "$digest")
+done
+python3 - "$IMAGES_FILE" "$CACHE/registry" "$base" "${fields[@]}" <<'EOF'
 import json, sys
-json.dump({
-    "registry_storage": "$CACHE/registry",
-    "base": "$BASE_IMAGE",
-    "operator": {"repository": "kubetune/operator", "tag": "${operator_tag##*:}", "digest": "$operator_digest"},
-    "trainer": {"repository": "kubetune/trainer-cuda", "tag": "${trainer_tag##*:}", "digest": "$trainer_digest"},
-    "pause": {"repository": "kubetune/pause", "tag": "${pause_tag##*:}", "digest": "$pause_digest"},
-}, open(sys.argv[1] + ".tmp", "w"), indent=2)
+out, storage, base, *fields = sys.argv[1:]
+data = {"registry_storage": storage, **({"base": base} if base else {})}
+for i in range(0, len(fields), 4):
+    name, repository, tag, digest = fields[i : i + 4]
+    data[name] = {"repository": repository, "tag": tag, "digest": digest}
+json.dump(data, open(out + ".tmp", "w"), indent=2)
 EOF
 mv "$IMAGES_FILE.tmp" "$IMAGES_FILE"
 log "images ready in $((SECONDS - start)) s: $IMAGES_FILE"
