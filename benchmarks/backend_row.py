@@ -21,6 +21,13 @@ for p in ("operator", "trainer_image"):
     sys.path.insert(0, str(ROOT / p))
 
 
+def step_rate(step_log: list[tuple[float, int]], warmup: int) -> tuple[float, float]:
+    """(tokens/s, s a step) of a Trainer's step_log after `warmup` untimed steps."""
+    tokens = sum(n for _, n in step_log[warmup:])
+    elapsed = step_log[-1][0] - step_log[warmup - 1][0]
+    return tokens / elapsed, elapsed / (len(step_log) - warmup)
+
+
 def main(config_path: str, backend: str, warmup: str) -> None:
     import torch
     import transformers
@@ -37,15 +44,13 @@ def main(config_path: str, backend: str, warmup: str) -> None:
         log = trainer.step_log
     if len(log) <= skip:
         raise SystemExit(f"{backend}: {len(log)} steps logged ({result})")
-    times = [t for t, _ in log]
-    tokens = sum(n for _, n in log[skip:])
-    elapsed = times[-1] - times[skip - 1]
+    tokens_per_s, s_per_step = step_rate(log, skip)
     print(
         json.dumps(
             {
                 "backend": backend,
-                "tokens_per_s": tokens / elapsed,
-                "s_per_step": elapsed / (len(log) - skip),
+                "tokens_per_s": tokens_per_s,
+                "s_per_step": s_per_step,
                 # ru_maxrss: KiB on Linux
                 "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                 "compute_dtype": str(trainer.compute_dtype).removeprefix("torch."),

@@ -42,6 +42,7 @@ ROOT = Path(__file__).resolve().parents[1]
 for p in ("operator", "trainer_image", "devtools", ""):
     sys.path.insert(0, str(ROOT / p))
 
+from benchmarks.backend_row import step_rate  # noqa: E402
 from tests.helpers import SQL_DATA as DATA  # noqa: E402
 from tests.helpers import sql_records, tiny_sql_llama  # noqa: E402
 
@@ -124,15 +125,13 @@ def kubetune_run(
         dtype = trainer.compute_dtype
         labelled_per_step = trainer.tokens_seen / max(1, len(trainer.step_log))
         lora_params = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
-    times = [t for t, _ in log]
-    tokens = sum(n for _, n in log[WARMUP:])
-    elapsed = times[-1] - times[WARMUP - 1]
+    tokens_per_s, s_per_step = step_rate(log, WARMUP)
     return {
-        "tokens_per_s": tokens / elapsed,
-        "s_per_step": elapsed / (len(log) - WARMUP),
+        "tokens_per_s": tokens_per_s,
+        "s_per_step": s_per_step,
         "checkpoint_pause_s": sum(pauses) / len(pauses) if pauses else 0.0,
         "dtype": dtype,
-        "labelled_per_s": labelled_per_step * (len(log) - WARMUP) / elapsed,
+        "labelled_per_s": labelled_per_step / s_per_step,
         "lora_params": lora_params,
     }
 

@@ -55,6 +55,15 @@ PIN = re.compile(r"^(?P<name>[A-Za-z0-9][A-Za-z0-9._-]*)==(?P<version>\S+)")
 HASH = re.compile(r"--hash=sha256:([0-9a-f]{64})")
 
 
+def train_events(log: str) -> list[dict]:
+    """The trainer's "train" log events (one JSON line per logging step), in order."""
+    return [
+        json.loads(line.split("kubetune.train: ", 1)[1])
+        for line in log.splitlines()
+        if '"event": "train"' in line
+    ]
+
+
 def read_lock(path: Path) -> dict[str, tuple[str, frozenset[str]]]:
     """name -> (version, hashes), from a pip-compile/uv style lock (continuations joined)."""
     from packaging.utils import canonicalize_name

@@ -4,7 +4,6 @@ logs show."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from kubernetes import client
@@ -12,7 +11,7 @@ from kubernetes import client
 from kubetune.api import GROUP, PLURAL, VERSION
 from kubetune_dev.devcluster.minio import upload_tree
 from kubetune_dev.devcluster.nodes import RUNNER_LABEL
-from tests.helpers import SQL_DATA, finetune_job, wait_for
+from tests.helpers import SQL_DATA, finetune_job, train_events, wait_for
 
 RUNNER = {
     "nodeSelector": {RUNNER_LABEL: "true"},
@@ -91,11 +90,7 @@ def resumed_step(log: str) -> int:
 
 def trained_steps(log: str) -> list[int]:
     """The steps of a trainer's "train" log events, in order."""
-    return [
-        json.loads(x.split("kubetune.train: ", 1)[1])["step"]
-        for x in log.splitlines()
-        if '"event": "train"' in x
-    ]
+    return [event["step"] for event in train_events(log)]
 
 
 def adapter(s3, ns: str, name: str) -> dict:

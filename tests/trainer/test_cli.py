@@ -8,7 +8,7 @@ import urllib.request
 
 import pytest
 
-from tests.helpers import wait_for
+from tests.helpers import train_events, wait_for
 from tests.trainer.conftest import run_trainer, start_trainer, tiny_config
 
 pytestmark = pytest.mark.tools
@@ -39,11 +39,7 @@ def test_progress_and_metrics_while_training_and_no_secret_anywhere(tiny_model, 
     assert message["outcome"] == "completed" and message["step"] == 60
     assert message["adapter"]["uri"] == "s3://runs/progress/out/" and len(message["adapter"]["sha256"]) == 64
     # one structured line per logging step
-    lines = [
-        json.loads(line.split("kubetune.train: ", 1)[1])
-        for line in run.log_text().splitlines()
-        if '"event": "train"' in line
-    ]
+    lines = train_events(run.log_text())
     assert [entry["step"] for entry in lines] == list(range(2, 61, 2))
     for secret in (minio.secret_key, minio.access_key):
         for where, text in [

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from kubetune_dev.devcluster.cluster import repo_pythonpath
-from tests.helpers import REPO_ROOT, wait_for
+from tests.helpers import REPO_ROOT, train_events, wait_for
 from tests.trainer.conftest import (
     adapter_tensors,
     max_abs_diff,
@@ -75,12 +75,8 @@ def test_ipex_llm_trains_on_cpu_in_4_bits_and_resumes_exactly_after_sigterm(
     log = ipex_baseline.log_text()
     assert "loaded on cpu (backend ipex-llm, compute dtype float32)" in log, log[-3000:]
     assert "quantized to sym_int4" in log and "Converting the current model to sym_int4" in log, log[-3000:]
-    losses = [
-        json.loads(line.split("kubetune.train: ", 1)[1])
-        for line in log.splitlines()
-        if '"event": "train"' in line
-    ]
-    assert losses[-1]["loss"] < losses[0]["loss"], losses
+    losses = [event["loss"] for event in train_events(log)]
+    assert losses[-1] < losses[0], losses
 
     stop_at = random.Random().randint(3, STEPS - 5)
     cfg = tiny_config(tiny_model, f"ipex-sigterm-{stop_at}")
@@ -216,11 +212,7 @@ def test_smollm2_real_weights_train_through_ipex_llm_qlora(ipex_python, minio, s
     run = run_trainer(cfg, tmp_path, minio, "smollm2", extra_env=IPEX, python=ipex_python, timeout=600)
     log = run.log_text()
     assert "quantized to sym_int4" in log and "backend ipex-llm" in log, log[-3000:]
-    losses = [
-        json.loads(line.split("kubetune.train: ", 1)[1])["loss"]
-        for line in log.splitlines()
-        if '"event": "train"' in line
-    ]
+    losses = [event["loss"] for event in train_events(log)]
     # a random 49k-vocabulary model starts at ln(49152) = 10.8; SmolLM2 on this data near 2
     assert losses[0] < 4, losses
     assert losses[-1] < losses[0], losses

@@ -350,15 +350,15 @@ class Trainer:
             cfg, self.backend, self.dist.local_rank, agree, resumed=self._resumed_dtype()
         )
         self.model = load_model(cfg, self.backend, path, self.dist.local_rank, self.compute_dtype)
-        # the 4-bit format ipex-llm quantized the base to (the model card names it)
-        self.low_bit = None
-        if self.backend == "ipex-llm":
-            from kubetune_trainer.model import ipex_llm_low_bit, on_cpu
-
-            self.low_bit = ipex_llm_low_bit(cfg.quantization.type, on_xpu=not on_cpu(self.backend))
         if cfg.lora.init_from and not self.restored:
             self._warm_start()
         self.device = next(p.device for p in self.model.parameters() if p.requires_grad)
+        # the 4-bit format ipex-llm quantized the base to on that device (the model card names it)
+        self.low_bit = None
+        if self.backend == "ipex-llm":
+            from kubetune_trainer.model import ipex_llm_low_bit
+
+            self.low_bit = ipex_llm_low_bit(cfg.quantization.type, on_xpu=self.device.type == "xpu")
         trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
         log.info(
             "model %s loaded on %s (backend %s, compute dtype %s) in %.1f s; %.2fM trainable LoRA parameters",
